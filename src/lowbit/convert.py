@@ -1,0 +1,1 @@
+"""lowbit.convert — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.data (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.functional — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.methods (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.models (see DESIGN.md)."""

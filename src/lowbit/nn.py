@@ -1,0 +1,1 @@
+"""lowbit.nn — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.optim — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.pack — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.ptq — filled in by the quantization issues (see DESIGN.md)."""

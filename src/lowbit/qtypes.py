@@ -1,0 +1,1 @@
+"""lowbit.qtypes — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.report (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.summary — filled in by the quantization issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowbit.train (see DESIGN.md)."""
