@@ -28,7 +28,10 @@ def test_pack_signs_matches_numpy(isa: str, k: int) -> None:
 
 def test_pack_signs_special_values(isa: str) -> None:
     # sign(0) = sign(-0.0) = +1 and NaN packs as +1 (bit 0); -inf and tiny negatives are -1.
-    x = np.array([[0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, -1e-45, 1e-45, -1.0, 2.0] * 2], dtype=np.float32)
+    x = np.array(
+        [[0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, -1e-45, 1e-45, -1.0, 2.0] * 2],
+        dtype=np.float32,
+    )
     got = kernels.pack_signs(torch.from_numpy(x)).numpy()
     bits = np.unpackbits(got, axis=1, bitorder="little")[0, : x.shape[1]]
     expected = np.array([0, 0, 0, 0, 0, 1, 1, 0, 1, 0] * 2, dtype=np.uint8)
@@ -42,7 +45,12 @@ def test_pack_signs_of_noncontiguous_input(isa: str) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 9), n=st.integers(1, 37), k=st.integers(1, 1100), seed=st.integers(0, 2**31 - 1))
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 37),
+    k=st.integers(1, 1100),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_binary_gemm_matches_int64_reference(m: int, n: int, k: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, k)).astype(np.float32)
@@ -50,7 +58,9 @@ def test_binary_gemm_matches_int64_reference(m: int, n: int, k: int, seed: int) 
     expected = kernels.binary_matmul_reference(_signs(a), _signs(w))
     for isa in kernels.available_isas():
         with kernels.use_isa(isa):
-            got = kernels.binary_gemm(kernels.pack_signs(torch.from_numpy(a)), kernels.pack_signs(torch.from_numpy(w)), k)
+            got = kernels.binary_gemm(
+                kernels.pack_signs(torch.from_numpy(a)), kernels.pack_signs(torch.from_numpy(w)), k
+            )
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=f"isa={isa}")
 
 
@@ -67,7 +77,9 @@ def test_binary_gemm_threads_and_extremes(isa: str, threads: int) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernels.binary_gemm(kernels.pack_signs(torch.from_numpy(a)), kernels.pack_signs(torch.from_numpy(w)), k)
+        got = kernels.binary_gemm(
+            kernels.pack_signs(torch.from_numpy(a)), kernels.pack_signs(torch.from_numpy(w)), k
+        )
     finally:
         torch.set_num_threads(previous)
     expected = kernels.binary_matmul_reference(_signs(a), _signs(w))
@@ -91,7 +103,8 @@ def test_cpu_features_report() -> None:
     assert "scalar" in feats["supported"]
     # The supported list must agree with the reported flags.
     assert ("avx512" in feats["supported"]) == all(
-        feats["flags"][f] for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vpopcntdq")
+        feats["flags"][f]
+        for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vpopcntdq")
     )
     assert ("avx2" in feats["supported"]) == (feats["flags"]["avx2"] and feats["flags"]["fma"])
 
@@ -104,7 +117,9 @@ def test_use_isa_rejects_unknown_path() -> None:
 def _import_with_env(isa: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LOWBIT_ISA=isa)
     code = "import lowbit; print(lowbit.kernels.active_isa())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_lowbit_isa_env_forces_a_path() -> None:
@@ -118,3 +133,16 @@ def test_lowbit_isa_env_rejects_bad_values() -> None:
     result = _import_with_env("sse9")
     assert result.returncode != 0
     assert "LOWBIT_ISA='sse9' is not a kernel path" in result.stderr
+
+
+def test_forcing_a_path_the_cpu_lacks_names_the_missing_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Simulate a CPU without AVX-512 (this machine has it) by faking the feature check.
+    monkeypatch.setenv("LOWBIT_ISA", "avx512")
+    monkeypatch.setattr(kernels._ext, "missing_features", lambda isa: "avx512vnni, avx512vpopcntdq")
+    monkeypatch.setattr(kernels._ext, "supported_isas", lambda: ["scalar", "avx2"])
+    with pytest.raises(
+        RuntimeError, match=r"LOWBIT_ISA=avx512 was requested but this CPU lacks avx512vnni"
+    ):
+        kernels._apply_env_isa()

@@ -15,7 +15,9 @@ import torch
 from lowbit import kernels
 
 
-def kernel_self_check(m: int = 64, n: int = 1024, k: int = 1000, seed: int = 0) -> list[tuple[str, float]]:
+def kernel_self_check(
+    m: int = 64, n: int = 1024, k: int = 1000, seed: int = 0
+) -> list[tuple[str, float]]:
     """Binary GEMM through every supported ISA path vs the int64 reference; returns (isa, ms)."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, k)).astype(np.float32)
@@ -37,8 +39,12 @@ def kernel_self_check(m: int = 64, n: int = 1024, k: int = 1000, seed: int = 0) 
 
 def run_demo() -> None:
     feats = kernels.cpu_features()
-    print(f"lowbit demo — kernel path {feats['active']} (supported: {', '.join(feats['supported'])}), {feats['threads']} threads")
-    print("Checking the binary XNOR-popcount GEMM (64x1000 @ 1000x1024) on every ISA path against an int64 reference:")
+    print(
+        f"lowbit demo — kernel path {feats['active']} (supported: {', '.join(feats['supported'])}), {feats['threads']} threads"
+    )
+    print(
+        "Checking the binary XNOR-popcount GEMM (64x1000 @ 1000x1024) on every ISA path against an int64 reference:"
+    )
     for isa, ms in kernel_self_check():
         print(f"  {isa:<7} bit-exact  {ms:7.3f} ms")
     print("The training/packing demo on embedded MNIST arrives with the method issues (#4-#11).")
