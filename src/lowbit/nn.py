@@ -1,1 +1,576 @@
-"""lowbit.nn — filled in by the quantization issues (see DESIGN.md)."""
+"""Quantizer modules and quantized layers: the state half of the function -> quantizer -> layer split.
+
+* :class:`WeightQuantizer` — base class of every weight quantizer. A subclass sets ``format`` and
+  implements ``quantize(w) -> (codes, scales)``; the base class turns that into a forward pass
+  (the dequantized weight, straight-through gradient) and an :meth:`~WeightQuantizer.export` to
+  :class:`~lowbit.qtypes.QuantizedWeight` that dequantizes to exactly the forward weight.
+  Quantizers with learned scales or their own gradients (TTQ) override ``forward`` too.
+* :class:`ActQuantizer` — base class of input-activation quantizers (:class:`BinaryAct`,
+  :class:`LinearAct`, :class:`LogAct`, :class:`DFPAct`), each describing itself as an
+  :class:`~lowbit.qtypes.ActSpec`.
+* :class:`QuantLinear`, :class:`QuantConv2d`, :class:`QuantLSTM` — drop-in subclasses of the torch
+  layers with the same parameter names (``weight``/``bias``, ``weight_ih_l0``, ...), holding the
+  latent float weights, a ``weight_quantizer`` and an optional ``input_quantizer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from lowbit import functional as F
+from lowbit.qtypes import FORMAT_BITS, ActSpec, Granularity, QuantizedWeight
+
+__all__ = [
+    "ActQuantizer",
+    "BinaryAct",
+    "DFPAct",
+    "FloatWeight",
+    "KBitLinearWeight",
+    "KBitLogWeight",
+    "LinearAct",
+    "LogAct",
+    "QuantConv2d",
+    "QuantLSTM",
+    "QuantLinear",
+    "QuantModule",
+    "SignWeight",
+    "WeightQuantizer",
+    "WeightSlot",
+    "make_act_quantizer",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight quantizers
+
+
+class WeightQuantizer(nn.Module):
+    """Base weight quantizer: ``forward(w) -> quantized float weight``, ``export(w) -> QuantizedWeight``.
+
+    Subclasses set the class attribute ``format`` (a :data:`~lowbit.qtypes.WEIGHT_FORMATS` name)
+    and implement :meth:`quantize`. Optionally override :meth:`grad_mask` (a per-element factor
+    for the latent gradient; default identity STE). The forward weight is
+    ``functional.dequantize(*quantize(w))``, and ``export`` calls the same function's inputs, so
+    ``export(w).dequantize()`` equals ``forward(w)`` bit for bit (float32 models).
+
+    ``export()`` without an argument uses the weight this quantizer saw in its last forward pass;
+    layers call ``export(self.weight)`` (see ``QuantLinear.quantized_weight``).
+    """
+
+    format: str = "float"
+
+    def __init__(self, *, bits: int | None = None, granularity: Any = None, group_size: int | None = None, group_axis: str | None = None) -> None:
+        super().__init__()
+        if bits is None:
+            bits = FORMAT_BITS.get(self.format)
+            if bits is None:
+                raise ValueError(f"{type(self).__name__} ({self.format}) needs bits=")
+        self.bits = int(bits)
+        self.granularity = Granularity.of(granularity, group_size, group_axis)
+
+    # -- to implement ----------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes int8 of w.shape, scales in granularity shape)`` for the detached weight ``w``."""
+        raise NotImplementedError
+
+    def grad_mask(self, w: torch.Tensor) -> torch.Tensor | None:
+        """Per-element factor applied to the gradient reaching the latent weight (None = identity)."""
+        return None
+
+    # -- provided --------------------------------------------------------------------------
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.__dict__["_last_weight"] = w
+        wd = w.detach()
+        codes, scales = self.quantize(wd)
+        w_q = F.dequantize(codes, scales, self.format, self.bits, self.granularity, wd.shape)
+        return F.ste(w, w_q, self.grad_mask(wd))
+
+    def _resolve(self, w: torch.Tensor | None) -> torch.Tensor:
+        if w is None:
+            w = self.__dict__.get("_last_weight")
+            if w is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.export() needs the latent weight: pass it "
+                    "(export(layer.weight)) or call layer.quantized_weight()"
+                )
+        return w
+
+    def export(self, w: torch.Tensor | None = None) -> QuantizedWeight:
+        """The :class:`QuantizedWeight` of ``w`` (dequantizes to exactly this quantizer's forward)."""
+        w = self._resolve(w)
+        with torch.no_grad():
+            codes, scales = self.quantize(w.detach())
+        return QuantizedWeight(
+            codes=codes.to(torch.int8),
+            scales=scales.detach().to(torch.float32),
+            format=self.format,
+            bits=self.bits,
+            granularity=self.granularity.kind,
+            group_size=self.granularity.group_size,
+            group_axis=self.granularity.axis,
+            shape=tuple(w.shape),
+        )
+
+    def describe(self) -> str:
+        """Short precision label for reprs and the summary, e.g. ``ternary/channel``."""
+        bits = "" if self.format in FORMAT_BITS else str(self.bits)
+        return f"{self.format}{bits}/{self.granularity.describe()}"
+
+    def extra_repr(self) -> str:
+        return f"format={self.format}, bits={self.bits}, granularity={self.granularity.describe()}"
+
+
+class FloatWeight(WeightQuantizer):
+    """Identity (method ``fp``): the weight stays float32; exports the ``float`` format."""
+
+    format = "float"
+
+    def __init__(self, **_: Any) -> None:
+        super().__init__(bits=32)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.__dict__["_last_weight"] = w
+        return w
+
+    def export(self, w: torch.Tensor | None = None) -> QuantizedWeight:
+        w = self._resolve(w)
+        return QuantizedWeight(
+            codes=torch.empty(0, dtype=torch.int8, device=w.device),
+            scales=w.detach().to(torch.float32).clone(),
+            format="float",
+            bits=32,
+            shape=tuple(w.shape),
+        )
+
+    def describe(self) -> str:
+        return "fp32"
+
+
+class SignWeight(WeightQuantizer):
+    """Unscaled binary weights ``sign(w)`` with the identity STE (BNN weights, §2.2; scale 1)."""
+
+    format = "binary"
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scales = torch.ones(self.granularity.scale_shape(w.shape), dtype=w.dtype, device=w.device)
+        return F.sign(w).to(torch.int8), scales
+
+
+class KBitLinearWeight(WeightQuantizer):
+    """Symmetric uniform k-bit weights, range ``max|w|`` per unit (or a fixed ``clip``), identity STE."""
+
+    format = "kbit_linear"
+
+    def __init__(self, bits: int = 4, clip: float | None = None, **kw: Any) -> None:
+        super().__init__(bits=bits, **kw)
+        self.clip = clip
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        step, codes = F.kbit_linear(w, self.bits, self.granularity, self.clip)
+        return codes, step
+
+    def grad_mask(self, w: torch.Tensor) -> torch.Tensor | None:
+        return None if self.clip is None else (w.abs() <= self.clip).to(w.dtype)
+
+
+class KBitLogWeight(WeightQuantizer):
+    """Logarithmic k-bit weights, scale ``max|w|`` per unit (nearest power-of-two level), identity STE."""
+
+    format = "kbit_log"
+
+    def __init__(self, bits: int = 3, **kw: Any) -> None:
+        super().__init__(bits=bits, **kw)
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, codes = F.kbit_log(w, self.bits, self.granularity)
+        return codes, scale
+
+
+@dataclass
+class WeightSlot:
+    """What a quantizer factory sees for one LSTM gate matrix: ``weight`` (that slice), its name, the LSTM."""
+
+    weight: torch.Tensor
+    name: str
+    parent: nn.Module
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation quantizers
+
+
+class ActQuantizer(nn.Module):
+    """Base input-activation quantizer: ``forward(x) -> quantized float x``; ``spec()`` says what it is."""
+
+    def spec(self) -> ActSpec:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.spec().describe()
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+
+class BinaryAct(ActQuantizer):
+    """Sign activations with the Htanh STE (BNN eq. 4-5): ±1 forward, ``g * 1{|x| <= 1}`` backward."""
+
+    def __init__(self, stochastic: bool = False) -> None:
+        super().__init__()
+        self.stochastic = stochastic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.binarize(x, stochastic=self.stochastic and self.training)
+
+    def spec(self) -> ActSpec:
+        return ActSpec("binary")
+
+
+class LinearAct(ActQuantizer):
+    """Uniform k-bit activations in ``[-clip, clip]`` (or ``[0, clip]`` unsigned), STE with saturation."""
+
+    def __init__(self, bits: int = 8, clip: float = 1.0, signed: bool = True) -> None:
+        super().__init__()
+        self.bits, self.clip, self.signed = int(bits), float(clip), bool(signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear_fake_quantize(x, self.bits, self.clip, self.signed)
+
+    def spec(self) -> ActSpec:
+        _, hi = F.linear_qrange(self.bits, self.signed)
+        return ActSpec("kbit_linear", self.bits, self.signed, scale=self.clip / hi, clip=self.clip)
+
+
+class LogAct(ActQuantizer):
+    """Power-of-two activations ``scale * {0, ±2^-(n-1), ..., ±1}`` (QNN LogQuant, §2.7)."""
+
+    def __init__(self, bits: int = 4, scale: float = 1.0) -> None:
+        super().__init__()
+        self.bits, self.scale = int(bits), float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_fake_quantize(x, self.bits, self.scale)
+
+    def spec(self) -> ActSpec:
+        return ActSpec("kbit_log", self.bits, True, scale=self.scale, clip=self.scale)
+
+
+class DFPAct(ActQuantizer):
+    """k-bit dynamic fixed point (DFP §4.2): one power-of-two exponent per tensor and batch.
+
+    ``exponent=None`` picks it from ``max|x|`` every call (recorded in ``last_exponent``);
+    an int fixes it (calibrated), saturating values out of range.
+    """
+
+    def __init__(self, bits: int = 8, signed: bool = True, exponent: int | None = None) -> None:
+        super().__init__()
+        self.bits, self.signed, self.exponent = int(bits), bool(signed), exponent
+        self.last_exponent: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = F.dfp_exponent(x, self.bits, self.signed) if self.exponent is None else self.exponent
+        self.last_exponent = e
+        return F.dfp_fake_quantize(x, self.bits, self.signed, e)
+
+    def spec(self) -> ActSpec:
+        return ActSpec("dfp", self.bits, self.signed, exponent=self.exponent)
+
+
+def make_act_quantizer(spec: str | ActSpec | None) -> ActQuantizer | None:
+    """An activation quantizer from a short name or an :class:`ActSpec`; ``None`` for float.
+
+    Names: ``"float"``/``"fp32"``, ``"binary"``/``"sign"``, ``"dfp8"`` (any bits; ``"udfp8"``
+    unsigned), ``"int8"``/``"uint4"`` (uniform k-bit in [-1, 1] / [0, 1]), ``"log4"``.
+    """
+    if spec is None or isinstance(spec, ActQuantizer):
+        return spec
+    if isinstance(spec, ActSpec):
+        if spec.kind == "float":
+            return None
+        if spec.kind == "binary":
+            return BinaryAct()
+        if spec.kind == "dfp":
+            return DFPAct(spec.bits, spec.signed, spec.exponent)
+        if spec.kind == "kbit_linear":
+            return LinearAct(spec.bits, spec.clip if spec.clip is not None else 1.0, spec.signed)
+        return LogAct(spec.bits, spec.scale if spec.scale is not None else 1.0)
+    name = str(spec).strip().lower()
+    if name in ("float", "fp32", "fp", "none", ""):
+        return None
+    if name in ("binary", "sign"):
+        return BinaryAct()
+    for prefix, build in (
+        ("udfp", lambda b: DFPAct(b, signed=False)),
+        ("dfp", lambda b: DFPAct(b)),
+        ("uint", lambda b: LinearAct(b, 1.0, signed=False)),
+        ("int", lambda b: LinearAct(b, 1.0)),
+        ("log", lambda b: LogAct(b)),
+    ):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return build(int(name[len(prefix) :]))
+    raise ValueError(
+        f"unknown activation spec {spec!r}: use 'float', 'binary', 'dfp<bits>', 'udfp<bits>', "
+        "'int<bits>', 'uint<bits>', 'log<bits>' or a lowbit.qtypes.ActSpec"
+    )
+
+
+def _describe_input(q: nn.Module | None) -> str:
+    if q is None:
+        return "fp32"
+    describe = getattr(q, "describe", None)
+    return describe() if callable(describe) else type(q).__name__
+
+
+def _describe_weight(q: nn.Module) -> str:
+    describe = getattr(q, "describe", None)
+    return describe() if callable(describe) else type(q).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class QuantModule:
+    """Mixin marking lowbit's quantized layers (``isinstance(m, QuantModule)``)."""
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        """Every quantized weight of the layer, by parameter name (``{"weight": ...}`` for Linear/Conv)."""
+        raise NotImplementedError
+
+
+class QuantLinear(nn.Linear, QuantModule):
+    """``nn.Linear`` whose forward uses ``weight_quantizer(weight)`` and ``input_quantizer(x)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_quantizer: nn.Module | None = None,
+        input_quantizer: nn.Module | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
+        self.input_quantizer = input_quantizer
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, weight_quantizer: nn.Module, input_quantizer: nn.Module | None = None) -> QuantLinear:
+        """Wrap ``module``'s own Parameter objects (optimizers holding them stay valid)."""
+        new = cls(module.in_features, module.out_features, module.bias is not None, weight_quantizer, input_quantizer, device="meta")
+        new.weight = module.weight
+        new.bias = module.bias
+        new.train(module.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return TF.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return self.weight_quantizer.export(self.weight)
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        return {"weight": self.quantized_weight()}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, weight={_describe_weight(self.weight_quantizer)}, "
+            f"input={_describe_input(self.input_quantizer)}"
+        )
+
+
+class QuantConv2d(nn.Conv2d, QuantModule):
+    """``nn.Conv2d`` (any stride/padding/dilation/groups/padding_mode) with quantized weight and input.
+
+    Zero padding is applied to the *quantized* input, so binary activations see 0 at the border
+    (the packed kernels reproduce this).
+    """
+
+    def __init__(self, *args: Any, weight_quantizer: nn.Module | None = None, input_quantizer: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
+        self.input_quantizer = input_quantizer
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, weight_quantizer: nn.Module, input_quantizer: nn.Module | None = None) -> QuantConv2d:
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+            weight_quantizer=weight_quantizer,
+            input_quantizer=input_quantizer,
+        )
+        new.weight = module.weight
+        new.bias = module.bias
+        new.train(module.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return self.weight_quantizer.export(self.weight)
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        return {"weight": self.quantized_weight()}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, weight={_describe_weight(self.weight_quantizer)}, "
+            f"input={_describe_input(self.input_quantizer)}"
+        )
+
+
+GATES = ("i", "f", "g", "o")  # PyTorch's row order inside weight_ih / weight_hh
+
+
+class QuantLSTM(nn.LSTM, QuantModule):
+    """``nn.LSTM`` whose 8 gate matrices per layer and direction are quantized separately.
+
+    ``weight_ih_l{k}`` and ``weight_hh_l{k}`` (4H rows in the order i, f, g, o) are each cut
+    into their 4 gate blocks; each block has its own weight quantizer and therefore its own
+    scale(s), as in the LAQ char-LSTMs (§3.6). ``weight_quantizer`` is a ModuleDict keyed
+    ``"ih_l0"``, ``"hh_l0"``, ``"ih_l0_reverse"``, ... of 4-quantizer ModuleLists.
+    ``input_quantizer`` (if any) quantizes the module's input sequence; hidden states stay float.
+
+    The cell loop runs in PyTorch; with float quantizers it matches ``nn.LSTM`` to rounding.
+    Supports num_layers, bias, batch_first, dropout, bidirectional, unbatched input and (h0, c0);
+    not ``proj_size`` or PackedSequence.
+    """
+
+    def __init__(self, *args: Any, weight_quantizer: nn.ModuleDict | None = None, input_quantizer: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.proj_size:
+            raise ValueError("QuantLSTM does not support proj_size > 0; quantize this LSTM with exclude=[...] to keep it float")
+        if weight_quantizer is None:
+            weight_quantizer = nn.ModuleDict({key: nn.ModuleList([FloatWeight() for _ in GATES]) for key in self.matrix_keys()})
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    def matrix_keys(self) -> list[str]:
+        keys = []
+        for layer in range(self.num_layers):
+            for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
+                keys += [f"ih_l{layer}{suffix}", f"hh_l{layer}{suffix}"]
+        return keys
+
+    @staticmethod
+    def param_name(key: str) -> str:
+        return f"weight_{key}"
+
+    @classmethod
+    def from_float(cls, module: nn.LSTM, weight_quantizer: nn.ModuleDict, input_quantizer: nn.Module | None = None) -> QuantLSTM:
+        if module.proj_size:
+            raise ValueError(
+                "QuantLSTM does not support nn.LSTM(proj_size > 0); keep this LSTM float with exclude=[<its name>]"
+            )
+        new = cls(
+            module.input_size,
+            module.hidden_size,
+            module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+            device="meta",
+            weight_quantizer=weight_quantizer,
+            input_quantizer=input_quantizer,
+        )
+        for name in module._flat_weights_names:
+            setattr(new, name, getattr(module, name))
+        new.train(module.training)
+        return new
+
+    def gate_slots(self, key: str) -> list[WeightSlot]:
+        w = getattr(self, self.param_name(key))
+        h = self.hidden_size
+        return [WeightSlot(w[j * h : (j + 1) * h].detach(), f"{self.param_name(key)}.{g}", self) for j, g in enumerate(GATES)]
+
+    def quantized_matrix(self, key: str) -> torch.Tensor:
+        w = getattr(self, self.param_name(key))
+        h = self.hidden_size
+        qs = self.weight_quantizer[key]
+        return torch.cat([qs[j](w[j * h : (j + 1) * h]) for j in range(4)], dim=0)
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        out = {}
+        h = self.hidden_size
+        for key in self.matrix_keys():
+            w = getattr(self, self.param_name(key))
+            for j, g in enumerate(GATES):
+                out[f"{self.param_name(key)}.{g}"] = self.weight_quantizer[key][j].export(w[j * h : (j + 1) * h])
+        return out
+
+    def forward(self, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise TypeError("QuantLSTM does not take PackedSequence inputs; pad the batch (nn.utils.rnn.pad_packed_sequence)")
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        steps, batch = x.shape[0], x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        h_size = self.hidden_size
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * dirs, batch, h_size)
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for d in range(dirs):
+                suffix = "_reverse" if d else ""
+                w_ih = self.quantized_matrix(f"ih_l{layer}{suffix}")
+                w_hh = self.quantized_matrix(f"hh_l{layer}{suffix}")
+                b_ih = getattr(self, f"bias_ih_l{layer}{suffix}") if self.bias else None
+                b_hh = getattr(self, f"bias_hh_l{layer}{suffix}") if self.bias else None
+                xw = TF.linear(layer_input, w_ih, b_ih)
+                idx = layer * dirs + d
+                h, c = h0[idx], c0[idx]
+                out = [None] * steps
+                order = range(steps - 1, -1, -1) if d else range(steps)
+                for t in order:
+                    gates = xw[t] + TF.linear(h, w_hh, b_hh)
+                    i, f, g, o = gates.chunk(4, dim=1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    out[t] = h
+                outputs.append(torch.stack(out, 0) if steps else xw.new_zeros(0, batch, h_size))
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if dirs == 1 else torch.cat(outputs, dim=2)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = TF.dropout(layer_input, self.dropout, True)
+        output = layer_input
+        hn, cn = torch.stack(h_n, 0), torch.stack(c_n, 0)
+        if unbatched:
+            return output.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (hn, cn)
+
+    def extra_repr(self) -> str:
+        first = self.weight_quantizer[self.matrix_keys()[0]][0]
+        return f"{super().extra_repr()}, weight={_describe_weight(first)} x{4 * len(self.matrix_keys())} gate blocks, input={_describe_input(self.input_quantizer)}"
+

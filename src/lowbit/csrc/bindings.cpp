@@ -3,14 +3,18 @@
 // kernel runs with the GIL released.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "dispatch.h"
+#include "ternary.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -20,6 +24,12 @@ namespace {
 
 template <typename T>
 using Matrix = nb::ndarray<T, nb::ndim<2>, nb::device::cpu>;
+
+template <typename T>
+using Vector = nb::ndarray<T, nb::ndim<1>, nb::device::cpu, nb::c_contig>;
+template <typename T>
+using Dense = nb::ndarray<T, nb::ndim<2>, nb::device::cpu, nb::c_contig>;
+using Tiles = nb::ndarray<const uint8_t, nb::ndim<3>, nb::device::cpu, nb::c_contig>;
 
 template <typename A>
 void require_row_contiguous(const A& x, const char* name) {
@@ -75,6 +85,163 @@ void binary_gemm(Matrix<const uint8_t> a, Matrix<const uint8_t> w, int64_t k, Ma
     });
 }
 
+// ---- ternary -----------------------------------------------------------------------------
+
+int64_t row_stride(int64_t rows, int64_t stride, int64_t cols) { return rows > 1 ? stride : cols; }
+
+void ternary_pack(Matrix<const int8_t> codes, nb::ndarray<uint8_t, nb::ndim<3>, nb::device::cpu, nb::c_contig> dst) {
+    require_row_contiguous(codes, "codes");
+    const int64_t n = (int64_t)codes.shape(0), k = (int64_t)codes.shape(1);
+    if ((int64_t)dst.shape(0) != lowbit::ternary_row_blocks(n) || (int64_t)dst.shape(1) != lowbit::ternary_kp(k) / 16 ||
+        dst.shape(2) != 64)
+        throw std::invalid_argument("dst must have shape (ceil(N/16), ceil(K/16), 64)");
+    const int8_t* c = codes.data();
+    uint8_t* d = dst.data();
+    const int64_t stride = row_stride(n, (int64_t)codes.stride(0), k);
+    nb::gil_scoped_release release;
+    lowbit::ternary_pack(c, n, k, stride, d);
+}
+
+void ternary_unpack(Tiles src, int64_t n, int64_t k, Dense<int8_t> out) {
+    if ((int64_t)src.shape(0) != lowbit::ternary_row_blocks(n) || (int64_t)src.shape(1) != lowbit::ternary_kp(k) / 16 ||
+        src.shape(2) != 64)
+        throw std::invalid_argument("packed weights do not match (n, k)");
+    if ((int64_t)out.shape(0) != n || (int64_t)out.shape(1) != k) throw std::invalid_argument("out must be (n, k)");
+    lowbit::ternary_unpack(src.data(), n, k, out.data());
+}
+
+void check_tiles(const Tiles& w, int64_t n, int64_t k) {
+    if (n < 1) throw std::invalid_argument("out_features must be >= 1");
+    if ((int64_t)w.shape(0) != lowbit::ternary_row_blocks(n) || (int64_t)w.shape(1) != lowbit::ternary_kp(k) / 16 ||
+        w.shape(2) != 64)
+        throw std::invalid_argument("packed ternary weights of shape (" + std::to_string(w.shape(0)) + ", " +
+                                    std::to_string(w.shape(1)) + ", " + std::to_string(w.shape(2)) +
+                                    ") do not fit out_features=" + std::to_string(n) + ", in_features=" +
+                                    std::to_string(k) + " (expected (ceil(N/16), ceil(K/16), 64))");
+}
+
+int64_t n_groups_for(int64_t kp, int64_t group_k) { return group_k > 0 ? (kp + group_k - 1) / group_k : 1; }
+
+void check_group(int64_t group_k) {
+    if (group_k < 0 || group_k % 4 != 0)
+        throw std::invalid_argument("group size along K must be 0 (per row) or a positive multiple of 4; got " +
+                                    std::to_string(group_k));
+}
+
+void quantize_act(Matrix<const float> x, int mode, int exponent, int64_t group, Dense<int8_t> q, Dense<int32_t> sums,
+                  Vector<float> a_inv, int n_threads) {
+    require_row_contiguous(x, "x");
+    check_group(group);
+    if (mode < 0 || mode > 3) throw std::invalid_argument("unknown activation mode");
+    const int64_t m = (int64_t)x.shape(0), k = (int64_t)x.shape(1), kq = (int64_t)q.shape(1);
+    if ((int64_t)q.shape(0) != m || kq < k) throw std::invalid_argument("q must be (M, kq) with kq >= K");
+    const int64_t ng = group > 0 ? (kq + group - 1) / group : 1;
+    if ((int64_t)sums.shape(0) != m || (int64_t)sums.shape(1) != ng) throw std::invalid_argument("sums must be (M, n_groups)");
+    if ((int64_t)a_inv.shape(0) != m) throw std::invalid_argument("a_inv must be (M,)");
+    const float* xp = x.data();
+    const int64_t xs = row_stride(m, (int64_t)x.stride(0), k);
+    int8_t* qp = q.data();
+    int32_t* sp = sums.data();
+    float* ap = a_inv.data();
+    const lowbit_isa_table& t = lowbit::active();
+    nb::gil_scoped_release release;
+    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kq, group, qp, sp, ng, ap, n_threads);
+}
+
+// Integer path: D (and P for asymmetric ternary) from already-quantized int8 activations.
+void ternary_gemm_i32(Matrix<const int8_t> a, Tiles w, int64_t n, Matrix<int32_t> out,
+                      std::optional<Matrix<int32_t>> out_p, int n_threads) {
+    require_row_contiguous(a, "a");
+    require_row_contiguous(out, "out");
+    const int64_t m = (int64_t)a.shape(0), k = (int64_t)a.shape(1);
+    check_tiles(w, n, k);
+    if ((int64_t)out.shape(0) != m || (int64_t)out.shape(1) != n) throw std::invalid_argument("out must be (M, N)");
+    if (out_p) {
+        require_row_contiguous(*out_p, "out_p");
+        if ((int64_t)out_p->shape(0) != m || (int64_t)out_p->shape(1) != n || (m > 1 && out_p->stride(0) != out.stride(0)))
+            throw std::invalid_argument("out_p must be (M, N) with the same strides as out");
+    }
+    const int64_t kp = lowbit::ternary_kp(k), nrb = lowbit::ternary_row_blocks(n);
+    const int8_t* ap = a.data();
+    const int64_t as = row_stride(m, (int64_t)a.stride(0), k);
+    lowbit_t2_args args{};
+    args.w = w.data();
+    args.kp = kp;
+    args.n_valid = n;
+    args.asym = out_p ? 1 : 0;
+    args.out_i32 = out.data();
+    args.out_p32 = out_p ? out_p->data() : nullptr;
+    args.out_i32_stride = row_stride(m, (int64_t)out.stride(0), n);
+    const lowbit_isa_table& t = lowbit::active();
+    nb::gil_scoped_release release;
+    // Zero-padded copy (kp columns) and exact int32 row sums for the code trick.
+    std::vector<int8_t> q((size_t)(m * kp), 0);
+    std::vector<int32_t> sums((size_t)m, 0);
+    for (int64_t i = 0; i < m; ++i) {
+        int32_t s = 0;
+        for (int64_t j = 0; j < k; ++j) {
+            q[(size_t)(i * kp + j)] = ap[i * as + j];
+            s += ap[i * as + j];
+        }
+        sums[(size_t)i] = s;
+    }
+    args.a = q.data();
+    args.a_stride = kp;
+    args.a_sums = sums.data();
+    args.sums_stride = 1;
+    lowbit::ternary_gemm_run(t, args, m, nrb, n_threads);
+}
+
+// Fused path: per-token int8 quantization of x, ternary GEMM, fp32 epilogue.
+void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const float> scale,
+                    std::optional<Vector<const float>> scale2, std::optional<Vector<const float>> bias,
+                    int64_t group_k, int mode, int exponent, bool relu, Matrix<float> out, int n_threads) {
+    require_row_contiguous(x, "x");
+    require_row_contiguous(out, "out");
+    check_group(group_k);
+    if (mode < 0 || mode > 3) throw std::invalid_argument("unknown activation mode");
+    const int64_t m = (int64_t)x.shape(0), k = (int64_t)x.shape(1);
+    check_tiles(w, n, k);
+    const int64_t kp = lowbit::ternary_kp(k), nrb = lowbit::ternary_row_blocks(n), np = 16 * nrb;
+    const int64_t ng = n_groups_for(kp, group_k);
+    if ((int64_t)scale.shape(0) != np * ng)
+        throw std::invalid_argument("scale must hold " + std::to_string(np * ng) +
+                                    " floats (padded rows x groups); use lowbit.kernels.pack_ternary");
+    if (scale2 && (group_k > 0 || (int64_t)scale2->shape(0) != np))
+        throw std::invalid_argument("scale2 (asymmetric ternary) needs per-row scales of 16 * ceil(N/16) floats");
+    if (bias && (int64_t)bias->shape(0) != np) throw std::invalid_argument("bias must be padded to 16 * ceil(N/16)");
+    if ((int64_t)out.shape(0) != m || (int64_t)out.shape(1) != n) throw std::invalid_argument("out must be (M, N)");
+    if (m == 0) return;
+    lowbit_t2_args args{};
+    args.w = w.data();
+    args.kp = kp;
+    args.n_valid = n;
+    args.group_k = group_k;
+    args.asym = scale2 ? 1 : 0;
+    args.scale = scale.data();
+    args.scale2 = scale2 ? scale2->data() : nullptr;
+    args.bias = bias ? bias->data() : nullptr;
+    args.relu = relu ? 1 : 0;
+    args.out_f32 = out.data();
+    args.out_f32_stride = row_stride(m, (int64_t)out.stride(0), n);
+    const float* xp = x.data();
+    const int64_t xs = row_stride(m, (int64_t)x.stride(0), k);
+    const lowbit_isa_table& t = lowbit::active();
+    nb::gil_scoped_release release;
+    const int64_t kq = kp;
+    std::vector<int8_t> q((size_t)(m * kq));
+    std::vector<int32_t> sums((size_t)(m * ng));
+    std::vector<float> a_inv((size_t)m);
+    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kq, group_k, q.data(), sums.data(), ng,
+                                 a_inv.data(), n_threads);
+    args.a = q.data();
+    args.a_stride = kq;
+    args.a_sums = sums.data();
+    args.sums_stride = ng;
+    args.a_inv = a_inv.data();
+    lowbit::ternary_gemm_run(t, args, m, nrb, n_threads);
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, mod) {
@@ -88,4 +255,16 @@ NB_MODULE(_kernels, mod) {
     mod.def("pool_size", &lowbit::pool_size);
     mod.def("pack_signs_f32", &pack_signs_f32, "src"_a, "dst"_a, "n_threads"_a = 1);
     mod.def("binary_gemm", &binary_gemm, "a"_a, "w"_a, "k"_a, "out"_a, "n_threads"_a = 1);
+    mod.def("ternary_pack", &ternary_pack, "codes"_a, "dst"_a);
+    mod.def("ternary_unpack", &ternary_unpack, "src"_a, "n"_a, "k"_a, "out"_a);
+    mod.def("quantize_act", &quantize_act, "x"_a, "mode"_a, "exponent"_a, "group"_a, "q"_a, "sums"_a, "a_inv"_a,
+            "n_threads"_a = 1);
+    mod.def("ternary_gemm_i32", &ternary_gemm_i32, "a"_a, "w"_a, "n"_a, "out"_a, "out_p"_a.none(), "n_threads"_a = 1);
+    mod.def("ternary_linear", &ternary_linear, "x"_a, "w"_a, "n"_a, "scale"_a, "scale2"_a.none(), "bias"_a.none(),
+            "group_k"_a, "mode"_a, "exponent"_a, "relu"_a, "out"_a, "n_threads"_a = 1);
+    mod.def("act_multiplier", [](float amax, int mode, int exponent) {
+        float inv = 0.0f;
+        float s = lowbit::act_multiplier(amax, mode, exponent, &inv);
+        return std::make_pair(s, inv);
+    }, "amax"_a, "mode"_a, "exponent"_a = 0);
 }

@@ -67,7 +67,264 @@ void binary_gemm(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w
     }
 }
 
-const lowbit_isa_table kTable = {"avx2", pack_signs_f32, binary_gemm};
+// ---- ternary x int8 ------------------------------------------------------------------------
+// Same tile layout as the AVX-512 path: a 64-byte tile is two ymm, rows 0-7 then rows 8-15.
+// vpmaddubsw(code, a) multiplies u8 codes (<= 2) by s8 activations and adds pairs into int16:
+// |2 * 2 * 128| = 512 per product pair, so four planes summed in int16 stay <= 2048 (no
+// saturation, unlike bitnet.cpp's 128-step int16 accumulation), then vpmaddwd widens to int32.
+
+void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_stride;
+        __m256 m = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xr + j), abs_mask));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        float best = 0.0f;
+        for (int i = 0; i < 8; ++i) best = lanes[i] > best ? lanes[i] : best;
+        for (; j < k; ++j) {
+            const float v = xr[j] < 0.0f ? -xr[j] : xr[j];
+            best = v > best ? v : best;
+        }
+        amax[r] = best;
+    }
+}
+
+inline int32_t round_clamp(float t) {
+    t = t < -127.0f ? -127.0f : (t > 127.0f ? 127.0f : t);
+    return _mm_cvtss_si32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
+                 int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
+                 int64_t sums_stride) {
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_stride;
+        int8_t* qr = q + r * q_stride;
+        const float sf = mult[r];
+        const __m256 s = _mm256_set1_ps(sf);
+        __m256i total = _mm256_setzero_si256();
+        int64_t j = 0;
+        for (; j + 32 <= k; j += 32) {
+            __m256i v[4];
+            for (int i = 0; i < 4; ++i) {
+                __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xr + j + 8 * i), s);
+                t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+                v[i] = _mm256_cvtps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                total = _mm256_add_epi32(total, v[i]);
+            }
+            // packs work per 128-bit lane; the final permute restores element order.
+            const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            _mm256_storeu_si256((__m256i*)(qr + j), _mm256_permutevar8x32_epi32(b, order));
+        }
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i*)lanes, total);
+        int32_t sum = 0;
+        for (int i = 0; i < 8; ++i) sum += lanes[i];
+        for (; j < kq; ++j) {
+            const int32_t v = j < k ? round_clamp(xr[j] * sf) : 0;
+            qr[j] = (int8_t)v;
+            sum += v;
+        }
+        int32_t* sr = sums + r * sums_stride;
+        if (group <= 0) {
+            sr[0] = sum;
+        } else {
+            for (int64_t i = 0; i < kq; ++i) {
+                if (i % group == 0) sr[i / group] = 0;
+                sr[i / group] += qr[i];
+            }
+        }
+    }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+// Writes 8 outputs starting at column n0, only those below n_valid.
+inline void store8_i32(int32_t* dst, int64_t n0, int64_t n_valid, __m256i v) {
+    if (n_valid - n0 >= 8) {
+        _mm256_storeu_si256((__m256i*)(dst + n0), v);
+        return;
+    }
+    int32_t tmp[8];
+    _mm256_storeu_si256((__m256i*)tmp, v);
+    for (int64_t i = 0; i < n_valid - n0; ++i) dst[n0 + i] = tmp[i];
+}
+
+inline void store8_f32(float* dst, int64_t n0, int64_t n_valid, __m256 v) {
+    if (n_valid - n0 >= 8) {
+        _mm256_storeu_ps(dst + n0, v);
+        return;
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, v);
+    for (int64_t i = 0; i < n_valid - n0; ++i) dst[n0 + i] = tmp[i];
+}
+
+inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m256i d, __m256i h) {
+    if (n0 >= p->n_valid) return;
+    if (p->out_i32) {
+        store8_i32(p->out_i32 + m * p->out_i32_stride, n0, p->n_valid, d);
+        if (p->asym) store8_i32(p->out_p32 + m * p->out_i32_stride, n0, p->n_valid, h);
+        return;
+    }
+    const __m256 ai = _mm256_set1_ps(p->a_inv[m]);
+    const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
+    __m256 y;
+    if (p->asym) {
+        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(p->scale + n0),
+                                         _mm256_mul_ps(_mm256_cvtepi32_ps(h), _mm256_loadu_ps(p->scale2 + n0)));
+        y = _mm256_fmadd_ps(t, ai, b);
+    } else {
+        y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_loadu_ps(p->scale + n0), ai), b);
+    }
+    if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+    store8_f32(p->out_f32 + m * p->out_f32_stride, n0, p->n_valid, y);
+}
+
+constexpr int64_t kPrefetch = 1024;
+
+// HB half blocks (8 rows each) x NR tokens over the whole K.
+template <int HB, int NR, bool ASYM>
+void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
+    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+    __m256i d[HB][NR], h[HB][NR];
+    for (int r = 0; r < HB; ++r)
+        for (int n = 0; n < NR; ++n) d[r][n] = h[r][n] = _mm256_setzero_si256();
+    for (int64_t t = 0; t < kt; ++t) {
+        const int8_t* at = a + t * 16;
+        for (int r = 0; r < HB; ++r) {
+            const int64_t hr = hb + r;
+            const uint8_t* wt = p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32;
+            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            const __m256i v = _mm256_loadu_si256((const __m256i*)wt);
+            __m256i code[4], high[4];
+            for (int pl = 0; pl < 4; ++pl) {
+                code[pl] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * pl), m3);
+                if (ASYM) high[pl] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * pl + 1), m1);
+            }
+            for (int n = 0; n < NR; ++n) {
+                __m256i s = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+                for (int pl = 0; pl < 4; ++pl) {
+                    const __m256i b = bcast4(at + n * as + 4 * pl);
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(code[pl], b));
+                    if (ASYM) sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(high[pl], b));
+                }
+                d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(s, ones));
+                if (ASYM) h[r][n] = _mm256_add_epi32(h[r][n], _mm256_madd_epi16(sh, ones));
+            }
+        }
+    }
+    for (int n = 0; n < NR; ++n) {
+        const __m256i sa = _mm256_set1_epi32(p->a_sums[(m + n) * p->sums_stride]);
+        for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
+    }
+}
+
+template <int HB, int NR>
+void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
+    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    const int64_t gp = p->group_k / 4, n_planes = p->kp / 4;
+    const int64_t n_groups = (p->kp + p->group_k - 1) / p->group_k;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256 f[HB][NR];
+    for (int r = 0; r < HB; ++r)
+        for (int n = 0; n < NR; ++n) f[r][n] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t q0 = g * gp, q1 = q0 + gp < n_planes ? q0 + gp : n_planes;
+        __m256i d[HB][NR];
+        for (int r = 0; r < HB; ++r)
+            for (int n = 0; n < NR; ++n) d[r][n] = _mm256_setzero_si256();
+        for (int64_t q = q0; q < q1; ++q) {
+            const __m128i shift = _mm_cvtsi32_si128((int)(2 * (q & 3)));
+            __m256i code[HB];
+            for (int r = 0; r < HB; ++r) {
+                const int64_t hr = hb + r;
+                const uint8_t* wt = p->w + (hr >> 1) * rbs + (q >> 2) * 64 + (hr & 1) * 32;
+                code[r] = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)wt), shift), m3);
+            }
+            for (int n = 0; n < NR; ++n) {
+                const __m256i b = bcast4(a + n * as + 4 * q);
+                for (int r = 0; r < HB; ++r)
+                    d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(_mm256_maddubs_epi16(code[r], b), ones));
+            }
+        }
+        for (int r = 0; r < HB; ++r) {
+            const int64_t hr = hb + r;
+            const __m256 sc = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
+            for (int n = 0; n < NR; ++n) {
+                const __m256i sa = _mm256_set1_epi32(p->a_sums[(m + n) * p->sums_stride + g]);
+                f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][n], sa)), sc, f[r][n]);
+            }
+        }
+    }
+    for (int n = 0; n < NR; ++n) {
+        const __m256 ai = _mm256_set1_ps(p->a_inv[m + n]);
+        for (int r = 0; r < HB; ++r) {
+            const int64_t n0 = (hb + r) * 8;
+            if (n0 >= p->n_valid) continue;
+            const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
+            __m256 y = _mm256_fmadd_ps(f[r][n], ai, b);
+            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
+        }
+    }
+}
+
+template <int HB, int NR, int MODE>
+void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
+    if constexpr (HB > 1) {
+        if (hbn < HB) return run_block<HB - 1, NR, MODE>(p, hb, m, hbn, mn);
+    }
+    if constexpr (NR > 1) {
+        if (mn < NR) return run_block<HB, NR - 1, MODE>(p, hb, m, hbn, mn);
+    }
+    if constexpr (MODE == 0) block_kernel<HB, NR, false>(p, hb, m);
+    if constexpr (MODE == 1) block_kernel<HB, NR, true>(p, hb, m);
+    if constexpr (MODE == 2) group_kernel<HB, NR>(p, hb, m);
+}
+
+template <int HB, int NR, int MODE>
+void drive(const lowbit_t2_args* p) {
+    const int64_t hb1 = 2 * p->rb1;
+    for (int64_t hb = 2 * p->rb0; hb < hb1; hb += HB) {
+        const int64_t hbn = hb1 - hb < HB ? hb1 - hb : HB;
+        for (int64_t m = p->m0; m < p->m1; m += NR) {
+            const int64_t mn = p->m1 - m < NR ? p->m1 - m : NR;
+            run_block<HB, NR, MODE>(p, hb, m, hbn, mn);
+        }
+    }
+}
+
+void ternary_gemm(const lowbit_t2_args* p) {
+    const bool gemv = p->m1 - p->m0 == 1;
+    if (p->group_k > 0) {
+        if (gemv) drive<4, 1, 2>(p);
+        else drive<2, 3, 2>(p);
+    } else if (p->asym) {
+        if (gemv) drive<4, 1, 1>(p);
+        else drive<2, 2, 1>(p);
+    } else {
+        if (gemv) drive<4, 1, 0>(p);
+        else drive<2, 4, 0>(p);
+    }
+}
+
+const lowbit_isa_table kTable = {"avx2", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,
+                                 ternary_gemm};
 
 }  // namespace
 

@@ -77,7 +77,236 @@ void binary_gemm(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w
     }
 }
 
-const lowbit_isa_table kTable = {"avx512", pack_signs_f32, binary_gemm};
+// ---- ternary x int8 ------------------------------------------------------------------------
+// Everything below has internal linkage (anonymous namespace, no std:: templates), so none of
+// it can be merged with baseline code by the linker.
+
+void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_stride;
+        __m512 m = _mm512_setzero_ps();
+        for (int64_t j = 0; j < k; j += 16) {
+            const int64_t left = k - j;
+            const __mmask16 valid = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, xr + j)));
+        }
+        amax[r] = _mm512_reduce_max_ps(m);
+    }
+}
+
+void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
+                 int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
+                 int64_t sums_stride) {
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_stride;
+        int8_t* qr = q + r * q_stride;
+        const __m512 s = _mm512_set1_ps(mult[r]);
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t j = 0; j < kq; j += 16) {
+            const int64_t left = k - j, qleft = kq - j;
+            const __mmask16 valid =
+                left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u));
+            const __mmask16 store = qleft >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << qleft) - 1u);
+            __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, xr + j), s);
+            t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+            // Explicit round-to-nearest-even, independent of MXCSR (torch.round is half-to-even).
+            const __m512i v = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            total = _mm512_add_epi32(total, v);
+            _mm_mask_storeu_epi8(qr + j, store, _mm512_cvtepi32_epi8(v));
+        }
+        int32_t* sr = sums + r * sums_stride;
+        if (group <= 0) {
+            sr[0] = _mm512_reduce_add_epi32(total);
+        } else {
+            for (int64_t j = 0; j < kq; ++j) {
+                if (j % group == 0) sr[j / group] = 0;
+                sr[j / group] += qr[j];
+            }
+        }
+    }
+}
+
+inline __m512i bcast4(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+inline __mmask16 lane_mask(int64_t n_valid, int64_t base) {
+    const int64_t left = n_valid - base;
+    return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u));
+}
+
+// Stores one 16-row x 1-token result (integer or fused float epilogue).
+inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m512i d, __m512i h) {
+    const __mmask16 mask = lane_mask(p->n_valid, n0);
+    if (p->out_i32) {
+        _mm512_mask_storeu_epi32(p->out_i32 + m * p->out_i32_stride + n0, mask, d);
+        if (p->asym) _mm512_mask_storeu_epi32(p->out_p32 + m * p->out_i32_stride + n0, mask, h);
+        return;
+    }
+    const __m512 ai = _mm512_set1_ps(p->a_inv[m]);
+    const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
+    __m512 y;
+    if (p->asym) {
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(p->scale + n0),
+                                         _mm512_mul_ps(_mm512_cvtepi32_ps(h), _mm512_loadu_ps(p->scale2 + n0)));
+        y = _mm512_fmadd_ps(t, ai, b);
+    } else {
+        y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(p->scale + n0), ai), b);
+    }
+    if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(p->out_f32 + m * p->out_f32_stride + n0, mask, y);
+}
+
+// Distance (bytes) of the software prefetch along each row block's weight stream: weights
+// are read once per GEMV, so they come from DRAM unless the layer is hot in L2/L3.
+constexpr int64_t kPrefetch = 1024;
+
+// RB row blocks x NR tokens, whole K. CH = independent accumulator chains per output (GEMV
+// uses 2, so 2*RB vpdpbusd chains hide the instruction's latency).
+template <int RB, int NR, bool ASYM, int CH>
+void block_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
+    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    const uint8_t* w = p->w + rb * rbs;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m512i m3 = _mm512_set1_epi8(3), m1 = _mm512_set1_epi8(1);
+    __m512i d[CH][RB][NR], h[CH][RB][NR];
+    for (int c = 0; c < CH; ++c)
+        for (int r = 0; r < RB; ++r)
+            for (int n = 0; n < NR; ++n) d[c][r][n] = h[c][r][n] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < kt; ++t) {
+        __m512i v[RB];
+        for (int r = 0; r < RB; ++r) {
+            const uint8_t* wt = w + r * rbs + t * 64;
+            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            v[r] = _mm512_loadu_si512(wt);
+        }
+        const int8_t* at = a + t * 16;
+        for (int pl = 0; pl < 4; ++pl) {
+            const int c = pl % CH;
+            __m512i code[RB], high[RB];
+            for (int r = 0; r < RB; ++r) {
+                code[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * pl), m3);
+                if (ASYM) high[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * pl + 1), m1);
+            }
+            for (int n = 0; n < NR; ++n) {
+                const __m512i b = bcast4(at + n * as + 4 * pl);
+                for (int r = 0; r < RB; ++r) {
+                    d[c][r][n] = _mm512_dpbusd_epi32(d[c][r][n], code[r], b);
+                    if (ASYM) h[c][r][n] = _mm512_dpbusd_epi32(h[c][r][n], high[r], b);
+                }
+            }
+        }
+    }
+    for (int n = 0; n < NR; ++n) {
+        const __m512i sa = _mm512_set1_epi32(p->a_sums[(m + n) * p->sums_stride]);
+        for (int r = 0; r < RB; ++r) {
+            __m512i dd = d[0][r][n], hh = h[0][r][n];
+            for (int c = 1; c < CH; ++c) {
+                dd = _mm512_add_epi32(dd, d[c][r][n]);
+                hh = _mm512_add_epi32(hh, h[c][r][n]);
+            }
+            store_out(p, m + n, (rb + r) * 16, _mm512_sub_epi32(dd, sa), hh);
+        }
+    }
+}
+
+// Per-group scales: int32 dot products per group of group_k (a multiple of 4) k, each turned
+// into float and scaled by its group's 16 row scales (one zmm load), accumulated in fp32.
+template <int RB, int NR>
+void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
+    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    const int64_t gp = p->group_k / 4, n_planes = p->kp / 4;
+    const int64_t n_groups = (p->kp + p->group_k - 1) / p->group_k;
+    const uint8_t* w = p->w + rb * rbs;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512 f[RB][NR];
+    for (int r = 0; r < RB; ++r)
+        for (int n = 0; n < NR; ++n) f[r][n] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t q0 = g * gp, q1 = q0 + gp < n_planes ? q0 + gp : n_planes;
+        __m512i d[RB][NR];
+        for (int r = 0; r < RB; ++r)
+            for (int n = 0; n < NR; ++n) d[r][n] = _mm512_setzero_si512();
+        for (int64_t q = q0; q < q1; ++q) {
+            const __m128i shift = _mm_cvtsi32_si128((int)(2 * (q & 3)));
+            __m512i code[RB];
+            for (int r = 0; r < RB; ++r) {
+                const uint8_t* wt = w + r * rbs + (q >> 2) * 64;
+                if ((q & 3) == 0) _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+                code[r] = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(wt), shift), m3);
+            }
+            for (int n = 0; n < NR; ++n) {
+                const __m512i b = bcast4(a + n * as + 4 * q);
+                for (int r = 0; r < RB; ++r) d[r][n] = _mm512_dpbusd_epi32(d[r][n], code[r], b);
+            }
+        }
+        for (int r = 0; r < RB; ++r) {
+            const __m512 sc = _mm512_loadu_ps(p->scale + ((rb + r) * n_groups + g) * 16);
+            for (int n = 0; n < NR; ++n) {
+                const __m512i sa = _mm512_set1_epi32(p->a_sums[(m + n) * p->sums_stride + g]);
+                f[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d[r][n], sa)), sc, f[r][n]);
+            }
+        }
+    }
+    for (int n = 0; n < NR; ++n) {
+        const __m512 ai = _mm512_set1_ps(p->a_inv[m + n]);
+        for (int r = 0; r < RB; ++r) {
+            const int64_t n0 = (rb + r) * 16;
+            const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
+            __m512 y = _mm512_fmadd_ps(f[r][n], ai, b);
+            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            _mm512_mask_storeu_ps(p->out_f32 + (m + n) * p->out_f32_stride + n0, lane_mask(p->n_valid, n0), y);
+        }
+    }
+}
+
+// Kernel selection for a block of rbn <= RB row blocks and mn <= NR tokens (tails included).
+template <int RB, int NR, int MODE>
+void run_block(const lowbit_t2_args* p, int64_t rb, int64_t m, int64_t rbn, int64_t mn) {
+    if constexpr (RB > 1) {
+        if (rbn < RB) return run_block<RB - 1, NR, MODE>(p, rb, m, rbn, mn);
+    }
+    if constexpr (NR > 1) {
+        if (mn < NR) return run_block<RB, NR - 1, MODE>(p, rb, m, rbn, mn);
+    }
+    if constexpr (MODE == 0) block_kernel<RB, NR, false, (NR == 1 ? 2 : 1)>(p, rb, m);
+    if constexpr (MODE == 1) block_kernel<RB, NR, true, (NR == 1 ? 2 : 1)>(p, rb, m);
+    if constexpr (MODE == 2) group_kernel<RB, NR>(p, rb, m);
+}
+
+template <int RB, int NR, int MODE>
+void drive(const lowbit_t2_args* p) {
+    for (int64_t rb = p->rb0; rb < p->rb1; rb += RB) {
+        const int64_t rbn = p->rb1 - rb < RB ? p->rb1 - rb : RB;
+        for (int64_t m = p->m0; m < p->m1; m += NR) {
+            const int64_t mn = p->m1 - m < NR ? p->m1 - m : NR;
+            run_block<RB, NR, MODE>(p, rb, m, rbn, mn);
+        }
+    }
+}
+
+void ternary_gemm(const lowbit_t2_args* p) {
+    const bool gemv = p->m1 - p->m0 == 1;
+    if (p->group_k > 0) {
+        if (gemv) drive<4, 1, 2>(p);
+        else drive<2, 4, 2>(p);
+    } else if (p->asym) {
+        if (gemv) drive<4, 1, 1>(p);
+        else drive<2, 5, 1>(p);
+    } else {
+        if (gemv) drive<4, 1, 0>(p);
+        else drive<3, 8, 0>(p);
+    }
+}
+
+const lowbit_isa_table kTable = {"avx512", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,
+                                 ternary_gemm};
 
 }  // namespace
 

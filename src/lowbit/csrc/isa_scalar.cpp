@@ -1,6 +1,9 @@
 // Portable reference path: plain C++, compiled for the baseline x86-64 (or any) target.
 #include <string.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "kernels.h"
 
 namespace {
@@ -38,7 +41,96 @@ void binary_gemm(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w
     }
 }
 
-const lowbit_isa_table kTable = {"scalar", pack_signs_f32, binary_gemm};
+// ---- ternary x int8 ------------------------------------------------------------------------
+
+void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_stride;
+        float m = 0.0f;
+        for (int64_t j = 0; j < k; ++j) m = std::max(m, std::fabs(xr[j]));
+        amax[r] = m;
+    }
+}
+
+void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
+                 int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
+                 int64_t sums_stride) {
+    const int64_t g = group > 0 ? group : std::max<int64_t>(kq, 1);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_stride;
+        int8_t* qr = q + r * q_stride;
+        int32_t* sr = sums + r * sums_stride;
+        const float s = mult[r];
+        for (int64_t j = 0; j < kq; ++j) {
+            int32_t v = 0;
+            if (j < k) {
+                // Clamping before rounding equals rounding then clamping (±127 are integers);
+                // nearbyintf rounds half to even under the default rounding mode, like torch.round.
+                float t = xr[j] * s;
+                t = std::min(127.0f, std::max(-127.0f, t));
+                v = (int32_t)std::nearbyint(t);
+            }
+            qr[j] = (int8_t)v;
+            if (j % g == 0) sr[j / g] = 0;
+            sr[j / g] += v;
+        }
+    }
+}
+
+// Decodes the code of row r (0..15) at k offset kk (0..15) of one 64-byte tile.
+int code_at(const uint8_t* tile, int r, int kk) {
+    return (tile[4 * r + (kk & 3)] >> (2 * (kk >> 2))) & 3;
+}
+
+void ternary_gemm(const lowbit_t2_args* p) {
+    const int64_t kt = p->kp / 16;
+    const int64_t gk = p->group_k > 0 ? p->group_k : p->kp;
+    const int64_t n_groups = (p->kp + gk - 1) / gk;
+    for (int64_t rb = p->rb0; rb < p->rb1; ++rb) {
+        const uint8_t* wb = p->w + rb * kt * 64;
+        for (int64_t m = p->m0; m < p->m1; ++m) {
+            const int8_t* a = p->a + m * p->a_stride;
+            const int32_t* sums = p->a_sums + m * p->sums_stride;
+            for (int r = 0; r < 16; ++r) {
+                const int64_t n = rb * 16 + r;
+                if (n >= p->n_valid) break;
+                float acc = 0.0f;
+                int32_t d = 0, hp = 0;
+                for (int64_t g = 0; g < n_groups; ++g) {
+                    int32_t dot = 0;
+                    const int64_t k1 = std::min(p->kp, (g + 1) * gk);
+                    for (int64_t k = g * gk; k < k1; ++k) {
+                        const int c = code_at(wb + (k / 16) * 64, r, (int)(k % 16));
+                        dot += c * a[k];
+                        if (c == 2) hp += a[k];
+                    }
+                    d = dot - sums[g];
+                    if (p->group_k > 0)
+                        acc = std::fma((float)d, p->scale[(rb * n_groups + g) * 16 + r], acc);
+                }
+                if (p->out_i32) {
+                    p->out_i32[m * p->out_i32_stride + n] = d;
+                    if (p->asym) p->out_p32[m * p->out_i32_stride + n] = hp;
+                    continue;
+                }
+                float y;
+                if (p->group_k > 0) {
+                    y = acc * p->a_inv[m];
+                } else if (p->asym) {
+                    y = std::fma((float)d, p->scale[n], (float)hp * p->scale2[n]) * p->a_inv[m];
+                } else {
+                    y = (float)d * (p->scale[n] * p->a_inv[m]);
+                }
+                if (p->bias) y += p->bias[n];
+                if (p->relu) y = std::max(y, 0.0f);
+                p->out_f32[m * p->out_f32_stride + n] = y;
+            }
+        }
+    }
+}
+
+const lowbit_isa_table kTable = {"scalar", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,
+                                 ternary_gemm};
 
 }  // namespace
 

@@ -20,6 +20,51 @@
 extern "C" {
 #endif
 
+// Arguments of the ternary GEMM (one struct so that every ISA path has the same entry point).
+//
+// Weights: `w` holds ceil(N/16) row blocks of kp/16 tiles of 64 bytes (tile (rb, kt) at byte
+// (rb * (kp/16) + kt) * 64). In a tile, byte 4*r + j (r = row in block, j = 0..3) holds in bits
+// 2p..2p+1 the code (w + 1, in {0, 1, 2}) of row 16*rb + r at k = 16*kt + 4*p + j, so that
+// (tile >> 2p) & 3 is exactly the unsigned operand of vpdpbusd for k = 16*kt + 4p .. +3.
+//
+// Activations: `a` is int8, row m at a + m * a_stride, zero-padded up to kp;
+// a_sums[m * sums_stride + g] = sum of row m's activations in group g (see group_k).
+//
+// Each output is D[m, n] = sum_k (code - 1) * a = sum_k code * a - sum_k a (the "code trick"),
+// and for asymmetric ternary (TTQ) also P[m, n] = sum over k with code == 2 of a (the high bit
+// of the code): then W = Wp*[w=+1] - Wn*[w=-1] gives y = Wn * D + (Wp - Wn) * P.
+typedef struct lowbit_t2_args {
+    const int8_t* a;
+    int64_t a_stride;
+    const int32_t* a_sums;
+    int64_t sums_stride;
+    int64_t m0, m1;
+    const uint8_t* w;
+    int64_t kp;        // padded K (multiple of 16)
+    int64_t rb0, rb1;  // row blocks of 16 output rows
+    int64_t n_valid;   // real N: outputs at n >= n_valid are never written
+    int64_t group_k;   // 0: per-row scales (integer path); else K per scale group (multiple of 4)
+    int asym;          // 1: also accumulate P (asymmetric ternary)
+    // Integer outputs (float path when out_i32 == NULL): D and, when asym, P.
+    int32_t* out_i32;
+    int32_t* out_p32;
+    int64_t out_i32_stride;
+    // Float path: y[m, n] = epilogue(...) * a_inv[m] + bias[n], optional ReLU.
+    //   per-row:  y = D * (scale[n] * a_inv[m]) + bias[n]
+    //   asym:     y = (D * scale[n] + P * scale2[n]) * a_inv[m] + bias[n]  (scale = Wn, scale2 = Wp - Wn)
+    //   grouped:  y = (sum_g D_g * scale[((n/16) * n_groups + g) * 16 + n%16]) * a_inv[m] + bias[n]
+    //             with n_groups = ceil(kp / group_k) (groups past K have scale 0) and D_g the
+    //             group's dot product minus its activation sum a_sums[m * sums_stride + g].
+    // scale/scale2/bias are padded to 16 * ceil(N/16) entries (per row) and bias may be NULL.
+    const float* scale;
+    const float* scale2;
+    const float* a_inv;
+    const float* bias;
+    int relu;
+    float* out_f32;
+    int64_t out_f32_stride;
+} lowbit_t2_args;
+
 typedef struct lowbit_isa_table {
     const char* name;
 
@@ -34,6 +79,22 @@ typedef struct lowbit_isa_table {
     void (*binary_gemm)(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w_stride,
                         int64_t m_rows, int64_t n0, int64_t n1, int64_t words, int64_t k,
                         int32_t* out, int64_t out_stride);
+
+    // ---- ternary (2-bit) weights x int8 activations: layout in ternary.h / docs/format.md ----
+
+    // Absolute maximum of each of `rows` float rows of length k (row stride x_stride elements).
+    void (*absmax_f32)(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax);
+
+    // q[r, j] = clamp(round_half_even(x[r, j] * mult[r]), -127, 127) for j < k and 0 for
+    // k <= j < kq (the zero padding keeps padded weight codes out of the dot products and out of
+    // the sums); sums[r * sums_stride + g] = sum of q[r, j] over j in group g, where groups are
+    // `group` consecutive k (group = 0: one group, the whole row).
+    void (*quantize_i8)(const float* x, int64_t rows, int64_t k, int64_t x_stride,
+                        const float* mult, int8_t* q, int64_t q_stride, int64_t kq, int64_t group,
+                        int32_t* sums, int64_t sums_stride);
+
+    // Ternary GEMM over tokens [m0, m1) and row blocks [rb0, rb1) (see lowbit_t2_args).
+    void (*ternary_gemm)(const struct lowbit_t2_args* args);
 } lowbit_isa_table;
 
 const lowbit_isa_table* lowbit_isa_scalar(void);
