@@ -9,18 +9,18 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-import os as _os
-import sys as _sys
+from lowbit import functional, kernels, methods, nn, qtypes
+from lowbit.convert import quantize
+from lowbit.summary import Summary, summary
 
-from lowbit.errors import SetupError
-
-try:
-    from lowbit import kernels
-except SetupError as _exc:
-    # From the `lowbit` command, a setup problem is one line that says what to do, not a traceback.
-    if _os.path.basename(_sys.argv[0]) == "lowbit":
-        print(f"error: {_exc}", file=_sys.stderr)
-        raise SystemExit(2) from None
-    raise
-
-__all__ = ["__version__", "kernels"]
+__all__ = [
+    "Summary",
+    "__version__",
+    "functional",
+    "kernels",
+    "methods",
+    "nn",
+    "qtypes",
+    "quantize",
+    "summary",
+]

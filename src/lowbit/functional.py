@@ -50,6 +50,7 @@ __all__ = [
     "ste",
     "ternarize",
     "to_units",
+    "ttq",
     "twn",
     "unit_max_abs",
     "unit_mean_abs",
@@ -58,7 +59,9 @@ __all__ = [
 GranularityLike = Granularity | str | None
 
 
-def _gran(granularity: GranularityLike, group_size: int | None = None, group_axis: str | None = None) -> Granularity:
+def _gran(
+    granularity: GranularityLike, group_size: int | None = None, group_axis: str | None = None
+) -> Granularity:
     return Granularity.of(granularity, group_size, group_axis)
 
 
@@ -165,7 +168,9 @@ def to_units(
     return rows.reshape(groups, n * k), counts
 
 
-def from_units(units: torch.Tensor, shape: tuple[int, ...] | torch.Size, granularity: GranularityLike = None) -> torch.Tensor:
+def from_units(
+    units: torch.Tensor, shape: tuple[int, ...] | torch.Size, granularity: GranularityLike = None
+) -> torch.Tensor:
     """Inverse of :func:`to_units` for per-element values: drop the padding, restore ``shape``."""
     g = _gran(granularity)
     shape = tuple(shape)
@@ -202,7 +207,9 @@ def unit_max_abs(w: torch.Tensor, granularity: GranularityLike = None) -> torch.
     return _to_scale_shape(units.abs().amax(1), tuple(w.shape), g)
 
 
-def expand_scales(scales: torch.Tensor, shape: tuple[int, ...] | torch.Size, granularity: GranularityLike = None) -> torch.Tensor:
+def expand_scales(
+    scales: torch.Tensor, shape: tuple[int, ...] | torch.Size, granularity: GranularityLike = None
+) -> torch.Tensor:
     """Scales (symmetric, in :meth:`Granularity.scale_shape`) broadcast against a weight of ``shape``."""
     g = _gran(granularity)
     shape = tuple(shape)
@@ -227,7 +234,9 @@ def _log_table(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     table = _LOG_TABLES.get(key)
     if table is None:
         n = 2 ** (bits - 1) - 1
-        values = [0.0 if c == 0 else math.copysign(2.0 ** (abs(c) - n), c) for c in range(-n, n + 1)]
+        values = [
+            0.0 if c == 0 else math.copysign(2.0 ** (abs(c) - n), c) for c in range(-n, n + 1)
+        ]
         table = torch.tensor(values, dtype=dtype, device=device)
         _LOG_TABLES[key] = table
     return table
@@ -286,7 +295,9 @@ def ternarize(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
     """
     x = x.detach()
     keep = x.abs() > threshold
-    return torch.where(keep, sign(x), torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.int8)
+    return torch.where(keep, sign(x), torch.zeros((), dtype=x.dtype, device=x.device)).to(
+        torch.int8
+    )
 
 
 def twn(
@@ -372,7 +383,11 @@ def kbit_linear(
     if clip is None:
         alpha = unit_max_abs(w, g)
     else:
-        alpha = torch.as_tensor(clip, dtype=w.dtype, device=w.device).expand(g.scale_shape(w.shape)).clone()
+        alpha = (
+            torch.as_tensor(clip, dtype=w.dtype, device=w.device)
+            .expand(g.scale_shape(w.shape))
+            .clone()
+        )
     step = alpha / q
     step = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round(w / expand_scales(step, w.shape, g)).clamp(-q, q)
@@ -427,7 +442,11 @@ def kbit_log(
     if scale is None:
         s = unit_max_abs(w, g)
     else:
-        s = torch.as_tensor(scale, dtype=w.dtype, device=w.device).expand(g.scale_shape(w.shape)).clone()
+        s = (
+            torch.as_tensor(scale, dtype=w.dtype, device=w.device)
+            .expand(g.scale_shape(w.shape))
+            .clone()
+        )
     s = torch.where(s > 0, s, torch.ones_like(s))
     return s, log_quantize(w, bits, expand_scales(s, w.shape, g))
 
@@ -518,3 +537,13 @@ def ap2(x: torch.Tensor) -> torch.Tensor:
     e = torch.round(torch.log2(xd.abs()))
     out = torch.ldexp(sign(xd), e)
     return torch.where(xd == 0, torch.zeros_like(out), out)
+
+
+def __getattr__(name: str) -> object:
+    # ``lowbit.functional.ttq`` lives with its method (methods/ttq.py) and is re-exported lazily
+    # here to avoid an import cycle (methods import this module).
+    if name == "ttq":
+        from lowbit.methods.ttq import ttq
+
+        return ttq
+    raise AttributeError(f"module 'lowbit.functional' has no attribute {name!r}")

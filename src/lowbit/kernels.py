@@ -142,7 +142,9 @@ def packed_row_bytes(k: int) -> int:
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.device.type != "cpu":
-        raise ValueError(f"lowbit kernels run on the CPU; got a tensor on {t.device}. Call .cpu() first.")
+        raise ValueError(
+            f"lowbit kernels run on the CPU; got a tensor on {t.device}. Call .cpu() first."
+        )
     return t.detach().contiguous().numpy()
 
 
@@ -214,7 +216,9 @@ def _padded(n: int) -> int:
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Pack int8 ternary codes ``(N, K)`` in {-1, 0, 1} into uint8 tiles (see the section comment)."""
     if codes.dim() != 2:
-        raise ValueError(f"pack_ternary expects 2-D codes (out_features, in_features); got shape {tuple(codes.shape)}")
+        raise ValueError(
+            f"pack_ternary expects 2-D codes (out_features, in_features); got shape {tuple(codes.shape)}"
+        )
     src = _as_numpy(codes.to(torch.int8))
     out = torch.empty(ternary_tiles_shape(*codes.shape), dtype=torch.uint8)
     _ext.ternary_pack(src, out.numpy())
@@ -251,10 +255,14 @@ def pack_ternary_scales(
     np_ = _padded(n)
     if asym:
         if group_size:
-            raise ValueError("asymmetric ternary supports per-tensor or per-row scales, not groups along K")
+            raise ValueError(
+                "asymmetric ternary supports per-tensor or per-row scales, not groups along K"
+            )
         s = s.reshape(-1, 2)
         if s.shape[0] not in (1, n):
-            raise ValueError(f"asymmetric scales must be (2,) or ({n}, 2); got {tuple(scales.shape)}")
+            raise ValueError(
+                f"asymmetric scales must be (2,) or ({n}, 2); got {tuple(scales.shape)}"
+            )
         wp, wn = s[:, 0].expand(n), s[:, 1].expand(n)
         scale = torch.zeros(np_, dtype=torch.float32)
         scale2 = torch.zeros(np_, dtype=torch.float32)
@@ -266,7 +274,9 @@ def pack_ternary_scales(
             raise ValueError(f"group_size must be a positive multiple of 4; got {group_size}")
         groups = (k + group_size - 1) // group_size
         if tuple(s.shape) != (n, groups):
-            raise ValueError(f"grouped scales must have shape ({n}, {groups}) for group_size={group_size}; got {tuple(scales.shape)}")
+            raise ValueError(
+                f"grouped scales must have shape ({n}, {groups}) for group_size={group_size}; got {tuple(scales.shape)}"
+            )
         kp = _padded(k)
         groups_p = (kp + group_size - 1) // group_size
         out = torch.zeros((np_, groups_p), dtype=torch.float32)
@@ -275,7 +285,9 @@ def pack_ternary_scales(
         return out.reshape(np_ // 16, 16, groups_p).transpose(1, 2).contiguous().reshape(-1), None
     s = s.reshape(-1)
     if s.numel() not in (1, n):
-        raise ValueError(f"per-row scales must have {n} entries (or 1 for per tensor); got {tuple(scales.shape)}")
+        raise ValueError(
+            f"per-row scales must have {n} entries (or 1 for per tensor); got {tuple(scales.shape)}"
+        )
     scale = torch.zeros(np_, dtype=torch.float32)
     scale[:n] = s.expand(n).float()
     return scale, None
@@ -296,7 +308,9 @@ def _act_mode(act: str, exponent: int | None) -> tuple[int, int]:
             raise ValueError("a fixed exponent only applies to act='dfp'")
         return ACT_MODES["dfp_fixed"], int(exponent)
     if act not in ACT_MODES or act == "dfp_fixed":
-        raise ValueError(f"unknown activation quantization {act!r}: use 'absmax', 'dfp' or 'dfp_tensor' (or exponent=E)")
+        raise ValueError(
+            f"unknown activation quantization {act!r}: use 'absmax', 'dfp' or 'dfp_tensor' (or exponent=E)"
+        )
     return ACT_MODES[act], 0
 
 
@@ -313,8 +327,10 @@ def quantize_activations(
     * ``"absmax"``: ``s = 127 / max(max|x|, 1e-5)`` (fp32), ``q = clamp(round(x * s), -127, 127)``
       with half-to-even rounding, ``a_inv = 1 / s``.
     * ``"dfp"``: dynamic fixed point per token, ``a_inv = 2**E`` with the smallest ``E`` such that
-      ``max|x| <= 127 * 2**E`` (so nothing saturates), ``E >= -126``; ``"dfp_tensor"``: one ``E`` for
-      the whole batch; ``exponent=E``: a fixed (calibrated) exponent, values beyond ±127 saturate.
+      ``round(max|x| * 2**-E) <= 127`` (the rule of :func:`lowbit.functional.dfp_exponent`; also
+      ``E >= -126``), ``q = clamp(round(x * 2**-E), -128, 127)``; ``"dfp_tensor"``: one ``E`` for the
+      whole batch (what ``functional.dfp_quantize`` does on a batch); ``exponent=E``: a fixed
+      (calibrated) exponent, values beyond the int8 range saturate.
 
     Inputs must be finite (NaN/inf give unspecified codes).
     """
@@ -327,7 +343,16 @@ def quantize_activations(
     q = torch.empty((m, kq), dtype=torch.int8)
     sums = torch.empty((m, groups), dtype=torch.int32)
     a_inv = torch.empty((m,), dtype=torch.float32)
-    _ext.quantize_act(_as_numpy(x.to(torch.float32)), mode, e, int(group_size), q.numpy(), sums.numpy(), a_inv.numpy(), _num_threads())
+    _ext.quantize_act(
+        _as_numpy(x.to(torch.float32)),
+        mode,
+        e,
+        int(group_size),
+        q.numpy(),
+        sums.numpy(),
+        a_inv.numpy(),
+        _num_threads(),
+    )
     if group_size:
         sums = sums[:, : (k + group_size - 1) // group_size]
     return q[:, :k], a_inv, sums
@@ -342,11 +367,18 @@ def ternary_gemm(
     ``asym`` (the two accumulations of asymmetric ternary). Any int8 value is allowed (also -128).
     """
     if a.dtype != torch.int8 or a.dim() != 2:
-        raise TypeError(f"ternary_gemm expects 2-D int8 activations; got {a.dtype} of shape {tuple(a.shape)}")
+        raise TypeError(
+            f"ternary_gemm expects 2-D int8 activations; got {a.dtype} of shape {tuple(a.shape)}"
+        )
     out = torch.empty((a.shape[0], n), dtype=torch.int32)
     out_p = torch.empty((a.shape[0], n), dtype=torch.int32) if asym else None
     _ext.ternary_gemm_i32(
-        _as_numpy(a), _as_numpy(tiles), int(n), out.numpy(), None if out_p is None else out_p.numpy(), _num_threads()
+        _as_numpy(a),
+        _as_numpy(tiles),
+        int(n),
+        out.numpy(),
+        None if out_p is None else out_p.numpy(),
+        _num_threads(),
     )
     return (out, out_p) if out_p is not None else out
 
@@ -366,6 +398,8 @@ def _ternary_linear_impl(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
+    if x2.shape[0] == 0:
+        return out.reshape(*lead, out_features)
     _ext.ternary_linear(
         _as_numpy(x2.to(torch.float32)),
         _as_numpy(tiles),
@@ -407,7 +441,9 @@ def ternary_linear(
     custom op wraps the same function for torch.compile / torch.export.
     """
     mode, e = _act_mode(act, exponent)
-    return _ternary_linear_impl(x, tiles, scale, scale2, bias, out_features, group_size, mode, e, relu)
+    return _ternary_linear_impl(
+        x, tiles, scale, scale2, bias, out_features, group_size, mode, e, relu
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +464,9 @@ def _ternary_linear_op(
     exponent: int,
     relu: bool,
 ) -> torch.Tensor:
-    return _ternary_linear_impl(x, tiles, scale, scale2, bias, out_features, group_size, act_mode, exponent, relu)
+    return _ternary_linear_impl(
+        x, tiles, scale, scale2, bias, out_features, group_size, act_mode, exponent, relu
+    )
 
 
 @_ternary_linear_op.register_fake
@@ -473,22 +511,24 @@ def quantize_activations_reference(
     x = x.to(torch.float32)
     amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
     if act == "absmax" and exponent is None:
-        s = 127.0 / amax.clamp(min=ABSMAX_EPS)
+        # Correctly rounded fp32 divisions, as in C++. Beware: `127.0 / tensor` in PyTorch is
+        # computed as 127 * reciprocal(tensor) and can be one ulp off.
+        s = torch.full_like(amax, 127.0) / amax.clamp(min=ABSMAX_EPS)
         q = torch.round(x * s[:, None]).clamp(-127, 127)
-        return q.to(torch.int8), 1.0 / s
+        return q.to(torch.int8), torch.ones_like(s) / s
     if exponent is not None:
         e = torch.full_like(amax, float(exponent), dtype=torch.float64)
     else:
         if act == "dfp_tensor":
             amax = amax.max().expand_as(amax) if amax.numel() else amax
         a64 = amax.to(torch.float64)
-        e = torch.ceil(torch.log2(a64 / 127.0))
-        # log2 can be off by an ulp: settle on the smallest e with amax <= 127 * 2**e exactly.
-        e = torch.where(a64 > 127.0 * torch.exp2(e), e + 1, e)
-        e = torch.where(a64 <= 127.0 * torch.exp2(e - 1), e - 1, e)
+        e = torch.floor(torch.log2(a64 / 127.5)) + 1
+        # log2 can be off by an ulp: settle on the smallest e with amax < 127.5 * 2**e exactly.
+        e = torch.where(a64 >= 127.5 * torch.exp2(e), e + 1, e)
+        e = torch.where(a64 < 127.5 * torch.exp2(e - 1), e - 1, e)
         e = torch.where(amax > 0, e, torch.zeros_like(e)).clamp(min=-126)
     mult = torch.exp2(-e).to(torch.float32)
-    q = torch.round(x * mult[:, None]).clamp(-127, 127)
+    q = torch.round(x * mult[:, None]).clamp(-128, 127)
     return q.to(torch.int8), torch.exp2(e).to(torch.float32)
 
 

@@ -64,7 +64,14 @@ class WeightQuantizer(nn.Module):
 
     format: str = "float"
 
-    def __init__(self, *, bits: int | None = None, granularity: Any = None, group_size: int | None = None, group_axis: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        bits: int | None = None,
+        granularity: Any = None,
+        group_size: int | None = None,
+        group_axis: str | None = None,
+    ) -> None:
         super().__init__()
         if bits is None:
             bits = FORMAT_BITS.get(self.format)
@@ -361,9 +368,21 @@ class QuantLinear(nn.Linear, QuantModule):
         self.input_quantizer = input_quantizer
 
     @classmethod
-    def from_float(cls, module: nn.Linear, weight_quantizer: nn.Module, input_quantizer: nn.Module | None = None) -> QuantLinear:
+    def from_float(
+        cls,
+        module: nn.Linear,
+        weight_quantizer: nn.Module,
+        input_quantizer: nn.Module | None = None,
+    ) -> QuantLinear:
         """Wrap ``module``'s own Parameter objects (optimizers holding them stay valid)."""
-        new = cls(module.in_features, module.out_features, module.bias is not None, weight_quantizer, input_quantizer, device="meta")
+        new = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            weight_quantizer,
+            input_quantizer,
+            device="meta",
+        )
         new.weight = module.weight
         new.bias = module.bias
         new.train(module.training)
@@ -394,13 +413,24 @@ class QuantConv2d(nn.Conv2d, QuantModule):
     (the packed kernels reproduce this).
     """
 
-    def __init__(self, *args: Any, weight_quantizer: nn.Module | None = None, input_quantizer: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        weight_quantizer: nn.Module | None = None,
+        input_quantizer: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
         self.input_quantizer = input_quantizer
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, weight_quantizer: nn.Module, input_quantizer: nn.Module | None = None) -> QuantConv2d:
+    def from_float(
+        cls,
+        module: nn.Conv2d,
+        weight_quantizer: nn.Module,
+        input_quantizer: nn.Module | None = None,
+    ) -> QuantConv2d:
         new = cls(
             module.in_channels,
             module.out_channels,
@@ -455,12 +485,22 @@ class QuantLSTM(nn.LSTM, QuantModule):
     not ``proj_size`` or PackedSequence.
     """
 
-    def __init__(self, *args: Any, weight_quantizer: nn.ModuleDict | None = None, input_quantizer: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        weight_quantizer: nn.ModuleDict | None = None,
+        input_quantizer: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if self.proj_size:
-            raise ValueError("QuantLSTM does not support proj_size > 0; quantize this LSTM with exclude=[...] to keep it float")
+            raise ValueError(
+                "QuantLSTM does not support proj_size > 0; quantize this LSTM with exclude=[...] to keep it float"
+            )
         if weight_quantizer is None:
-            weight_quantizer = nn.ModuleDict({key: nn.ModuleList([FloatWeight() for _ in GATES]) for key in self.matrix_keys()})
+            weight_quantizer = nn.ModuleDict(
+                {key: nn.ModuleList([FloatWeight() for _ in GATES]) for key in self.matrix_keys()}
+            )
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
 
@@ -476,7 +516,12 @@ class QuantLSTM(nn.LSTM, QuantModule):
         return f"weight_{key}"
 
     @classmethod
-    def from_float(cls, module: nn.LSTM, weight_quantizer: nn.ModuleDict, input_quantizer: nn.Module | None = None) -> QuantLSTM:
+    def from_float(
+        cls,
+        module: nn.LSTM,
+        weight_quantizer: nn.ModuleDict,
+        input_quantizer: nn.Module | None = None,
+    ) -> QuantLSTM:
         if module.proj_size:
             raise ValueError(
                 "QuantLSTM does not support nn.LSTM(proj_size > 0); keep this LSTM float with exclude=[<its name>]"
@@ -501,7 +546,10 @@ class QuantLSTM(nn.LSTM, QuantModule):
     def gate_slots(self, key: str) -> list[WeightSlot]:
         w = getattr(self, self.param_name(key))
         h = self.hidden_size
-        return [WeightSlot(w[j * h : (j + 1) * h].detach(), f"{self.param_name(key)}.{g}", self) for j, g in enumerate(GATES)]
+        return [
+            WeightSlot(w[j * h : (j + 1) * h].detach(), f"{self.param_name(key)}.{g}", self)
+            for j, g in enumerate(GATES)
+        ]
 
     def quantized_matrix(self, key: str) -> torch.Tensor:
         w = getattr(self, self.param_name(key))
@@ -515,14 +563,24 @@ class QuantLSTM(nn.LSTM, QuantModule):
         for key in self.matrix_keys():
             w = getattr(self, self.param_name(key))
             for j, g in enumerate(GATES):
-                out[f"{self.param_name(key)}.{g}"] = self.weight_quantizer[key][j].export(w[j * h : (j + 1) * h])
+                out[f"{self.param_name(key)}.{g}"] = self.weight_quantizer[key][j].export(
+                    w[j * h : (j + 1) * h]
+                )
         return out
 
-    def forward(self, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+    def forward(
+        self, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise TypeError("QuantLSTM does not take PackedSequence inputs; pad the batch (nn.utils.rnn.pad_packed_sequence)")
+            raise TypeError(
+                "QuantLSTM does not take PackedSequence inputs; pad the batch (nn.utils.rnn.pad_packed_sequence)"
+            )
         unbatched = input.dim() == 2
-        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        x = (
+            input.unsqueeze(1)
+            if unbatched
+            else (input.transpose(0, 1) if self.batch_first else input)
+        )
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         steps, batch = x.shape[0], x.shape[1]
@@ -573,4 +631,3 @@ class QuantLSTM(nn.LSTM, QuantModule):
     def extra_repr(self) -> str:
         first = self.weight_quantizer[self.matrix_keys()[0]][0]
         return f"{super().extra_repr()}, weight={_describe_weight(first)} x{4 * len(self.matrix_keys())} gate blocks, input={_describe_input(self.input_quantizer)}"
-

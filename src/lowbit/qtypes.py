@@ -320,7 +320,9 @@ class ActSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ACT_KINDS:
-            raise ValueError(f"unknown activation kind {self.kind!r}: choose one of {', '.join(ACT_KINDS)}")
+            raise ValueError(
+                f"unknown activation kind {self.kind!r}: choose one of {', '.join(ACT_KINDS)}"
+            )
         if self.kind == "float":
             self.bits = 32
         elif self.kind == "binary":
@@ -339,6 +341,8 @@ class ActSpec:
         if self.kind == "binary":
             return "sign"
         sign = "" if self.signed else "u"
-        return {"kbit_linear": f"{sign}int{self.bits}", "kbit_log": f"log{self.bits}", "dfp": f"dfp{self.bits}"}[
-            self.kind
-        ]
+        return {
+            "kbit_linear": f"{sign}int{self.bits}",
+            "kbit_log": f"log{self.bits}",
+            "dfp": f"dfp{self.bits}",
+        }[self.kind]

@@ -1,1 +1,383 @@
-"""lowbit.summary — filled in by the quantization issues (see DESIGN.md)."""
+"""``lowbit.summary(model, input_shape=None)``: bits, packed bytes and MACs per layer.
+
+Rows: every quantized layer (its exported :class:`~lowbit.qtypes.QuantizedWeight` objects give
+the bits, packed bytes and ternary sparsity) and every other module that directly owns
+parameters or floating-point buffers (counted as float32). Sizes:
+
+* ``bytes``: the ideal deployed size: ``ceil(numel * bits / 8)`` per quantized weight, plus its
+  float32 scales, plus float32 for everything else (biases, BatchNorm, float layers). The
+  ``.lowbit`` file adds row padding to 64-bit words and a small manifest.
+* ``float32_bytes``: the same model with every parameter/buffer in float32.
+
+MACs (multiply-accumulates of Linear, Conv2d and LSTM layers) need ``input_shape`` (including
+the batch dimension): the model runs one forward pass on zeros in eval mode under ``no_grad``
+with hooks that read the real shapes. They are split by what the hardware needs:
+
+* ``xnor``: binary weights x binary activations (XNOR-popcount);
+* ``addsub``: binary/ternary weights with other activations (additions and subtractions only);
+* ``int``: k-bit weights x integer activations (int8 multiply-accumulate);
+* ``float``: everything else.
+
+``mult_free`` is the share of MACs needing no multiplication (``xnor + addsub``); the per-output
+(or per-group) multiply by the scale is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn import QuantModule
+
+__all__ = ["MAC_KINDS", "LayerSummary", "Summary", "mac_kind", "summary"]
+
+MAC_KINDS = ("xnor", "addsub", "int", "float")
+_BINARY_TERNARY = ("binary", "ternary", "ternary_asym")
+_INT_ACTS = ("binary", "kbit_linear", "kbit_log", "dfp")
+
+
+def mac_kind(weight_format: str, act_kind: str) -> str:
+    """Which kind of MAC a layer performs for a weight format and an activation kind."""
+    if weight_format == "binary" and act_kind == "binary":
+        return "xnor"
+    if weight_format in _BINARY_TERNARY:
+        return "addsub"
+    if weight_format in ("kbit_linear", "kbit_log") and act_kind in _INT_ACTS:
+        return "int"
+    return "float"
+
+
+@dataclass
+class LayerSummary:
+    """One row of the table."""
+
+    name: str
+    type: str
+    weight: str
+    act: str
+    params: int
+    bytes: int
+    float32_bytes: int
+    weight_bits: int = 32
+    act_bits: int = 32
+    kind: str = "float"
+    macs: dict[str, int] | None = None
+    sparsity: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Summary:
+    """Per-layer rows and totals; ``str(summary)`` renders the table."""
+
+    layers: list[LayerSummary]
+    input_shape: tuple[int, ...] | None = None
+    macs: dict[str, int] | None = field(default=None)
+
+    @property
+    def params(self) -> int:
+        return sum(row.params for row in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(row.bytes for row in self.layers)
+
+    @property
+    def float32_bytes(self) -> int:
+        return sum(row.float32_bytes for row in self.layers)
+
+    @property
+    def compression(self) -> float:
+        """``float32_bytes / total_bytes`` (how many times smaller than float32)."""
+        return self.float32_bytes / self.total_bytes if self.total_bytes else 1.0
+
+    @property
+    def total_macs(self) -> int | None:
+        return None if self.macs is None else sum(self.macs.values())
+
+    @property
+    def mult_free(self) -> float | None:
+        """Share of MACs that need no multiplication (xnor + add/sub); None without ``input_shape``."""
+        if self.macs is None:
+            return None
+        total = sum(self.macs.values())
+        return (self.macs["xnor"] + self.macs["addsub"]) / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [row.to_dict() for row in self.layers],
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "params": self.params,
+            "total_bytes": self.total_bytes,
+            "float32_bytes": self.float32_bytes,
+            "compression": self.compression,
+            "macs": self.macs,
+            "mult_free": self.mult_free,
+        }
+
+    def __str__(self) -> str:
+        headers = ["layer", "type", "weight", "act", "params", "bytes", "fp32 bytes"]
+        with_macs = self.macs is not None
+        if with_macs:
+            headers += ["MACs xnor", "MACs add/sub", "MACs int", "MACs float"]
+        headers.append("sparsity")
+        rows = []
+        for r in self.layers:
+            row = [
+                r.name,
+                r.type,
+                r.weight,
+                r.act,
+                f"{r.params:,}",
+                f"{r.bytes:,}",
+                f"{r.float32_bytes:,}",
+            ]
+            if with_macs:
+                row += [f"{(r.macs or {}).get(k, 0):,}" if r.macs else "-" for k in MAC_KINDS]
+            row.append("-" if r.sparsity is None else f"{r.sparsity:.1%}")
+            rows.append(row)
+        total = [
+            "total",
+            "",
+            "",
+            "",
+            f"{self.params:,}",
+            f"{self.total_bytes:,}",
+            f"{self.float32_bytes:,}",
+        ]
+        if with_macs:
+            total += [f"{self.macs[k]:,}" for k in MAC_KINDS]  # type: ignore[index]
+        total.append("")
+        widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, total, strict=True)]
+        numeric = set(range(4, len(headers)))
+
+        def fmt(cells: Sequence[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i in numeric else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        rule = "-" * len(fmt(headers))
+        lines = [fmt(headers), rule, *(fmt(r) for r in rows), rule, fmt(total)]
+        lines.append(
+            f"size: {_human(self.total_bytes)} packed vs {_human(self.float32_bytes)} float32 "
+            f"-> {self.compression:.2f}x smaller"
+        )
+        if with_macs:
+            lines.append(
+                f"MACs for input {tuple(self.input_shape or ())}: {self.total_macs:,}; "
+                f"{self.mult_free:.1%} need no multiplication"
+            )
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _float_buffers(module: nn.Module) -> int:
+    names = set(module._non_persistent_buffers_set)
+    return sum(
+        b.numel()
+        for name, b in module.named_buffers(recurse=False)
+        if name not in names and b.is_floating_point()
+    )
+
+
+def _describe(q: Any) -> str:
+    if q is None:
+        return "fp32"
+    d = getattr(q, "describe", None)
+    return d() if callable(d) else type(q).__name__
+
+
+def _act_kind(q: Any) -> tuple[str, int]:
+    if q is None:
+        return "float", 32
+    spec = getattr(q, "spec", None)
+    if callable(spec):
+        s = spec()
+        return s.kind, s.bits
+    return "float", 32
+
+
+def _weight_quantizers(layer: nn.Module) -> list[nn.Module]:
+    wq = layer.weight_quantizer
+    if isinstance(wq, nn.ModuleDict):
+        return [q for qs in wq.values() for q in qs]  # type: ignore[union-attr]
+    return [wq]
+
+
+def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSummary]]:
+    rows: list[LayerSummary] = []
+    by_name: dict[str, LayerSummary] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, QuantModule):
+            skip.append(name + ".")
+            exported = module.quantized_weights()
+            latent = sum(qw.numel for qw in exported.values())
+            others = sum(
+                p.numel()
+                for n, p in module.named_parameters(recurse=False)
+                if not n.startswith("weight")
+            )
+            others += _float_buffers(module)
+            first = next(iter(exported.values()))
+            act_kind, act_bits = _act_kind(module.input_quantizer)
+            ternary = [qw for qw in exported.values() if qw.format in ("ternary", "ternary_asym")]
+            sparsity = None
+            if ternary:
+                sparsity = sum(qw.sparsity() * qw.numel for qw in ternary) / sum(
+                    qw.numel for qw in ternary
+                )
+            wq = _weight_quantizers(module)
+            row = LayerSummary(
+                name=name,
+                type=type(module).__name__,
+                weight=_describe(wq[0]),
+                act=_describe(module.input_quantizer),
+                params=latent
+                + sum(
+                    p.numel()
+                    for n, p in module.named_parameters(recurse=False)
+                    if not n.startswith("weight")
+                ),
+                bytes=sum(qw.packed_bytes() for qw in exported.values()) + 4 * others,
+                float32_bytes=4 * (latent + others),
+                weight_bits=first.bits,
+                act_bits=act_bits,
+                kind=mac_kind(first.format, act_kind),
+                sparsity=sparsity,
+            )
+        else:
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            buffers = _float_buffers(module)
+            if params + buffers == 0:
+                continue
+            row = LayerSummary(
+                name=name or "<root>",
+                type=type(module).__name__,
+                weight="fp32",
+                act="fp32",
+                params=params,
+                bytes=4 * (params + buffers),
+                float32_bytes=4 * (params + buffers),
+            )
+        rows.append(row)
+        by_name[name] = row
+    return rows, by_name
+
+
+def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
+    if isinstance(module, nn.Linear):
+        return output.numel() // module.out_features * module.in_features * module.out_features
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.LSTM):
+        x = inputs[0]
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            tokens = int(x.data.shape[0])
+        else:
+            tokens = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
+        dirs = 2 if module.bidirectional else 1
+        h = module.hidden_size
+        total = 0
+        for layer in range(module.num_layers):
+            in_size = module.input_size if layer == 0 else h * dirs
+            total += dirs * 4 * h * (in_size + h)
+        return tokens * total
+    return 0
+
+
+def _trace_macs(
+    model: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype | None
+) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    hooks = []
+    names = {id(m): n for n, m in model.named_modules()}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, nn.MultiheadAttention | QuantModule):
+            skip.append(name + ".")
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.LSTM):
+
+            def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+                out = output[0] if isinstance(output, tuple) else output
+                key = names[id(mod)]
+                counts[key] = counts.get(key, 0) + _macs_of(mod, inputs, out)
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if input_dtype is None:
+            first = next(
+                (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None),
+                None,
+            )
+            if isinstance(first, nn.Embedding | nn.EmbeddingBag):
+                input_dtype = torch.long
+            else:
+                input_dtype = (
+                    param.dtype
+                    if param is not None and param.is_floating_point()
+                    else torch.float32
+                )
+        x = torch.zeros(tuple(int(s) for s in input_shape), dtype=input_dtype, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def summary(
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: torch.dtype | None = None,
+) -> Summary:
+    """Per-layer weight/activation precision, packed bytes, MACs by kind and ternary sparsity.
+
+    Args:
+        model: any module (quantized with :func:`lowbit.quantize` or not).
+        input_shape: shape of one input batch *including* the batch dimension, e.g.
+            ``(1, 1, 28, 28)``; enables the MAC columns (one traced forward pass on zeros).
+        input_dtype: dtype of that input (default: the parameters' float dtype, or ``long``
+            when the model starts with an Embedding).
+    """
+    rows, by_name = _layer_rows(model)
+    macs = None
+    if input_shape is not None:
+        counts = _trace_macs(model, input_shape, input_dtype)
+        macs = dict.fromkeys(MAC_KINDS, 0)
+        for name, n in counts.items():
+            row = by_name.get(name)
+            if row is None:  # a weight layer without direct parameters (shared elsewhere)
+                continue
+            row.macs = {row.kind: n}
+            macs[row.kind] += n
+    return Summary(
+        rows, tuple(int(s) for s in input_shape) if input_shape is not None else None, macs
+    )

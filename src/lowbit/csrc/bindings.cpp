@@ -145,7 +145,7 @@ void quantize_act(Matrix<const float> x, int mode, int exponent, int64_t group, 
     float* ap = a_inv.data();
     const lowbit_isa_table& t = lowbit::active();
     nb::gil_scoped_release release;
-    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kq, group, qp, sp, ng, ap, n_threads);
+    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kq, group, qp, kq, sp, ng, ap, n_threads);
 }
 
 // Integer path: D (and P for asymmetric ternary) from already-quantized int8 activations.
@@ -175,18 +175,19 @@ void ternary_gemm_i32(Matrix<const int8_t> a, Tiles w, int64_t n, Matrix<int32_t
     const lowbit_isa_table& t = lowbit::active();
     nb::gil_scoped_release release;
     // Zero-padded copy (kp columns) and exact int32 row sums for the code trick.
-    std::vector<int8_t> q((size_t)(m * kp), 0);
+    const int64_t q_stride = kp + 64;  // see ternary_linear
+    std::vector<int8_t> q((size_t)(m * q_stride), 0);
     std::vector<int32_t> sums((size_t)m, 0);
     for (int64_t i = 0; i < m; ++i) {
         int32_t s = 0;
         for (int64_t j = 0; j < k; ++j) {
-            q[(size_t)(i * kp + j)] = ap[i * as + j];
+            q[(size_t)(i * q_stride + j)] = ap[i * as + j];
             s += ap[i * as + j];
         }
         sums[(size_t)i] = s;
     }
     args.a = q.data();
-    args.a_stride = kp;
+    args.a_stride = q_stride;
     args.a_sums = sums.data();
     args.sums_stride = 1;
     lowbit::ternary_gemm_run(t, args, m, nrb, n_threads);
@@ -228,14 +229,16 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     const int64_t xs = row_stride(m, (int64_t)x.stride(0), k);
     const lowbit_isa_table& t = lowbit::active();
     nb::gil_scoped_release release;
-    const int64_t kq = kp;
-    std::vector<int8_t> q((size_t)(m * kq));
+    // Rows kp + 64 bytes apart: with kp a multiple of 4 KiB, the NR token rows a GEMM microkernel
+    // reads together would otherwise all map to the same L1 set and evict each other.
+    const int64_t q_stride = kp + 64;
+    std::vector<int8_t> q((size_t)(m * q_stride));
     std::vector<int32_t> sums((size_t)(m * ng));
     std::vector<float> a_inv((size_t)m);
-    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kq, group_k, q.data(), sums.data(), ng,
+    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kp, group_k, q.data(), q_stride, sums.data(), ng,
                                  a_inv.data(), n_threads);
     args.a = q.data();
-    args.a_stride = kq;
+    args.a_stride = q_stride;
     args.a_sums = sums.data();
     args.sums_stride = ng;
     args.a_inv = a_inv.data();

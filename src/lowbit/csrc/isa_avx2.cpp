@@ -83,6 +83,7 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
         float lanes[8];
         _mm256_storeu_ps(lanes, m);
         float best = 0.0f;
+        #pragma GCC unroll 16
         for (int i = 0; i < 8; ++i) best = lanes[i] > best ? lanes[i] : best;
         for (; j < k; ++j) {
             const float v = xr[j] < 0.0f ? -xr[j] : xr[j];
@@ -92,15 +93,15 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
     }
 }
 
-inline int32_t round_clamp(float t) {
-    t = t < -127.0f ? -127.0f : (t > 127.0f ? 127.0f : t);
+inline int32_t round_clamp(float t, float lo) {
+    t = t < lo ? lo : (t > 127.0f ? 127.0f : t);
     return _mm_cvtss_si32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
-                 int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
+                 float lo, int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
                  int64_t sums_stride) {
-    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256 vlo = _mm256_set1_ps(lo), hi = _mm256_set1_ps(127.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
@@ -111,9 +112,10 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         int64_t j = 0;
         for (; j + 32 <= k; j += 32) {
             __m256i v[4];
+            #pragma GCC unroll 16
             for (int i = 0; i < 4; ++i) {
                 __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xr + j + 8 * i), s);
-                t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+                t = _mm256_min_ps(_mm256_max_ps(t, vlo), hi);
                 v[i] = _mm256_cvtps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
                 total = _mm256_add_epi32(total, v[i]);
             }
@@ -124,9 +126,10 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         int32_t lanes[8];
         _mm256_storeu_si256((__m256i*)lanes, total);
         int32_t sum = 0;
+        #pragma GCC unroll 16
         for (int i = 0; i < 8; ++i) sum += lanes[i];
         for (; j < kq; ++j) {
-            const int32_t v = j < k ? round_clamp(xr[j] * sf) : 0;
+            const int32_t v = j < k ? round_clamp(xr[j] * sf, lo) : 0;
             qr[j] = (int8_t)v;
             sum += v;
         }
@@ -200,22 +203,28 @@ void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     const int64_t as = p->a_stride;
     const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
     __m256i d[HB][NR], h[HB][NR];
+    #pragma GCC unroll 16
     for (int r = 0; r < HB; ++r)
+        #pragma GCC unroll 16
         for (int n = 0; n < NR; ++n) d[r][n] = h[r][n] = _mm256_setzero_si256();
     for (int64_t t = 0; t < kt; ++t) {
         const int8_t* at = a + t * 16;
+        #pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
             const int64_t hr = hb + r;
             const uint8_t* wt = p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32;
             _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
             const __m256i v = _mm256_loadu_si256((const __m256i*)wt);
             __m256i code[4], high[4];
+            #pragma GCC unroll 16
             for (int pl = 0; pl < 4; ++pl) {
                 code[pl] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * pl), m3);
                 if (ASYM) high[pl] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * pl + 1), m1);
             }
+            #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 __m256i s = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+                #pragma GCC unroll 16
                 for (int pl = 0; pl < 4; ++pl) {
                     const __m256i b = bcast4(at + n * as + 4 * pl);
                     s = _mm256_add_epi16(s, _mm256_maddubs_epi16(code[pl], b));
@@ -226,8 +235,10 @@ void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             }
         }
     }
+    #pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
         const __m256i sa = _mm256_set1_epi32(p->a_sums[(m + n) * p->sums_stride]);
+        #pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
     }
 }
@@ -241,38 +252,49 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     const int64_t as = p->a_stride;
     const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256 f[HB][NR];
+    #pragma GCC unroll 16
     for (int r = 0; r < HB; ++r)
+        #pragma GCC unroll 16
         for (int n = 0; n < NR; ++n) f[r][n] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_groups; ++g) {
         const int64_t q0 = g * gp, q1 = q0 + gp < n_planes ? q0 + gp : n_planes;
         __m256i d[HB][NR];
+        #pragma GCC unroll 16
         for (int r = 0; r < HB; ++r)
+            #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) d[r][n] = _mm256_setzero_si256();
         for (int64_t q = q0; q < q1; ++q) {
             const __m128i shift = _mm_cvtsi32_si128((int)(2 * (q & 3)));
             __m256i code[HB];
+            #pragma GCC unroll 16
             for (int r = 0; r < HB; ++r) {
                 const int64_t hr = hb + r;
                 const uint8_t* wt = p->w + (hr >> 1) * rbs + (q >> 2) * 64 + (hr & 1) * 32;
                 code[r] = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)wt), shift), m3);
             }
+            #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m256i b = bcast4(a + n * as + 4 * q);
+                #pragma GCC unroll 16
                 for (int r = 0; r < HB; ++r)
                     d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(_mm256_maddubs_epi16(code[r], b), ones));
             }
         }
+        #pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
             const int64_t hr = hb + r;
             const __m256 sc = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
+            #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m256i sa = _mm256_set1_epi32(p->a_sums[(m + n) * p->sums_stride + g]);
                 f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][n], sa)), sc, f[r][n]);
             }
         }
     }
+    #pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
         const __m256 ai = _mm256_set1_ps(p->a_inv[m + n]);
+        #pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
             const int64_t n0 = (hb + r) * 8;
             if (n0 >= p->n_valid) continue;

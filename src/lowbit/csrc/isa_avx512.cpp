@@ -95,9 +95,9 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
 }
 
 void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
-                 int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
+                 float lo, int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
                  int64_t sums_stride) {
-    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 vlo = _mm512_set1_ps(lo), hi = _mm512_set1_ps(127.0f);
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
         int8_t* qr = q + r * q_stride;
@@ -109,7 +109,7 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
                 left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u));
             const __mmask16 store = qleft >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << qleft) - 1u);
             __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, xr + j), s);
-            t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+            t = _mm512_min_ps(_mm512_max_ps(t, vlo), hi);
             // Explicit round-to-nearest-even, independent of MXCSR (torch.round is half-to-even).
             const __m512i v = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             total = _mm512_add_epi32(total, v);
@@ -164,36 +164,55 @@ inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m512i d,
 // are read once per GEMV, so they come from DRAM unless the layer is hot in L2/L3.
 constexpr int64_t kPrefetch = 1024;
 
-// RB row blocks x NR tokens, whole K. CH = independent accumulator chains per output (GEMV
-// uses 2, so 2*RB vpdpbusd chains hide the instruction's latency).
-template <int RB, int NR, bool ASYM, int CH>
+// Weight formats share one tile geometry: 64 bytes = 16 rows x 4 bytes. BITS = 2 (ternary,
+// code = w + 1, 4 planes of 4 k per tile) or 4 (int4, code = w + 8, 2 planes of 4 k per tile).
+// The code offset ("zero") is removed once per token with zero * sum(a).
+template <int BITS>
+struct Fmt {
+    static constexpr int planes = 8 / BITS;        // 4-k planes per tile
+    static constexpr int tile_k = 4 * planes;      // k per tile
+    static constexpr int mask = (1 << BITS) - 1;   // code mask
+    static constexpr int zero = 1 << (BITS - 1);   // code offset
+};
+
+// RB row blocks x NR tokens, whole K. CH = independent accumulator chains per output.
+template <int RB, int NR, bool ASYM, int CH, int BITS>
 void block_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
-    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
     const uint8_t* w = p->w + rb * rbs;
     const int8_t* a = p->a + m * p->a_stride;
     const int64_t as = p->a_stride;
-    const __m512i m3 = _mm512_set1_epi8(3), m1 = _mm512_set1_epi8(1);
+    const __m512i mcode = _mm512_set1_epi8((char)F::mask), m1 = _mm512_set1_epi8(1);
     __m512i d[CH][RB][NR], h[CH][RB][NR];
+#pragma GCC unroll 16
     for (int c = 0; c < CH; ++c)
+#pragma GCC unroll 16
         for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) d[c][r][n] = h[c][r][n] = _mm512_setzero_si512();
     for (int64_t t = 0; t < kt; ++t) {
         __m512i v[RB];
+#pragma GCC unroll 16
         for (int r = 0; r < RB; ++r) {
             const uint8_t* wt = w + r * rbs + t * 64;
             _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
             v[r] = _mm512_loadu_si512(wt);
         }
-        const int8_t* at = a + t * 16;
-        for (int pl = 0; pl < 4; ++pl) {
+        const int8_t* at = a + t * F::tile_k;
+#pragma GCC unroll 16
+        for (int pl = 0; pl < F::planes; ++pl) {
             const int c = pl % CH;
             __m512i code[RB], high[RB];
+#pragma GCC unroll 16
             for (int r = 0; r < RB; ++r) {
-                code[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * pl), m3);
-                if (ASYM) high[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * pl + 1), m1);
+                code[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], BITS * pl), mcode);
+                if (ASYM) high[r] = _mm512_and_si512(_mm512_srli_epi16(v[r], BITS * pl + 1), m1);
             }
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m512i b = bcast4(at + n * as + 4 * pl);
+#pragma GCC unroll 16
                 for (int r = 0; r < RB; ++r) {
                     d[c][r][n] = _mm512_dpbusd_epi32(d[c][r][n], code[r], b);
                     if (ASYM) h[c][r][n] = _mm512_dpbusd_epi32(h[c][r][n], high[r], b);
@@ -201,10 +220,13 @@ void block_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
             }
         }
     }
+#pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
-        const __m512i sa = _mm512_set1_epi32(p->a_sums[(m + n) * p->sums_stride]);
+        const __m512i sa = _mm512_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride]);
+#pragma GCC unroll 16
         for (int r = 0; r < RB; ++r) {
             __m512i dd = d[0][r][n], hh = h[0][r][n];
+#pragma GCC unroll 16
             for (int c = 1; c < CH; ++c) {
                 dd = _mm512_add_epi32(dd, d[c][r][n]);
                 hh = _mm512_add_epi32(hh, h[c][r][n]);
@@ -214,48 +236,115 @@ void block_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
     }
 }
 
+// GEMV (one token), RB row blocks. Instead of shifting each plane down, it is masked in place:
+// (tile & (mask << BITS*p)) holds code * 2^(BITS*p), so plane p accumulates 2^(BITS*p) times
+// its dot product in its own register (independent vpdpbusd chains, and one AND per plane
+// instead of a shift + an AND), and the exact sum is sum_p acc_p >> (BITS*p) (arithmetic
+// shifts of exact multiples). Bound on the top plane: ternary 64*2*128*kp/4 = 4096*kp, int4
+// 240*128*4*kp/8 = 15360*kp; both < 2^31 for the kp limits in gemv_ok(), longer rows take
+// block_kernel.
+template <int RB, bool ASYM, int BITS>
+void gemv_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
+    const uint8_t* w = p->w + rb * rbs;
+    const int8_t* a = p->a + m * p->a_stride;
+    __m512i mk[F::planes], hk[F::planes];
+#pragma GCC unroll 4
+    for (int pl = 0; pl < F::planes; ++pl) {
+        mk[pl] = _mm512_set1_epi8((char)(F::mask << (BITS * pl)));
+        // High bit of each ternary code (w = +1) for asymmetric ternary: 2 * 4^p * [w = +1].
+        hk[pl] = _mm512_set1_epi8((char)(2 << (BITS * pl)));
+    }
+    __m512i d[RB][F::planes], h[RB][F::planes];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+        for (int pl = 0; pl < F::planes; ++pl) d[r][pl] = h[r][pl] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < kt; ++t) {
+        __m512i b[F::planes];
+#pragma GCC unroll 4
+        for (int pl = 0; pl < F::planes; ++pl) b[pl] = bcast4(a + t * F::tile_k + 4 * pl);
+#pragma GCC unroll 16
+        for (int r = 0; r < RB; ++r) {
+            const uint8_t* wt = w + r * rbs + t * 64;
+            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512(wt);
+#pragma GCC unroll 4
+            for (int pl = 0; pl < F::planes; ++pl) {
+                d[r][pl] = _mm512_dpbusd_epi32(d[r][pl], _mm512_and_si512(v, mk[pl]), b[pl]);
+                if (ASYM) h[r][pl] = _mm512_dpbusd_epi32(h[r][pl], _mm512_and_si512(v, hk[pl]), b[pl]);
+            }
+        }
+    }
+    const __m512i sa = _mm512_set1_epi32(F::zero * p->a_sums[m * p->sums_stride]);
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+        __m512i dd = d[r][0], hh = _mm512_srai_epi32(h[r][0], 1);
+#pragma GCC unroll 4
+        for (int pl = 1; pl < F::planes; ++pl) {
+            dd = _mm512_add_epi32(dd, _mm512_srai_epi32(d[r][pl], BITS * pl));
+            if (ASYM) hh = _mm512_add_epi32(hh, _mm512_srai_epi32(h[r][pl], BITS * pl + 1));
+        }
+        store_out(p, m, (rb + r) * 16, _mm512_sub_epi32(dd, sa), hh);
+    }
+}
+
 // Per-group scales: int32 dot products per group of group_k (a multiple of 4) k, each turned
 // into float and scaled by its group's 16 row scales (one zmm load), accumulated in fp32.
-template <int RB, int NR>
+template <int RB, int NR, int BITS>
 void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
-    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
     const int64_t gp = p->group_k / 4, n_planes = p->kp / 4;
     const int64_t n_groups = (p->kp + p->group_k - 1) / p->group_k;
     const uint8_t* w = p->w + rb * rbs;
     const int8_t* a = p->a + m * p->a_stride;
     const int64_t as = p->a_stride;
-    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i mcode = _mm512_set1_epi8((char)F::mask);
     __m512 f[RB][NR];
+#pragma GCC unroll 16
     for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
         for (int n = 0; n < NR; ++n) f[r][n] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; ++g) {
         const int64_t q0 = g * gp, q1 = q0 + gp < n_planes ? q0 + gp : n_planes;
         __m512i d[RB][NR];
+#pragma GCC unroll 16
         for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) d[r][n] = _mm512_setzero_si512();
         for (int64_t q = q0; q < q1; ++q) {
-            const __m128i shift = _mm_cvtsi32_si128((int)(2 * (q & 3)));
+            const int64_t tile = q / F::planes, pl = q % F::planes;
+            const __m128i shift = _mm_cvtsi32_si128((int)(BITS * pl));
             __m512i code[RB];
+#pragma GCC unroll 16
             for (int r = 0; r < RB; ++r) {
-                const uint8_t* wt = w + r * rbs + (q >> 2) * 64;
-                if ((q & 3) == 0) _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
-                code[r] = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(wt), shift), m3);
+                const uint8_t* wt = w + r * rbs + tile * 64;
+                if (pl == 0) _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+                code[r] = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(wt), shift), mcode);
             }
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m512i b = bcast4(a + n * as + 4 * q);
+#pragma GCC unroll 16
                 for (int r = 0; r < RB; ++r) d[r][n] = _mm512_dpbusd_epi32(d[r][n], code[r], b);
             }
         }
+#pragma GCC unroll 16
         for (int r = 0; r < RB; ++r) {
             const __m512 sc = _mm512_loadu_ps(p->scale + ((rb + r) * n_groups + g) * 16);
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
-                const __m512i sa = _mm512_set1_epi32(p->a_sums[(m + n) * p->sums_stride + g]);
+                const __m512i sa = _mm512_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride + g]);
                 f[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d[r][n], sa)), sc, f[r][n]);
             }
         }
     }
+#pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
         const __m512 ai = _mm512_set1_ps(p->a_inv[m + n]);
+#pragma GCC unroll 16
         for (int r = 0; r < RB; ++r) {
             const int64_t n0 = (rb + r) * 16;
             const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
@@ -266,43 +355,56 @@ void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
     }
 }
 
+enum Mode { kBlock, kBlockAsym, kGroup, kGemv, kGemvAsym };
+
 // Kernel selection for a block of rbn <= RB row blocks and mn <= NR tokens (tails included).
-template <int RB, int NR, int MODE>
+template <int RB, int NR, int MODE, int BITS>
 void run_block(const lowbit_t2_args* p, int64_t rb, int64_t m, int64_t rbn, int64_t mn) {
     if constexpr (RB > 1) {
-        if (rbn < RB) return run_block<RB - 1, NR, MODE>(p, rb, m, rbn, mn);
+        if (rbn < RB) return run_block<RB - 1, NR, MODE, BITS>(p, rb, m, rbn, mn);
     }
     if constexpr (NR > 1) {
-        if (mn < NR) return run_block<RB, NR - 1, MODE>(p, rb, m, rbn, mn);
+        if (mn < NR) return run_block<RB, NR - 1, MODE, BITS>(p, rb, m, rbn, mn);
     }
-    if constexpr (MODE == 0) block_kernel<RB, NR, false, (NR == 1 ? 2 : 1)>(p, rb, m);
-    if constexpr (MODE == 1) block_kernel<RB, NR, true, (NR == 1 ? 2 : 1)>(p, rb, m);
-    if constexpr (MODE == 2) group_kernel<RB, NR>(p, rb, m);
+    if constexpr (MODE == kBlock) block_kernel<RB, NR, false, (NR == 1 ? 2 : 1), BITS>(p, rb, m);
+    if constexpr (MODE == kBlockAsym) block_kernel<RB, NR, true, (NR == 1 ? 2 : 1), BITS>(p, rb, m);
+    if constexpr (MODE == kGroup) group_kernel<RB, NR, BITS>(p, rb, m);
+    if constexpr (MODE == kGemv) gemv_kernel<RB, false, BITS>(p, rb, m);
+    if constexpr (MODE == kGemvAsym) gemv_kernel<RB, true, BITS>(p, rb, m);
 }
 
-template <int RB, int NR, int MODE>
+template <int RB, int NR, int MODE, int BITS>
 void drive(const lowbit_t2_args* p) {
     for (int64_t rb = p->rb0; rb < p->rb1; rb += RB) {
         const int64_t rbn = p->rb1 - rb < RB ? p->rb1 - rb : RB;
         for (int64_t m = p->m0; m < p->m1; m += NR) {
             const int64_t mn = p->m1 - m < NR ? p->m1 - m : NR;
-            run_block<RB, NR, MODE>(p, rb, m, rbn, mn);
+            run_block<RB, NR, MODE, BITS>(p, rb, m, rbn, mn);
         }
     }
 }
 
-void ternary_gemm(const lowbit_t2_args* p) {
+template <int BITS>
+void gemm_bits(const lowbit_t2_args* p) {
     const bool gemv = p->m1 - p->m0 == 1;
+    const bool gemv_ok = p->kp < (BITS == 2 ? ((int64_t)1 << 19) : ((int64_t)1 << 17));
     if (p->group_k > 0) {
-        if (gemv) drive<4, 1, 2>(p);
-        else drive<2, 4, 2>(p);
+        if (gemv) drive<4, 1, kGroup, BITS>(p);
+        else drive<2, 4, kGroup, BITS>(p);
     } else if (p->asym) {
-        if (gemv) drive<4, 1, 1>(p);
-        else drive<2, 5, 1>(p);
+        if (gemv && gemv_ok) drive<2, 1, kGemvAsym, BITS>(p);
+        else if (gemv) drive<4, 1, kBlockAsym, BITS>(p);
+        else drive<2, 5, kBlockAsym, BITS>(p);
     } else {
-        if (gemv) drive<4, 1, 0>(p);
-        else drive<3, 8, 0>(p);
+        if (gemv && gemv_ok) drive<4, 1, kGemv, BITS>(p);
+        else if (gemv) drive<4, 1, kBlock, BITS>(p);
+        else drive<3, 8, kBlock, BITS>(p);
     }
+}
+
+void ternary_gemm(const lowbit_t2_args* p) {
+    if (p->bits == 4) gemm_bits<4>(p);
+    else gemm_bits<2>(p);
 }
 
 const lowbit_isa_table kTable = {"avx512", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,

@@ -53,7 +53,7 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
 }
 
 void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
-                 int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
+                 float lo, int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
                  int64_t sums_stride) {
     const int64_t g = group > 0 ? group : std::max<int64_t>(kq, 1);
     for (int64_t r = 0; r < rows; ++r) {
@@ -64,10 +64,11 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         for (int64_t j = 0; j < kq; ++j) {
             int32_t v = 0;
             if (j < k) {
-                // Clamping before rounding equals rounding then clamping (±127 are integers);
-                // nearbyintf rounds half to even under the default rounding mode, like torch.round.
+                // Clamping before rounding equals rounding then clamping (the bounds are
+                // integers); nearbyint rounds half to even under the default rounding mode, like
+                // torch.round.
                 float t = xr[j] * s;
-                t = std::min(127.0f, std::max(-127.0f, t));
+                t = std::min(127.0f, std::max(lo, t));
                 v = (int32_t)std::nearbyint(t);
             }
             qr[j] = (int8_t)v;

@@ -27,6 +27,11 @@ extern "C" {
 // 2p..2p+1 the code (w + 1, in {0, 1, 2}) of row 16*rb + r at k = 16*kt + 4*p + j, so that
 // (tile >> 2p) & 3 is exactly the unsigned operand of vpdpbusd for k = 16*kt + 4p .. +3.
 //
+// 4-bit weights (bits = 4, codes w in [-8, 7], 3-bit codes in the same container) use the same
+// 64-byte tiles with 8 k each: tile (rb, kt) at byte (rb * (kp/8) + kt) * 64, byte 4*r + j holds
+// code w + 8 of row 16*rb + r at k = 8*kt + j in its low nibble and at k = 8*kt + 4 + j in its
+// high nibble. D = sum (code - 8) * a = sum code * a - 8 * sum a.
+//
 // Activations: `a` is int8, row m at a + m * a_stride, zero-padded up to kp;
 // a_sums[m * sums_stride + g] = sum of row m's activations in group g (see group_k).
 //
@@ -44,7 +49,8 @@ typedef struct lowbit_t2_args {
     int64_t rb0, rb1;  // row blocks of 16 output rows
     int64_t n_valid;   // real N: outputs at n >= n_valid are never written
     int64_t group_k;   // 0: per-row scales (integer path); else K per scale group (multiple of 4)
-    int asym;          // 1: also accumulate P (asymmetric ternary)
+    int asym;          // 1: also accumulate P (asymmetric ternary; bits == 2 only)
+    int bits;          // 2: ternary tiles (code = w + 1); 4: int4 tiles (code = w + 8)
     // Integer outputs (float path when out_i32 == NULL): D and, when asym, P.
     int32_t* out_i32;
     int32_t* out_p32;
@@ -85,13 +91,14 @@ typedef struct lowbit_isa_table {
     // Absolute maximum of each of `rows` float rows of length k (row stride x_stride elements).
     void (*absmax_f32)(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax);
 
-    // q[r, j] = clamp(round_half_even(x[r, j] * mult[r]), -127, 127) for j < k and 0 for
+    // q[r, j] = clamp(round_half_even(x[r, j] * mult[r]), lo, 127) for j < k and 0 for
     // k <= j < kq (the zero padding keeps padded weight codes out of the dot products and out of
     // the sums); sums[r * sums_stride + g] = sum of q[r, j] over j in group g, where groups are
-    // `group` consecutive k (group = 0: one group, the whole row).
+    // `group` consecutive k (group = 0: one group, the whole row). lo is -127 (symmetric absmax)
+    // or -128 (dynamic fixed point uses the full int8 range).
     void (*quantize_i8)(const float* x, int64_t rows, int64_t k, int64_t x_stride,
-                        const float* mult, int8_t* q, int64_t q_stride, int64_t kq, int64_t group,
-                        int32_t* sums, int64_t sums_stride);
+                        const float* mult, float lo, int8_t* q, int64_t q_stride, int64_t kq,
+                        int64_t group, int32_t* sums, int64_t sums_stride);
 
     // Ternary GEMM over tokens [m0, m1) and row blocks [rb0, rb1) (see lowbit_t2_args).
     void (*ternary_gemm)(const struct lowbit_t2_args* args);

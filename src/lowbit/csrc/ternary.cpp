@@ -43,13 +43,13 @@ void ternary_unpack(const uint8_t* src, int64_t n, int64_t k, int8_t* codes) {
 
 namespace {
 
-// Smallest E with amax <= 127 * 2^E (exact: 127 * 2^E is representable), bounded so that
-// 2^-E stays a finite float.
+// Smallest E with round_half_even(amax * 2^-E) <= 127, i.e. amax < 127.5 * 2^E (the rule of
+// lowbit.functional.dfp_exponent), bounded so that 2^-E stays a finite float.
 int dfp_exponent(float amax) {
     if (!(amax > 0.0f)) return 0;
     int ex;
-    std::frexp(amax, &ex);  // amax = f * 2^ex, f in [0.5, 1)
-    int e = (double)amax <= std::ldexp(127.0, ex - 7) ? ex - 7 : ex - 6;
+    std::frexp(amax, &ex);  // amax = f * 2^ex, f in [0.5, 1); 127.5 * 2^(ex-7) < 2^ex
+    const int e = (double)amax < std::ldexp(127.5, ex - 7) ? ex - 7 : ex - 6;
     return std::max(e, -126);
 }
 
@@ -70,8 +70,12 @@ float act_multiplier(float amax, int mode, int exponent, float* a_inv) {
 
 void quantize_activations(const lowbit_isa_table& t, const float* x, int64_t m, int64_t k,
                           int64_t x_stride, int mode, int exponent, int64_t kq, int64_t group,
-                          int8_t* q, int32_t* sums, int64_t n_groups, float* a_inv, int n_threads) {
+                          int8_t* q, int64_t q_stride, int32_t* sums, int64_t n_groups, float* a_inv,
+                          int n_threads) {
     std::vector<float> amax((size_t)m, 0.0f), mult((size_t)m);
+    // absmax is symmetric (BitNet); dynamic fixed point uses the whole int8 range, like
+    // lowbit.functional.dfp_quantize.
+    const float lo = mode == kActAbsmax ? -127.0f : -128.0f;
     // A token of 4096 floats quantizes in ~1 us: threads only pay off for batches.
     const int threads = m * k >= (1 << 16) ? n_threads : 1;
     if (mode != kActDfpFixed)
@@ -85,7 +89,7 @@ void quantize_activations(const lowbit_isa_table& t, const float* x, int64_t m, 
     }
     for (int64_t i = 0; i < m; ++i) mult[(size_t)i] = act_multiplier(amax[(size_t)i], mode, exponent, a_inv + i);
     parallel_for(m, threads, 8, [&](int64_t b, int64_t e) {
-        t.quantize_i8(x + b * x_stride, e - b, k, x_stride, mult.data() + b, q + b * kq, kq, kq, group,
+        t.quantize_i8(x + b * x_stride, e - b, k, x_stride, mult.data() + b, lo, q + b * q_stride, q_stride, kq, group,
                       sums + b * n_groups, n_groups);
     });
 }

@@ -27,16 +27,19 @@ void ternary_unpack(const uint8_t* src, int64_t n, int64_t k, int8_t* codes);
 // Activation quantization modes.
 enum ActMode : int {
     kActAbsmax = 0,     // per token: s = 127 / max(max|x|, 1e-5), q = clamp(round(x * s), ±127)
-    kActDfpToken = 1,   // per token power of two: smallest E with max|x| <= 127 * 2^E
+    kActDfpToken = 1,   // per token power of two: smallest E with round(max|x| * 2^-E) <= 127,
+                        // q = clamp(round(x * 2^-E), -128, 127)
     kActDfpTensor = 2,  // one E for the whole batch (same rule over all tokens)
     kActDfpFixed = 3,   // E given by the caller
 };
 
-// Quantizes m rows of x (k floats, stride x_stride) into q (m x kq, zero padded), the per-group
+// Quantizes m rows of x (k floats, stride x_stride) into q (m rows of kq bytes, zero padded past
+// k, row stride q_stride >= kq), the per-group
 // sums (m x n_groups, group = 0: whole row) and a_inv[m] (1 / multiplier: the dequantization scale).
 void quantize_activations(const lowbit_isa_table& t, const float* x, int64_t m, int64_t k,
                           int64_t x_stride, int mode, int exponent, int64_t kq, int64_t group,
-                          int8_t* q, int32_t* sums, int64_t n_groups, float* a_inv, int n_threads);
+                          int8_t* q, int64_t q_stride, int32_t* sums, int64_t n_groups, float* a_inv,
+                          int n_threads);
 
 // The per-token multiplier rule alone (for the Python reference tests and the docs).
 float act_multiplier(float amax, int mode, int exponent, float* a_inv);

@@ -111,7 +111,9 @@ class Method:
         return make_act_quantizer(options.get("activations", "float"))
 
     # -- training hooks --------------------------------------------------------------------
-    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def wrap_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.Optimizer:
         """Wrap the optimizer (loss-aware methods do their proximal step here). Default: unchanged."""
         return optimizer
 
@@ -167,4 +169,10 @@ def _import_all(names: Iterable[str]) -> None:
 
 # The baseline methods first, then every other module in this package (each registers itself).
 _import_all(["twn"])
-_import_all(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "twn" and not m.name.startswith("_")))
+_import_all(
+    sorted(
+        m.name
+        for m in pkgutil.iter_modules(__path__)
+        if m.name != "twn" and not m.name.startswith("_")
+    )
+)

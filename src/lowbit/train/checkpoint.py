@@ -77,17 +77,15 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any], epoch: int, kind: str = "last", keep: int = 2) -> Path:
-    """Save ``state`` (tensors and plain containers) as ``epoch-NNNN.pt`` (or ``best.pt`` for
+    """Save ``state`` (tensors and plain containers) as ``epoch-NNNN.pt`` (or ``best-NNNN.pt`` for
     ``kind="best"``) and point the manifest's ``kind`` entry at it. Older ``last`` checkpoints
     beyond ``keep`` are removed after the manifest is updated. Returns the file path."""
     directory = Path(directory)
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    name = f"epoch-{epoch:04d}.pt" if kind == "last" else f"{kind}.pt"
-    if kind != "last":
-        # Never overwrite the file the manifest points at: write beside it, then switch.
-        name = f"{kind}-{epoch:04d}.pt"
+    # A new name per epoch: the file the manifest points at is never overwritten in place.
+    name = f"epoch-{epoch:04d}.pt" if kind == "last" else f"{kind}-{epoch:04d}.pt"
     path = directory / name
     atomic_write_bytes(path, data)
     manifest = read_manifest(directory)

@@ -1,0 +1,237 @@
+"""Kernel benchmarks: lowbit's packed kernels against PyTorch fp32 ``F.linear`` and PyTorch's
+dynamic int8 (fbgemm), measured in the same process, at the same thread count, in the same run.
+
+Timing rules (../shared/reference/kernels.md §5, "Benchmarking hygiene"): warm-up first, then the
+median of ``reps`` timed calls (>= 20). "Hot" repeats one layer (its weights stay in L2/L3);
+"cold" cycles over enough distinct layers to stream at least 64 MiB of weights per cycle, so every
+call reads its weights from DRAM, as in a real multi-layer model. Used by ``lowbit bench kernels``
+and ``benchmarks/bench_kernels.py``; tests never time anything.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from lowbit import kernels
+
+COLD_BYTES = 64 << 20  # bytes of distinct weights cycled per "cold" round (> the 32 MiB L3)
+
+# DESIGN.md targets: minimum speed-up of lowbit vs (fp32, int8); None = no target.
+TARGETS: dict[str, tuple[float | None, float | None]] = {
+    "ternary b1 hot": (30.0, 3.0),
+    "ternary b1 cold": (None, 3.0),
+    "ternary b64": (5.0, 1.0),
+}
+
+
+@dataclass
+class Row:
+    case: str
+    threads: int
+    fp32_ms: float
+    int8_ms: float
+    lowbit_ms: float
+    vs_fp32: float = field(init=False)
+    vs_int8: float = field(init=False)
+    target: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vs_fp32 = self.fp32_ms / self.lowbit_ms
+        self.vs_int8 = self.int8_ms / self.lowbit_ms
+        key = " ".join(self.case.split()[:3])
+        t32, t8 = (
+            TARGETS.get(key, (None, None))
+            if self.case.startswith("ternary ") and "(" not in self.case
+            else (None, None)
+        )
+        parts = []
+        if t32 is not None:
+            parts.append(f">={t32:g}x fp32 {'ok' if self.vs_fp32 >= t32 else 'MISSED'}")
+        if t8 is not None:
+            parts.append(f">={t8:g}x int8 {'ok' if self.vs_int8 >= t8 else 'MISSED'}")
+        self.target = ", ".join(parts)
+
+
+def median_ms(fns: list[Callable[[], object]], reps: int, warmup: int = 5) -> float:
+    """Median wall time of one call in ms, cycling over ``fns`` (one per distinct layer)."""
+    for i in range(max(warmup, len(fns))):
+        fns[i % len(fns)]()
+    times = []
+    for i in range(reps):
+        fn = fns[i % len(fns)]
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e6
+
+
+def _layers_for(bytes_per_layer: int, cold: bool) -> int:
+    return max(2, -(-COLD_BYTES // bytes_per_layer) + 1) if cold else 1
+
+
+def _int8_linear(weight: torch.Tensor) -> torch.nn.Module:
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.13 deprecates torch.ao.quantization (-> torchao)
+        q = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return q.eval()
+
+
+class _Ternary:
+    """One packed ternary layer (per-row scales, or asymmetric / grouped variants)."""
+
+    def __init__(self, n: int, k: int, seed: int, variant: str = "row") -> None:
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        self.n = n
+        self.tiles = kernels.pack_ternary(codes)
+        self.group = 0
+        if variant == "asym":
+            self.scale, self.scale2 = kernels.pack_ternary_scales(
+                torch.tensor([0.7, 0.4]), n, k, asym=True
+            )
+        elif variant.startswith("group"):
+            self.group = int(variant[5:])
+            self.scale, self.scale2 = kernels.pack_ternary_scales(
+                torch.rand(n, -(-k // self.group), generator=g) + 0.5, n, k, group_size=self.group
+            )
+        else:
+            self.scale, self.scale2 = kernels.pack_ternary_scales(
+                torch.rand(n, generator=g) + 0.5, n, k
+            )
+        self.bias = kernels.pad_bias(torch.zeros(n), n)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ternary_linear(
+            x,
+            self.tiles,
+            self.scale,
+            self.scale2,
+            self.bias,
+            out_features=self.n,
+            group_size=self.group,
+        )
+
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lowbit.ternary_linear(
+            x, self.tiles, self.scale, self.scale2, self.bias, self.n, self.group, 0, 0, False
+        )
+
+
+def bench_kernels(
+    size: int = 4096,
+    threads: tuple[int, ...] = (1, 2),
+    reps: int = 30,
+    batch: int = 64,
+    variants: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Run every case and return the rows (also printed through ``log`` as they finish)."""
+    if reps < 20:
+        raise ValueError(
+            "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
+        )
+    n = k = size
+    rows: list[Row] = []
+    previous = torch.get_num_threads()
+    rng = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, k, generator=rng)
+    xb = torch.randn(batch, k, generator=rng)
+    n_cold = {
+        "fp32": _layers_for(n * k * 4, True),
+        "int8": _layers_for(n * k, True),
+        "t2": _layers_for(n * k // 4, True),
+    }
+    # Build the layers once (packing is not timed); cold sets are distinct weights.
+    fp32_w = [torch.randn(n, k, generator=rng) * 0.02 for _ in range(n_cold["fp32"])]
+    int8_l = [_int8_linear(fp32_w[i % len(fp32_w)]) for i in range(n_cold["int8"])]
+    tern = [_Ternary(n, k, seed=i) for i in range(n_cold["t2"])]
+    extra = (
+        {v: _Ternary(n, k, seed=99, variant=v) for v in ("asym", "group64", "group4")}
+        if variants
+        else {}
+    )
+    log(
+        f"lowbit bench kernels: {n}x{k}, batch 1 and {batch}, medians of {reps} calls; isa={kernels.active_isa()}; "
+        f"torch {torch.__version__}; cold = cycling {n_cold['fp32']} fp32 / {n_cold['int8']} int8 / "
+        f"{n_cold['t2']} ternary layers (>= 64 MiB each round)"
+    )
+    # Other processes on a 2-core VM distort every number: say how busy the machine was.
+    log(
+        f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs"
+    )
+    try:
+        with torch.inference_mode():
+            for t in threads:
+                torch.set_num_threads(t)
+
+                def fp32(x: torch.Tensor, i: int) -> Callable[[], object]:
+                    return lambda: F.linear(x, fp32_w[i])
+
+                def i8(x: torch.Tensor, i: int) -> Callable[[], object]:
+                    return lambda: int8_l[i](x)
+
+                def t2(x: torch.Tensor, i: int) -> Callable[[], object]:
+                    return lambda: tern[i](x)
+
+                cases = [
+                    ("ternary b1 hot", x1, 1, 1, 1),
+                    ("ternary b1 cold", x1, n_cold["fp32"], n_cold["int8"], n_cold["t2"]),
+                    (f"ternary b{batch}", xb, 1, 1, 1),
+                ]
+                base: dict[tuple[int, int], tuple[float, float]] = {}
+                for name, x, nf, ni, nt in cases:
+                    f_ms = median_ms([fp32(x, i) for i in range(nf)], reps)
+                    i_ms = median_ms([i8(x, i) for i in range(ni)], reps)
+                    l_ms = median_ms([t2(x, i) for i in range(nt)], reps)
+                    if nt == 1:
+                        base[(x.shape[0], t)] = (f_ms, i_ms)
+                    row = Row(name, t, f_ms, i_ms, l_ms)
+                    rows.append(row)
+                    log(format_row(row))
+                for name, x in (("b1", x1), (f"b{batch}", xb)):
+                    f_ms, i_ms = base[(x.shape[0], t)]
+                    variants_ms = {
+                        "torch.ops (custom op)": median_ms([partial(tern[0].op, x)], reps)
+                    }
+                    for v, layer in extra.items():
+                        variants_ms[v] = median_ms([partial(layer, x)], reps)
+                    for v, ms in variants_ms.items():
+                        row = Row(f"ternary {name} hot ({v})", t, f_ms, i_ms, ms)
+                        rows.append(row)
+                        log(format_row(row))
+    finally:
+        torch.set_num_threads(previous)
+    log(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return rows
+
+
+HEADER = f"{'case':<38} {'thr':>3} {'fp32 ms':>9} {'int8 ms':>9} {'lowbit ms':>10} {'vs fp32':>8} {'vs int8':>8}  target"
+
+
+def format_row(r: Row) -> str:
+    return (
+        f"{r.case:<38} {r.threads:>3} {r.fp32_ms:>9.3f} {r.int8_ms:>9.3f} {r.lowbit_ms:>10.4f} "
+        f"{r.vs_fp32:>7.1f}x {r.vs_int8:>7.2f}x  {r.target}"
+    )
+
+
+def rows_as_dicts(rows: list[Row]) -> list[dict[str, object]]:
+    return [
+        {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(r).items()}
+        for r in rows
+    ]

@@ -1,0 +1,675 @@
+"""Loss-aware weight quantization: LAB, LAT, LAT2 and LAQ (proximal Newton with Adam's curvature).
+
+Papers: Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017 (arXiv 1611.01600),
+and Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018 (arXiv 1802.08635).
+Section numbers (§3.x) refer to ``reference/papers.md``, which digests both papers and the official
+Theano code (houlu369/Loss-aware-weight-quantization, houlu369/Loss-aware-Binarization).
+
+The idea (§3.1): at every step minimise the second-order model of the loss subject to the weights
+lying on a scaled level set. With ``D = Diag(d)`` the curvature estimate that Adam already keeps
+(``d = sqrt(v) + 1e-8``, ``v`` = ``exp_avg_sq`` *without* bias correction), the problem separates by
+layer (or by output channel / group) and becomes a weighted projection::
+
+    w_hat = argmin_{alpha > 0, b in Q^n}  sum_i d_i (alpha * b_i - w_i)^2              (LAQ eq. 5/6)
+
+where ``w`` is the full-precision latent weight updated by Adam from the gradient taken at
+``w_hat`` (straight-through), then clipped to [-1, 1]. :func:`solve` is that projection for every
+scheme of the two papers:
+
+==============  ===================================  =========================================
+scheme          level set (times alpha)              solver
+==============  ===================================  =========================================
+``lab``         {-1, +1}                             closed form (LAB eq. 7/8): exact
+``lat_e``       {-1, 0, +1}                          sorted search over top-k supports: exact
+``lat_a``       {-1, 0, +1}                          alternating closed forms, warm start
+``lat2_e``      {-alpha_n, 0, +alpha_p}              sorted search on each sign: exact
+``lat2_a``      {-alpha_n, 0, +alpha_p}              alternating on each sign, warm start
+``laq_linear``  {0, ±1/k, ..., ±1}, k = 2^(m-1)-1    alternating (nearest level <-> scale)
+``laq_log``     {0, ±2^-(k-1), ..., ±1/2, ±1}        alternating (nearest level <-> scale)
+==============  ===================================  =========================================
+
+Training wiring (:class:`LossAwareWeight`, :class:`LossAwareMethod`, registered as ``"lab"``,
+``"lat"``, ``"lat2"`` and ``"laq"``) lives below the solvers; the optimizer side (Adam step, clip,
+re-solve with the fresh ``exp_avg_sq``) is :class:`lowbit.optim.LossAwareOptimizer`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import functional as F
+from lowbit.methods import Method, register
+from lowbit.nn import WeightQuantizer
+from lowbit.qtypes import Granularity
+
+__all__ = [
+    "SCHEMES",
+    "LossAwareMethod",
+    "LossAwareWeight",
+    "initial_codes",
+    "objective",
+    "scheme_format",
+    "solve",
+    "wrap_optimizer",
+]
+
+SCHEMES = ("lab", "lat_e", "lat_a", "lat2_e", "lat2_a", "laq_linear", "laq_log")
+ALPHA_RULES = ("ls", "official")
+
+GranularityLike = Granularity | str | None
+
+
+def scheme_format(scheme: str, bits: int | None = None) -> tuple[str, int]:
+    """The :class:`~lowbit.qtypes.QuantizedWeight` ``(format, bits)`` a scheme exports to."""
+    if scheme == "lab":
+        return "binary", 1
+    if scheme in ("lat_e", "lat_a"):
+        return "ternary", 2
+    if scheme in ("lat2_e", "lat2_a"):
+        return "ternary_asym", 2
+    if scheme in ("laq_linear", "laq_log"):
+        m = 3 if bits is None else int(bits)
+        if not 2 <= m <= 8:
+            raise ValueError(f"{scheme} supports 2..8 bits, got bits={bits}")
+        return ("kbit_linear" if scheme == "laq_linear" else "kbit_log"), m
+    raise ValueError(f"unknown loss-aware scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Level tables and helpers (everything below works on "units": a (U, L) matrix, one row per scale)
+
+
+def _multipliers(fmt: str, bits: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``(table, top)``: ``table[c + top]`` is the multiple of alpha that code ``c`` stands for.
+
+    Linear: ``c / k`` (alpha is the largest level; the exported scale is the step ``alpha / k``).
+    Log: ``sign(c) * 2^(|c| - k)`` for ``c != 0`` (the :mod:`lowbit.qtypes` ``kbit_log`` layout).
+    Ternary: ``c``.
+    """
+    if fmt in ("binary", "ternary", "ternary_asym"):
+        return torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device), 1
+    k = 2 ** (bits - 1) - 1
+    if fmt == "kbit_linear":
+        return torch.arange(-k, k + 1, dtype=dtype, device=device) / k, k
+    values = [0.0 if c == 0 else math.copysign(2.0 ** (abs(c) - k), c) for c in range(-k, k + 1)]
+    return torch.tensor(values, dtype=dtype, device=device), k
+
+
+def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
+    """Nearest level of ``w / alpha`` (alpha per unit row, > 0), as integer codes in ``w``'s dtype.
+
+    For fixed alpha the weighted problem separates per element and d_i > 0 drops out, so the
+    nearest level is optimal whatever d is (§3.3, first bullet).
+    * ternary: ``sign(w) * 1[|w| > alpha / 2]`` (LAT eq. 9).
+    * linear: ``round(clip(w / alpha, -1, 1) * k)`` (half-to-even; a tie costs the same either way).
+    * log: :func:`lowbit.functional.log_quantize`, whose thresholds are the arithmetic midpoints
+      between neighbouring levels, i.e. the official code's log-domain offset log2(1.5) - 0.5 (§3.5).
+    """
+    a = alpha[:, None]
+    if fmt in ("ternary", "ternary_asym"):
+        return torch.where(w.abs() > a / 2, F.sign(w), torch.zeros_like(w))
+    k = 2 ** (bits - 1) - 1
+    if fmt == "kbit_linear":
+        return torch.round((w / a).clamp(-1, 1) * k)
+    return F.log_quantize(w, bits, a).to(w.dtype)
+
+
+def _alpha_from_codes(
+    w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, rule: str, fallback: torch.Tensor
+) -> torch.Tensor:
+    """The scale for fixed level multipliers ``m`` (per unit row).
+
+    ``rule="ls"``: the weighted least-squares optimum ``alpha = sum d m w / sum d m^2`` (LAQ eq. 8
+    with ``b ⊙ b`` in the denominator). ``rule="official"``: the official code's
+    ``||m ⊙ d ⊙ w||_1 / ||m ⊙ d||_1``, equal to the LS optimum only when every ``|m|`` is 0 or 1
+    (§3.5 "Caution"). Units whose codes are all zero get ``fallback``.
+    """
+    if rule == "ls":
+        num = (d * m * w).sum(1)
+        den = (d * m * m).sum(1)
+    else:
+        am = m.abs()
+        num = (am * d * w.abs()).sum(1)
+        den = (am * d).sum(1)
+    ok = den > 0
+    alpha = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback)
+    return alpha.clamp(min=0)
+
+
+def _topk_exact(a: torch.Tensor, d: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``min_{alpha, S} sum_{i in S} d_i (alpha - a_i)^2 + sum_{i not in S} d_i a_i^2`` per row.
+
+    ``a >= 0`` on eligible entries. For fixed alpha the best S is ``{a_i > alpha/2}`` whatever
+    d > 0 is, so the optimal S is a top-k set of ``a``; for a top-k set the best alpha is
+    ``cumDA_k / cumD_k`` and the objective drops by ``cumDA_k^2 / cumD_k``. Sort descending, take
+    cumulative sums and pick the best k (LAT eq. 10-11; the official ``findalpha`` scores
+    ``c_k^2 cumD_k`` over self-consistent k, which is the same maximiser). O(n log n).
+
+    Returns ``(alpha, kept)``: alpha per row (0 where nothing is eligible) and the support mask.
+    Cumulative sums are taken in float64 so the argmax is not decided by rounding.
+    """
+    key = torch.where(eligible, a, torch.full_like(a, -1.0))
+    s, order = key.sort(dim=1, descending=True)
+    ds = torch.where(s >= 0, d.gather(1, order), torch.zeros_like(s)).double()
+    sa = s.clamp(min=0).double()
+    cum_da = (ds * sa).cumsum(1)
+    cum_d = ds.cumsum(1)
+    n_ok = eligible.sum(1)
+    k = torch.arange(1, a.shape[1] + 1, device=a.device)
+    valid = (k[None, :] <= n_ok[:, None]) & (cum_d > 0)
+    score = torch.where(valid, cum_da * cum_da / torch.where(valid, cum_d, torch.ones_like(cum_d)), torch.full_like(cum_d, -1.0))
+    best = score.argmax(dim=1, keepdim=True)
+    has = n_ok > 0
+    alpha = (cum_da.gather(1, best) / cum_d.gather(1, best).clamp(min=1e-300)).squeeze(1)
+    alpha = torch.where(has & (alpha > 0), alpha, torch.zeros_like(alpha)).to(a.dtype)
+    kept_sorted = (k[None, :] <= (best + 1)) & valid & (alpha > 0)[:, None]
+    kept = torch.zeros_like(eligible).scatter(1, order, kept_sorted)
+    return alpha, kept
+
+
+def objective(w: torch.Tensor, d: torch.Tensor, w_hat: torch.Tensor, granularity: GranularityLike = None) -> torch.Tensor:
+    """``sum d (w_hat - w)^2`` per unit (scale shape): the quantity every scheme minimises (LAQ eq. 6)."""
+    g = Granularity.of(granularity)
+    units, _ = F.to_units((d * (w_hat - w) ** 2).detach(), g)
+    return units.sum(1).reshape(g.scale_shape(tuple(w.shape)))
+
+
+def initial_codes(w: torch.Tensor, scheme: str, bits: int | None = None, granularity: GranularityLike = None) -> torch.Tensor:
+    """The step-0 warm start: TWN's ``0.7 * mean|w|`` ternary pattern (official ``initialize_b``, §3.3).
+
+    The official code starts from ``±2 * thres`` with ``thres = 0.7 mean|w|``; for multi-bit
+    schemes that pattern sits on the top level, so the ternary codes are multiplied by the top code.
+    """
+    fmt, m = scheme_format(scheme, bits)
+    _, codes = F.twn(w.detach(), "0.7", granularity)
+    if fmt == "binary":
+        return F.sign(w.detach()).to(torch.int8)
+    top = 1 if fmt in ("ternary", "ternary_asym") else 2 ** (m - 1) - 1
+    return (codes.to(torch.int16) * top).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The solvers
+
+
+def _mult(c: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
+    """Level multipliers of integer codes ``c`` (float): ``c``, ``c / k`` or ``sign(c) 2^(|c| - k)``."""
+    if fmt in ("ternary", "ternary_asym"):
+        return c
+    k = 2 ** (bits - 1) - 1
+    if fmt == "kbit_linear":
+        return c / k
+    return torch.where(c == 0, torch.zeros_like(c), torch.sign(c) * torch.exp2(c.abs() - k))
+
+
+def _alternate(
+    wu: torch.Tensor,
+    du: torch.Tensor,
+    codes0: torch.Tensor,
+    fmt: str,
+    bits: int,
+    rule: str,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternate ``alpha <- alpha(codes)`` and ``codes <- nearest(alpha)`` per unit (LAT_a / LAQ, §3.3/§3.5).
+
+    Starts from ``codes0`` with their signs set to ``sign(w)`` (a level of the wrong sign is never
+    better than its mirror when alpha > 0). At most ``max_iter`` rounds; a unit stops when its
+    alpha moves by less than ``tol`` (it keeps its alpha and codes from then on). The result is a
+    consistent pair: the codes are the nearest levels for the returned alpha. With the LS rule
+    both half-steps are exact minimisations, so the objective never increases. Returns
+    ``(alpha, codes, iterations)`` with iterations per unit.
+    """
+    sw = F.sign(wu)
+    aw = wu.abs()
+    dw = du * wu
+    daw = du * aw
+    fallback = aw.amax(1)
+
+    def alpha_of(m: torch.Tensor) -> torch.Tensor:
+        if rule == "ls":
+            num, den = (dw * m).sum(1), (du * m * m).sum(1)
+        else:
+            am = m.abs()
+            num, den = (daw * am).sum(1), (du * am).sum(1)
+        ok = den > 0
+        return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback).clamp(min=0)
+
+    def codes_of(alpha: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+        c = _nearest_codes(wu, safe, fmt, bits)
+        return torch.where((alpha > 0)[:, None], c, torch.zeros_like(c))
+
+    c = codes0.abs() * sw
+    # The official code computes its first alpha from sign(previous w_hat), i.e. every nonzero
+    # level counted as 1; the LS rule uses the previous levels themselves.
+    m0 = (c != 0).to(wu.dtype) * sw if rule == "official" else _mult(c, fmt, bits)
+    alpha = alpha_of(m0)
+    c = codes_of(alpha)
+    done = alpha <= 0  # all-zero unit
+    iters = torch.zeros_like(alpha, dtype=torch.int64)
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        new = alpha_of(_mult(c, fmt, bits))
+        c_new = codes_of(new)
+        active = ~done
+        iters = iters + active.long()
+        conv = (new - alpha).abs() < tol
+        alpha = torch.where(active, new, alpha)
+        c = torch.where(active[:, None], c_new, c)
+        done = done | conv
+    return alpha, c, iters
+
+
+def _split_asym(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (codes > 0), (codes < 0)
+
+
+def _lat2_alternate(
+    wu: torch.Tensor, du: torch.Tensor, codes0: torch.Tensor, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LAT2_a (§3.4): each sign alternates ``alpha_s = weighted mean of |w| on its support`` and
+    ``support = {s * w > alpha_s / 2}``; stop when BOTH scales moved less than ``tol`` (the official
+    stop rule uses Python ``and`` on Theano tensors and in effect only checks the negative side)."""
+    pos0, neg0 = _split_asym(codes0)
+    out = []
+    iters_all = torch.zeros(wu.shape[0], dtype=torch.int64, device=wu.device)
+    for s in (1.0, -1.0):
+        a = wu * s
+        elig = a > 0
+        start = (pos0 if s > 0 else neg0) & elig
+        # Start from the previous support; an empty one restarts from all weights of this sign.
+        empty = ~start.any(1)
+        start = torch.where(empty[:, None], elig, start)
+        zero = torch.zeros((), dtype=wu.dtype, device=wu.device)
+        alpha = _alpha_from_codes(a, du, start.to(wu.dtype), "ls", torch.zeros_like(a[:, 0]))
+        kept = (a > alpha[:, None] / 2) & elig & (alpha > 0)[:, None]
+        done = alpha <= 0
+        iters = torch.zeros_like(iters_all)
+        for _ in range(max_iter):
+            if bool(done.all()):
+                break
+            new = _alpha_from_codes(a, du, kept.to(wu.dtype), "ls", zero.expand_as(alpha))
+            kept_new = (a > new[:, None] / 2) & elig & (new > 0)[:, None]
+            active = ~done
+            iters = iters + active.long()
+            conv = (new - alpha).abs() < tol
+            alpha = torch.where(active, new, alpha)
+            kept = torch.where(active[:, None], kept_new, kept)
+            done = done | conv
+        out.append((alpha, kept))
+        iters_all = torch.maximum(iters_all, iters)
+    (ap, kp), (an, kn) = out
+    return ap, an, kp.to(wu.dtype) - kn.to(wu.dtype), iters_all
+
+
+def solve(
+    w: torch.Tensor,
+    d: torch.Tensor | None,
+    scheme: str,
+    bits: int | None = None,
+    prev_codes: torch.Tensor | None = None,
+    *,
+    granularity: GranularityLike = None,
+    group_size: int | None = None,
+    group_axis: str | None = None,
+    alpha_rule: str = "ls",
+    max_iter: int = 10,
+    tol: float = 1e-6,
+    return_info: bool = False,
+) -> Any:
+    """The loss-aware projection ``argmin sum d (w_hat - w)^2`` over the scheme's level set (§3.1-§3.5).
+
+    Args:
+        w: latent full-precision weight (any shape; Linear ``(out, in)``, Conv ``(out, in, kh, kw)``).
+        d: positive curvature of the same shape (``sqrt(exp_avg_sq) + 1e-8``); ``None`` means 1,
+            which turns every scheme into its unweighted form (LAB -> BWN, LAT_e -> exact TWN).
+        scheme: one of :data:`SCHEMES` (see the module docstring).
+        bits: m for ``laq_*`` (default 3; k = 2^(m-1) - 1 levels per sign); ignored otherwise.
+        prev_codes: the previous step's int8 codes (same format) for the alternating solvers'
+            warm start; ``None`` uses :func:`initial_codes` (TWN 0.7 pattern, the official init).
+            The exact schemes and LAB ignore it.
+        granularity, group_size, group_axis: one scale per tensor (default, as in the papers),
+            per output channel (``"channel"``) or per group (see :mod:`lowbit.qtypes`).
+        alpha_rule: ``laq_*`` scale update: ``"ls"`` (weighted least squares, LAQ eq. 8, default) or
+            ``"official"`` (the code's ``||b⊙d⊙w||_1 / ||b⊙d||_1``, §3.5). Ternary: identical.
+        max_iter, tol: alternating solvers' limits (official: 10 and 1e-6 on alpha).
+        return_info: also return a dict with per-unit ``iterations``.
+
+    Returns:
+        ``(w_hat, codes, scales)``: ``w_hat`` equals
+        ``lowbit.functional.dequantize(codes, scales, format, bits, granularity, w.shape)``
+        exactly (``format, bits = scheme_format(scheme, bits)``); codes int8; scales in the
+        :mod:`lowbit.qtypes` layout: alpha for binary/ternary/kbit_log, the step ``alpha / k``
+        for kbit_linear, ``[..., 0] = alpha_p, [..., 1] = alpha_n`` for ternary_asym.
+
+    Scheme details:
+        * ``lab``: ``b = sign(w)``, ``alpha = ||d ⊙ w||_1 / ||d||_1`` (LAB eq. 7-8; exact).
+        * ``lat_e``: exact, sorted search over top-k supports (LAT eq. 10-11, ``findalpha``).
+        * ``lat_a``: ``b = sign(w) 1[|w| > alpha/2]`` <-> ``alpha = sum_S d|w| / sum_S d``,
+          warm-started from ``prev_codes`` (official ``LATa``).
+        * ``lat2_e``: the exact search run on the positive and on the negative weights separately.
+          The official ``findalpha2`` picks the negative threshold with the *positive* side's
+          ``c1`` array (``c2[mask2][argmax(c1[mask2]**2 * cum_D2[mask2])]``); this implementation
+          uses the negative side's own values, which is the exact minimiser (§3.4).
+        * ``lat2_a``: alternating per sign (§3.4), both scales must converge.
+        * ``laq_linear`` / ``laq_log``: alternating nearest level <-> alpha (LAQ §3.2, Alg. 2).
+    """
+    fmt, m = scheme_format(scheme, bits)
+    if alpha_rule not in ALPHA_RULES:
+        raise ValueError(f"alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {alpha_rule!r}")
+    g = Granularity.of(granularity, group_size, group_axis)
+    w = w.detach()
+    shape = tuple(w.shape)
+    if not w.is_floating_point():
+        raise TypeError(f"solve() needs a floating-point weight, got {w.dtype}")
+    if d is None:
+        d = torch.ones_like(w)
+    else:
+        d = d.detach().to(w.dtype)
+        if tuple(d.shape) != shape:
+            raise ValueError(f"curvature d has shape {tuple(d.shape)}, the weight {shape}")
+    wu, counts = F.to_units(w, g)
+    du, _ = F.to_units(d, g)
+    mask = torch.arange(wu.shape[1], device=w.device) < counts[:, None]
+    du = torch.where(mask, du.clamp(min=0), torch.zeros_like(du))
+    iters = torch.zeros(wu.shape[0], dtype=torch.int64, device=w.device)
+
+    def prev_units() -> torch.Tensor:
+        c = prev_codes if prev_codes is not None else initial_codes(w, scheme, m, g)
+        if tuple(c.shape) != shape:
+            raise ValueError(f"prev_codes has shape {tuple(c.shape)}, the weight {shape}")
+        return F.to_units(c.to(w.device).to(w.dtype), g)[0]
+
+    if scheme == "lab":
+        den = du.sum(1)
+        alpha = (du * wu.abs()).sum(1) / torch.where(den > 0, den, torch.ones_like(den))
+        cu = F.sign(wu)
+        scales = alpha
+    elif scheme == "lat_e":
+        alpha, kept = _topk_exact(wu.abs(), du, mask & (wu != 0))
+        cu = torch.where(kept, F.sign(wu), torch.zeros_like(wu))
+        scales = alpha
+    elif scheme == "lat2_e":
+        ap, kp = _topk_exact(wu, du, mask & (wu > 0))
+        an, kn = _topk_exact(-wu, du, mask & (wu < 0))
+        cu = kp.to(wu.dtype) - kn.to(wu.dtype)
+        scales = torch.stack([ap, an], dim=-1)
+    elif scheme == "lat2_a":
+        ap, an, cu, iters = _lat2_alternate(wu, du, prev_units(), max_iter, tol)
+        scales = torch.stack([ap, an], dim=-1)
+    else:  # lat_a, laq_linear, laq_log
+        rule = "ls" if fmt == "ternary" else alpha_rule
+        alpha, cu, iters = _alternate(wu, du, prev_units(), fmt, m, rule, max_iter, tol)
+        scales = alpha / (2 ** (m - 1) - 1) if fmt == "kbit_linear" else alpha
+    codes = F.from_units(torch.where(mask, cu, torch.zeros_like(cu)), shape, g).to(torch.int8)
+    scale_shape = g.scale_shape(shape)
+    if fmt == "ternary_asym":
+        scales = scales.reshape(*scale_shape, 2)
+    else:
+        scales = scales.reshape(scale_shape)
+    scales = scales.to(w.dtype).contiguous()
+    w_hat = F.dequantize(codes, scales, fmt, m, g, shape)
+    if return_info:
+        return w_hat, codes, scales, {"iterations": iters}
+    return w_hat, codes, scales
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the weight quantizer (holds D, the warm start and the current w_hat)
+
+
+def _normalise_solver(solver: str) -> str:
+    s = str(solver).lower()
+    if s in ("e", "exact"):
+        return "e"
+    if s in ("a", "approx", "approximate", "alternating"):
+        return "a"
+    raise ValueError(f"solver must be 'exact' or 'approx', got {solver!r}")
+
+
+class LossAwareWeight(WeightQuantizer):
+    """Weight quantizer of the loss-aware schemes: the forward weight is ``w_hat = Prox_D(w)`` (§3.6).
+
+    State (buffers, saved with the model so a checkpoint reloads to the same ``w_hat``):
+    ``curvature`` (``d``, the weight's shape; ones until the first optimizer step, which makes
+    step 0 the unweighted problem warm-started from the TWN pattern, as the official code does with
+    ``D = sqrt(0) + 1e-8``), ``codes`` and ``scales`` (the current solution, also the next warm
+    start) and ``solves`` (how many times it was solved).
+
+    :class:`lowbit.optim.LossAwareOptimizer` calls :meth:`prox_update` after every optimizer step
+    with the freshly clipped latent weight and ``d = sqrt(exp_avg_sq) + eps``. The forward pass
+    reuses that solution as long as the latent weight is unchanged (same storage and version
+    counter); if the weight changed some other way (``load_state_dict``, a manual edit, a step by
+    an unwrapped optimizer) it re-solves with the stored ``d`` and warm start, exactly as the
+    official code recomputes ``Wb`` from ``W`` in every forward. The gradient reaches the latent
+    weight unchanged (identity straight-through, no mask; the clip to [-1, 1] keeps it bounded).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        scheme: str,
+        bits: int | None = None,
+        *,
+        granularity: GranularityLike = None,
+        group_size: int | None = None,
+        group_axis: str | None = None,
+        alpha_rule: str = "ls",
+        max_iter: int = 10,
+        tol: float = 1e-6,
+        eps: float = 1e-8,
+        clip: float | None = 1.0,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        fmt, m = scheme_format(scheme, bits)
+        super().__init__(bits=m, granularity=granularity, group_size=group_size, group_axis=group_axis)
+        if alpha_rule not in ALPHA_RULES:
+            raise ValueError(f"alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {alpha_rule!r}")
+        self.format = fmt
+        self.scheme = scheme
+        self.alpha_rule = alpha_rule
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.eps = float(eps)
+        self.clip = None if clip is None else float(clip)
+        shape = tuple(int(s) for s in shape)
+        dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        scale_shape = self.granularity.scale_shape(shape)
+        if fmt == "ternary_asym":
+            scale_shape = (*scale_shape, 2)
+        self.register_buffer("curvature", torch.ones(shape, dtype=dtype, device=device))
+        self.register_buffer("codes", torch.zeros(shape, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(scale_shape, dtype=dtype, device=device))
+        self.register_buffer("solves", torch.zeros((), dtype=torch.int64, device=device))
+        self.__dict__["_key"] = None
+        self.__dict__["_attached"] = False
+        self.__dict__["_warned"] = False
+        self.last_iterations = 0.0
+
+    @staticmethod
+    def _key_of(w: torch.Tensor) -> tuple[Any, ...]:
+        return (w.data_ptr(), w._version, tuple(w.shape), str(w.device))
+
+    def _solve(self, w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = self.codes if int(self.solves) > 0 else None
+        _, codes, scales, info = solve(
+            w,
+            d,
+            self.scheme,
+            self.bits,
+            prev,
+            granularity=self.granularity,
+            alpha_rule=self.alpha_rule,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            return_info=True,
+        )
+        self.last_iterations = float(info["iterations"].float().mean())
+        return codes, scales.to(self.scales.dtype)
+
+    def _store(self, w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes.copy_(codes)
+        self.scales.copy_(scales)
+        self.solves.add_(1)
+        self.__dict__["_key"] = self._key_of(w)
+
+    @torch.no_grad()
+    def prox_update(self, w: torch.Tensor, d: torch.Tensor) -> None:
+        """Store ``d`` and re-solve ``w_hat`` for the (already clipped) latent weight ``w`` (§3.6 step 1)."""
+        self.curvature.copy_(d)
+        codes, scales = self._solve(w.detach(), self.curvature)
+        self._store(w, codes, scales)
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.__dict__["_key"] == self._key_of(w):
+            return self.codes, self.scales
+        key = self.__dict__["_key"]
+        stepped_in_place = key is not None and key[0] == w.data_ptr() and key[1] != w._version
+        if self.training and stepped_in_place and not self.__dict__["_attached"] and not self.__dict__["_warned"]:
+            self.__dict__["_warned"] = True
+            warnings.warn(
+                f"loss-aware weight ({self.scheme}) changed without a loss-aware optimizer step: D stays at its "
+                "last value and latents are not clipped. Wrap the optimizer: "
+                "opt = lowbit.methods.get(<method>).wrap_optimizer(model, opt)",
+                stacklevel=3,
+            )
+        with torch.no_grad():
+            codes, scales = self._solve(w, self.curvature)
+            if torch.is_inference_mode_enabled():
+                return codes, scales
+            self._store(w, codes, scales)
+        return self.codes, self.scales
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Loaded weights/buffers: the cached solution no longer belongs to a known weight version.
+        self.__dict__["_key"] = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def describe(self) -> str:
+        return f"{self.scheme}{'' if self.format in ('binary', 'ternary', 'ternary_asym') else self.bits}/{self.granularity.describe()}"
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, {super().extra_repr()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
+def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.Optimizer:
+    """``LossAwareOptimizer.from_model(model, optimizer)``: Adam step, clip, re-solve (§3.6)."""
+    from lowbit.optim import LossAwareOptimizer
+
+    return LossAwareOptimizer.from_model(model, optimizer, **kwargs)
+
+
+_COMMON_LA = {"eps": 1e-8, "clip": 1.0}
+_ALT = {"max_iter": 10, "tol": 1e-6}
+
+
+class LossAwareMethod(Method):
+    """A registered loss-aware method; ``family`` is ``lab``, ``lat``, ``lat2`` or ``laq``."""
+
+    def __init__(self, family: str, options: dict[str, Any], description: str, paper: str) -> None:
+        super().__init__(family, options=options, description=description, paper=paper)
+        self.family = family
+
+    def scheme(self, options: dict[str, Any]) -> tuple[str, int | None]:
+        """The :func:`solve` scheme and bits selected by the method options."""
+        if self.family == "lab":
+            return "lab", None
+        if self.family in ("lat", "lat2"):
+            return f"{self.family}_{_normalise_solver(options.get('solver', 'approx'))}", None
+        levels = str(options.get("levels", "linear")).lower()
+        if levels not in ("linear", "log"):
+            raise ValueError(f"laq levels must be 'linear' or 'log', got {levels!r}")
+        return f"laq_{levels}", int(options.get("bits", 3))
+
+    def make_weight_quantizer(self, layer: Any, **options: Any) -> nn.Module:
+        opts = self.resolve_options(options)
+        scheme, bits = self.scheme(opts)
+        w = layer.weight
+        return LossAwareWeight(
+            tuple(w.shape),
+            scheme,
+            bits,
+            granularity=opts.get("granularity"),
+            group_size=opts.get("group_size"),
+            group_axis=opts.get("group_axis"),
+            alpha_rule=opts.get("alpha_rule", "ls"),
+            max_iter=opts.get("max_iter", 10),
+            tol=opts.get("tol", 1e-6),
+            eps=opts["eps"],
+            clip=opts["clip"],
+            device=w.device if w.device.type != "meta" else None,
+            dtype=w.dtype,
+        )
+
+    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return wrap_optimizer(model, optimizer)
+
+    def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Per quantized weight: mean scale (``alpha``; ``alpha_p``/``alpha_n`` for LAT2), fraction of
+        zero codes, and the alternating solver's mean iteration count of the last solve."""
+        out: dict[str, float] = {}
+        for name, q in model.named_modules():
+            if not isinstance(q, LossAwareWeight):
+                continue
+            prefix = name.replace(".weight_quantizer", "")
+            s = q.scales.float()
+            if q.format == "ternary_asym":
+                out[f"{prefix}.alpha_p"] = float(s[..., 0].mean())
+                out[f"{prefix}.alpha_n"] = float(s[..., 1].mean())
+            else:
+                k = 2 ** (q.bits - 1) - 1 if q.format == "kbit_linear" else 1
+                out[f"{prefix}.alpha"] = float(s.mean()) * k
+            if q.format != "binary":
+                out[f"{prefix}.zeros"] = float((q.codes == 0).float().mean())
+            if q.scheme.endswith("_a") or q.scheme.startswith("laq"):
+                out[f"{prefix}.iters"] = q.last_iterations
+        return out
+
+
+_PAPER = "Hou & Kwok, Loss-aware Weight Quantization, arXiv 1802.08635 (ICLR 2018)"
+
+register(
+    LossAwareMethod(
+        "lab",
+        dict(_COMMON_LA),
+        "loss-aware binarization: w_hat = alpha*sign(w), alpha = ||d*w||_1/||d||_1, D from Adam",
+        "Hou, Yao & Kwok, Loss-aware Binarization, arXiv 1611.01600 (ICLR 2017)",
+    )
+)
+register(
+    LossAwareMethod(
+        "lat",
+        {**_COMMON_LA, **_ALT, "solver": "approx"},
+        "loss-aware ternarization, one scale: solver='exact' (sorted search) or 'approx' (alternating)",
+        _PAPER,
+    )
+)
+register(
+    LossAwareMethod(
+        "lat2",
+        {**_COMMON_LA, **_ALT, "solver": "approx"},
+        "loss-aware ternarization with separate positive/negative scales (exports ternary_asym)",
+        _PAPER,
+    )
+)
+register(
+    LossAwareMethod(
+        "laq",
+        {**_COMMON_LA, **_ALT, "bits": 3, "levels": "linear", "alpha_rule": "ls"},
+        "loss-aware m-bit quantization, linear or logarithmic levels (alternating solver)",
+        _PAPER,
+    )
+)

@@ -1,0 +1,149 @@
+"""Training configuration, learning-rate schedules and recipe files.
+
+A recipe is a TOML file with up to six tables — ``[recipe]`` (name, description), ``[paper]``
+(the number being reproduced and its source; free-form), ``[model]`` (``name`` + model options),
+``[data]`` (``name``, ``split``, ``preprocess``, ``augment`` + dataset options), ``[method]``
+(``name`` + ``lowbit.quantize`` options) and ``[train]`` (any :class:`TrainConfig` field). A recipe
+NAME is looked up as ``lowbit/recipes/NAME.toml``; a path ending in ``.toml`` is read as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RECIPE_DIR", "TrainConfig", "find_recipe", "load_recipe", "lr_factor"]
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+OPTIMIZERS = ("adam", "sgd", "adamax")
+SCHEDULES = ("constant", "step", "exp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the :class:`~lowbit.train.Trainer` needs besides the model, data and method.
+
+    Schedules (``lr`` is multiplied by :func:`lr_factor` at the start of every epoch, 0-based):
+    ``constant``; ``step``: ``gamma`` per milestone passed (``milestones=[15, 25]`` = x0.1 after 15
+    and after 25 finished epochs) or, with ``step_size``, every ``step_size`` epochs; ``exp``:
+    ``gamma`` per epoch after ``decay_start`` epochs, with ``gamma = (lr_final / lr) ** (1 / epochs)``
+    when ``lr_final`` is given (BNN's 3e-3 -> 3e-7 over 1000 epochs gives 0.99083, §2.8).
+
+    Weight decay: ``weight_decay_rules`` is a list of ``[regex, value]`` pairs matched (``re.search``)
+    against parameter names, first match wins; parameters no rule matches get ``weight_decay`` if
+    they have two or more dimensions (weights) and 0 otherwise (biases, BN). Decay is L2 added to
+    the gradient (``wd * w``), i.e. ``wd / 2 * ||w||^2`` in the loss, TensorFlow's ``l2_loss``.
+    """
+
+    epochs: int = 10
+    batch_size: int = 100
+    eval_batch_size: int = 1000
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    weight_decay_rules: list[tuple[str, float]] = field(default_factory=list)
+    schedule: str = "constant"
+    milestones: list[int] = field(default_factory=list)
+    step_size: int | None = None
+    gamma: float = 0.1
+    lr_final: float | None = None
+    decay_start: int = 0
+    loss: str = "cross_entropy"
+    grad_clip_norm: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    eval_test: bool = True
+    log_every: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.optimizer = self.optimizer.lower()
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be positive (got {self.epochs}, {self.batch_size})")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        self.milestones = [int(m) for m in self.milestones]
+        self.weight_decay_rules = [(str(r), float(v)) for r, v in self.weight_decay_rules]
+        for rule, _ in self.weight_decay_rules:
+            re.compile(rule)
+        from lowbit.train.losses import get as _get_loss
+
+        _get_loss(self.loss)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (a recipe's ``[train]`` table); unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (tuples become lists)."""
+        return json_safe(dataclasses.asdict(self))
+
+
+def json_safe(obj: Any) -> Any:
+    """Tuples -> lists, recursively; for JSON config files."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the base learning rate(s) during 0-based ``epoch``."""
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "step":
+        if config.step_size:
+            return config.gamma ** (epoch // config.step_size)
+        return config.gamma ** sum(epoch >= m for m in config.milestones)
+    gamma = config.gamma
+    if config.lr_final is not None:
+        gamma = math.exp(math.log(config.lr_final / config.lr) / config.epochs)
+    return gamma ** max(0, epoch - config.decay_start)
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a recipe name (``lowbit/recipes/NAME.toml``) or a ``.toml`` path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"recipe file {p} does not exist")
+        return p
+    candidate = RECIPE_DIR / f"{name_or_path}.toml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
+    raise ValueError(f"unknown recipe {name_or_path!r}; valid: {', '.join(known) or '(none installed)'} or a path to a .toml file")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """Read a recipe into ``{"recipe", "paper", "model", "data", "method", "train"}`` dicts."""
+    path = find_recipe(name_or_path)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    tables = ("recipe", "paper", "model", "data", "method", "train")
+    unknown = sorted(set(raw) - set(tables))
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {', '.join(unknown)}; valid: {', '.join(tables)}")
+    out = {t: dict(raw.get(t, {})) for t in tables}
+    out["recipe"].setdefault("name", path.stem)
+    out["recipe"]["path"] = str(path)
+    return out

@@ -1,0 +1,330 @@
+"""lowbit.ptq: BatchNorm folding, FGQ post-training quantization, calibration, the integer reference
+pipeline against the float simulation, and a PTQ run on a small trained model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+import lowbit.ptq as ptq
+from lowbit.methods.fgq import DFPCalibratedAct, FGQKBitWeight, FGQTernaryWeight
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(n, generator=g))
+                m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+class Custom(nn.Module):
+    """Not a Sequential: folding must find conv->bn through torch.fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, groups=2)
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.post = nn.BatchNorm2d(4)  # after a ReLU: must stay
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.post(torch.relu(self.bn2(self.conv2(x))))
+        return self.bn_fc(self.fc(x.flatten(1)))
+
+
+def test_fold_batchnorm_equals_unfused_model_float64():
+    torch.manual_seed(0)
+    model = Custom().double().eval()
+    randomize_bn(model)
+    x = torch.randn(8, 3, 7, 7, dtype=torch.float64)
+    ref = model(x)
+    folded = ptq.fold_batchnorm(model)
+    assert sorted(folded) == [("conv", "bn"), ("conv2", "bn2"), ("fc", "bn_fc")]
+    assert isinstance(model.bn, nn.Identity) and isinstance(model.post, nn.BatchNorm2d)
+    assert model.conv.bias is not None  # created by the fold
+    torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_batchnorm_sequential_mlp_and_shared_output_left_alone():
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    randomize_bn(seq, 1)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    ref = seq(x)
+    assert ptq.fold_batchnorm(seq) == [("0", "1")]
+    torch.testing.assert_close(seq(x), ref, rtol=1e-12, atol=1e-12)
+
+    class Shared(nn.Module):  # conv output used by the BN *and* a skip: not foldable
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    assert ptq.fold_batchnorm(Shared().eval()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer pipeline vs float simulation
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 10),
+        nn.ReLU(),
+        nn.Linear(10, 3),
+    )
+
+
+def sim_input_ints(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The DFP integers the float simulation feeds every quantized layer (captured by hooks)."""
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, DFPCalibratedAct):
+
+            def hook(mod, inp, out, name=name):
+                got[name.rsplit(".input_quantizer", 1)[0]] = out * 2.0 ** (-mod.last_exponent)
+
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        out = model(x)
+    for h in handles:
+        h.remove()
+    got["__out__"] = out
+    return got
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(group_size=4, weight_bits=2, act_bits=8),
+        dict(group_size=3, weight_bits=2, act_bits=8, group_axis="out"),
+        dict(group_size="layer", weight_bits=2, act_bits=4),
+        dict(group_size=5, weight_bits=4, act_bits=8, rule="max"),
+        dict(group_size=4, weight_bits=2, act_bits=8, act_mode="dynamic"),
+    ],
+)
+def test_integer_pipeline_equals_float_simulation_float64(kw):
+    torch.manual_seed(2)
+    model = small_cnn().double().eval()
+    randomize_bn(model, 2)
+    x = torch.randn(16, 2, 8, 8, dtype=torch.float64)
+    ptq.fgq(model, [x[:8], x[8:]], keep=(), **kw)
+    sim = sim_input_ints(model, x)
+    trace: list[dict] = []
+    out = ptq.integer_forward(model, x, trace)
+    assert [t["name"] for t in trace] == ["0", "3", "8", "10"]
+    assert trace[0]["x_int"].min() < 0  # the raw input is signed ...
+    assert trace[1]["x_int"].min() >= 0  # ... after ReLU it is unsigned
+    for t in trace:
+        # the DFP integers of every layer input agree bit for bit
+        assert torch.equal(t["x_int"].double(), sim[t["name"]]), t["name"]
+    torch.testing.assert_close(out, sim["__out__"], rtol=1e-11, atol=1e-11)
+
+
+def test_integer_accumulators_equal_int64_reference():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(11, 6), nn.ReLU(), nn.Conv2d(1, 1, 1)).eval()  # conv unused
+    model = nn.Sequential(nn.Linear(11, 6))
+    x = torch.randn(7, 11)
+    ptq.fgq(model, x, keep=(), group_size=4)
+    trace: list[dict] = []
+    ptq.integer_forward(model, x, trace)
+    (t,) = trace
+    qw = model[0].quantized_weight()
+    codes = qw.codes.long()
+    xi = t["x_int"]
+    # naive int64 reference: acc[b, o, g] = sum over the g-th run of 4 inputs (the last run has 3)
+    ref = torch.zeros(7, 6, 3, dtype=torch.int64)
+    for g, start in enumerate(range(0, 11, 4)):
+        ref[:, :, g] = (xi[:, None, start : start + 4] * codes[None, :, start : start + 4]).sum(-1)
+    assert t["acc"].dtype == torch.int64 and torch.equal(t["acc"], ref)
+    assert t["acc"].abs().max() < 2**31  # fits an int32 accumulator
+
+
+def test_integer_pipeline_conv_accumulators_equal_int64_reference():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    x = torch.randn(2, 3, 5, 5)
+    ptq.fgq(model, x, keep=(), group_size=5)
+    trace: list[dict] = []
+    ptq.integer_forward(model, x, trace)
+    (t,) = trace
+    codes = model[0].quantized_weight().codes.long()  # (4, 3, 3, 3): K = 27 -> groups 5,5,5,5,5,2
+    xi = torch.nn.functional.pad(t["x_int"], (1, 1, 1, 1))
+    acc = t["acc"]  # (B, L, O, G)
+    assert acc.shape == (2, 9, 4, 6)
+    for b in range(2):
+        for oy in range(3):
+            for ox in range(3):
+                patch = xi[b, :, 2 * oy : 2 * oy + 3, 2 * ox : 2 * ox + 3].reshape(-1)
+                for o in range(4):
+                    prod = patch * codes[o].reshape(-1)
+                    ref = [int(prod[s : s + 5].sum()) for s in range(0, 27, 5)]
+                    assert acc[b, oy * 3 + ox, o].tolist() == ref
+
+
+def test_integer_pipeline_float32_close_to_simulation():
+    torch.manual_seed(5)
+    model = small_cnn().eval()
+    randomize_bn(model, 5)
+    x = torch.randn(32, 2, 8, 8)
+    ptq.fgq(model, x, keep=("first",))
+    out_int = ptq.integer_forward(model, x)
+    with torch.no_grad():
+        out_sim = model(x)
+    scale = float(out_sim.abs().max())
+    # float32 summation order may move a value across a rounding boundary of the next DFP
+    # quantizer by one step; the outputs still agree to a few DFP steps.
+    assert float((out_int - out_sim).abs().max()) <= 0.02 * scale
+
+
+def test_integer_forward_refuses_float_inputs():
+    model = nn.Sequential(nn.Linear(4, 4))
+    ptq.fgq(model, torch.randn(3, 4), keep=(), act_bits=None)
+    with pytest.raises(ValueError, match="DFP input"):
+        ptq.integer_forward(model, torch.randn(3, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# fgq(): structure, calibration, report, options
+
+
+def test_fgq_structure_report_and_options():
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3)
+    ).eval()
+    randomize_bn(model, 6)
+    x = torch.randn(64, 10)
+    original = model
+    q = ptq.fgq(model, [(x[:32], None), (x[32:], None)], group_size=4, inplace=False)
+    assert isinstance(original[0], nn.Linear) and isinstance(original[1], nn.BatchNorm1d)
+    assert isinstance(q[0], nn.Linear)  # first and last kept float
+    assert isinstance(q[3].weight_quantizer, FGQTernaryWeight)
+    assert isinstance(q[1], nn.Identity)  # BN folded
+    assert q.__dict__["_lowbit_ptq"]["folded_bn"] == [("0", "1")]
+    rows = ptq.report(q)
+    assert [r.name for r in rows] == ["3"]
+    r = rows[0]
+    assert r.alphas == 9 * 4  # 9 outputs x ceil(16 / 4) groups
+    assert r.mults_replaced == pytest.approx(0.75)
+    assert r.act.startswith("udfp8") and r.exponent is not None
+    assert r.saturation == 0.0  # max calibration: nothing saturates on the calibration data
+    qw = q[3].quantized_weight()
+    assert r.sparsity == pytest.approx(float((qw.codes == 0).float().mean()))
+    assert "mults->adds" in ptq.format_report(rows)
+    with pytest.raises(TypeError, match="unknown option"):
+        ptq.fgq(original, x, group_axes="in")
+
+
+def test_fgq_percentile_calibration_saturates_outliers_max_does_not():
+    torch.manual_seed(7)
+    x = torch.randn(512, 8)
+    x[0, 0] = 40.0  # one outlier input
+    exps, sats = {}, {}
+    for how in ("max", "percentile"):
+        m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+        torch.manual_seed(8)
+        for p in m.parameters():
+            nn.init.normal_(p)
+        m[0].weight.data = torch.eye(8)
+        m[0].bias.data.zero_()
+        ptq.fgq(m, x, keep=("first", "last"), act_calibration=how, percentile=99.9)
+        exps[how] = m[1].input_quantizer.exponent
+        sats[how] = ptq.report(m)[0].saturation
+    # max: 40 needs E = -1 (signed: 40*2 = 80 <= 127); percentile 99.9 of |x| is ~3.3 -> E = -5
+    assert exps["max"] == -1
+    assert exps["percentile"] == -5
+    assert sats["max"] == 0.0 and 0.0 < sats["percentile"] <= 0.001 + 1 / 4096
+
+
+def test_fgq_four_bit_weights_and_state_dict_roundtrip():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(40, 12)
+    ptq.fgq(model, x, group_size=8, weight_bits=4, keep=())
+    assert isinstance(model[2].weight_quantizer, FGQKBitWeight)
+    assert model[2].quantized_weight().codes.abs().max() <= 7
+    sd = model.state_dict()
+    fresh = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lowbit.quantize(fresh, "fgq", keep=(), group_size=8, weight_bits=4, act_mode="calibrated")
+    fresh.load_state_dict(sd)
+    fresh.eval()
+    assert fresh[2].input_quantizer.exponent == model[2].input_quantizer.exponent
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# A PTQ run on a small trained model
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(6, 24, generator=torch.Generator().manual_seed(123)) * 1.2
+    y = torch.randint(0, 6, (n,), generator=g)
+    return centers[y] + torch.randn(n, 24, generator=g), y
+
+
+def test_ptq_on_trained_model_keeps_accuracy_and_finetune_recovers_large_n():
+    torch.manual_seed(10)
+    xtr, ytr = _blobs(3000, 1)
+    xte, yte = _blobs(1000, 2)
+    model = nn.Sequential(
+        nn.Linear(24, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(128, 6),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        for i in range(0, 3000, 100):
+            loss = nn.functional.cross_entropy(model(xtr[i : i + 100]), ytr[i : i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    test = list(zip(xte.split(250), yte.split(250), strict=True))
+    fp = ptq.accuracy(model, test)
+    assert fp > 85.0
+
+    q4 = ptq.fgq(model, xtr[:512], group_size=4, inplace=False)
+    acc4 = ptq.accuracy(q4, test)
+    assert acc4 >= fp - 3.0, (fp, acc4)
+    assert ptq.accuracy(q4, test, integer=True) == pytest.approx(acc4, abs=0.5)
+
+    # a whole-layer alpha with 4-bit activations hurts more; fine-tuning brings it back (§4.3)
+    q_big = ptq.fgq(model, xtr[:512], group_size="layer", act_bits=4, keep=(), inplace=False)
+    before = ptq.accuracy(q_big, test)
+    train = list(zip(xtr.split(100), ytr.split(100), strict=True))
+    losses = ptq.finetune(q_big, train, epochs=2, lr=1e-3, calibration=xtr[:512])
+    after = ptq.accuracy(q_big, test)
+    assert losses[-1] <= losses[0]
+    assert after >= min(before + 1.0, fp - 3.0), (fp, before, after)
+    assert math.isfinite(losses[-1])

@@ -1,0 +1,142 @@
+"""lowbit.summary against hand-computed sizes and MAC counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.nn import BinaryAct, DFPAct, KBitLinearWeight, QuantLinear, SignWeight
+
+
+def hand_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def test_hand_computed_mlp() -> None:
+    model = lowbit.quantize(hand_model(), "twn")
+    s = lowbit.summary(model, input_shape=(3, 4))
+    assert [r.name for r in s.layers] == ["0", "2", "4"]
+    first, mid, last = s.layers
+    # float Linear(4, 8): 32 + 8 params at 4 bytes
+    assert (first.params, first.bytes, first.float32_bytes) == (40, 160, 160)
+    # ternary 6x8: 48 codes * 2 bits = 12 bytes, 1 float32 scale, 6 float32 biases
+    assert (mid.params, mid.bytes, mid.float32_bytes) == (54, 12 + 4 + 24, 216)
+    assert (last.params, last.bytes) == (14, 56)
+    assert s.total_bytes == 256 and s.float32_bytes == 432
+    assert s.compression == pytest.approx(432 / 256)
+    # MACs for a batch of 3: 3*4*8 float, 3*8*6 add/sub (ternary weights), 3*6*2 float
+    assert s.macs == {"xnor": 0, "addsub": 144, "int": 0, "float": 96 + 36}
+    assert mid.macs == {"addsub": 144}
+    assert s.mult_free == pytest.approx(144 / 276)
+    codes = model[2].quantized_weight().codes
+    assert mid.sparsity == pytest.approx((codes == 0).float().mean().item())
+    text = str(s)
+    assert (
+        "ternary/tensor" in text
+        and "1.69x smaller" in text
+        and "52.2% need no multiplication" in text
+    )
+
+
+def test_without_input_shape_there_are_no_macs() -> None:
+    s = lowbit.summary(lowbit.quantize(hand_model(), "bwn"))
+    assert s.macs is None and s.mult_free is None and all(r.macs is None for r in s.layers)
+    assert "MACs" not in str(s)
+    # binary 6x8: 48 bits = 6 bytes + scale 4 + bias 24
+    assert s.layers[1].bytes == 34 and s.layers[1].sparsity is None
+
+
+def test_mac_kinds_xnor_and_int() -> None:
+    model = nn.Sequential(
+        QuantLinear(10, 7, weight_quantizer=SignWeight(), input_quantizer=BinaryAct()),
+        QuantLinear(
+            7,
+            5,
+            bias=False,
+            weight_quantizer=KBitLinearWeight(bits=4, granularity="channel"),
+            input_quantizer=DFPAct(8),
+        ),
+    )
+    s = lowbit.summary(model, (2, 10))
+    assert s.macs == {"xnor": 140, "addsub": 0, "int": 70, "float": 0}
+    assert s.mult_free == pytest.approx(140 / 210)
+    # 70 binary codes -> 9 bytes, 1 scale, 7 biases; 35 4-bit codes -> 18 bytes, 5 scales
+    assert [r.bytes for r in s.layers] == [9 + 4 + 28, 18 + 20]
+    assert [r.act for r in s.layers] == ["sign", "dfp8"]
+
+
+def test_conv_bn_and_lstm_macs_and_buffers() -> None:
+    conv = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2, bias=False), nn.BatchNorm2d(4)
+    )
+    s = lowbit.summary(conv, (1, 2, 8, 8))
+    # output 1x4x4x4 = 64 elements, each (2/2)*3*3 = 9 MACs
+    assert s.layers[0].macs == {"float": 576}
+    # BatchNorm2d: 8 parameters + 8 running stats (num_batches_tracked is not float)
+    assert (s.layers[1].params, s.layers[1].bytes) == (8, 64)
+    lstm = nn.Sequential(nn.LSTM(3, 5))
+    s = lowbit.summary(lowbit.quantize(lstm, "twn", keep=()), (4, 2, 3))
+    # T*B = 8 tokens, 4 gates * 5 hidden * (3 + 5) = 160 MACs each
+    assert s.macs["addsub"] == 1280
+    # 8 ternary 5x3 / 5x5 gate blocks: 4*(15+25) = 160 codes -> 4*(4+7) = 44 bytes, 8 scales, 40 biases
+    assert s.layers[0].bytes == 44 + 32 + 160 and s.layers[0].params == 160 + 40
+
+
+def test_embedding_model_uses_long_input_and_training_mode_is_restored() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2))
+    model.train()
+    s = lowbit.summary(model, (2, 5))
+    assert s.macs["float"] == 2 * 5 * (4 * 3 + 3 * 2)
+    assert model.training
+
+
+def test_to_dict_is_json_ready() -> None:
+    import json
+
+    d = lowbit.summary(lowbit.quantize(hand_model(), "twn"), (1, 4)).to_dict()
+    again = json.loads(json.dumps(d))
+    assert again["total_bytes"] == 256 and again["layers"][1]["weight"] == "ternary/tensor"
+
+
+def test_cli_summary_matches_library() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit import models
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["summary", "lenet5", "-m", "twn", "-o", "granularity=channel", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    net = lowbit.quantize(models.create("lenet5"), "twn", granularity="channel")
+    expected = lowbit.summary(net, (1, *net.input_shape))
+    assert data["total_bytes"] == expected.total_bytes and data["macs"] == expected.macs
+    res = runner.invoke(app, ["summary", "no_such_model"])
+    assert res.exit_code == 2 and "unknown model" in res.output
+    res = runner.invoke(app, ["summary", "lenet5", "-m", "twn", "-o", "bits=3"])
+    assert res.exit_code == 2 and "no option 'bits'" in res.output
+
+
+def test_cli_summary_loads_a_checkpoint(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lowbit import models
+    from lowbit.cli import app
+
+    net = lowbit.quantize(models.create("lenet5"), "twn")
+    torch.save({"model": net.state_dict(), "epoch": 1}, tmp_path / "ck.pt")
+    res = CliRunner().invoke(
+        app, ["summary", "lenet5", "-m", "twn", "--state", str(tmp_path / "ck.pt"), "--no-macs"]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"{lowbit.summary(net).total_bytes:,}" in res.output
+    torch.save({"nonsense": torch.zeros(2)}, tmp_path / "bad.pt")
+    res = CliRunner().invoke(app, ["summary", "lenet5", "--state", str(tmp_path / "bad.pt")])
+    assert res.exit_code == 2 and "does not fit" in res.output
