@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument(
         "--no-variants", action="store_true", help="skip asym / grouped / custom-op rows"
     )
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: thread CPU time (1 thread)"
+    )
     parser.add_argument("--json", default="", help="also write the rows here")
     args = parser.parse_args()
     print(bench.HEADER)
@@ -34,6 +37,7 @@ def main() -> None:
         reps=args.reps,
         batch=args.batch,
         variants=not args.no_variants,
+        clock=args.clock,
     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -71,7 +71,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 class Runner:
     """One model + method + optimizer, ready to run steps on a fixed batch."""
 
-    def __init__(self, base: nn.Module, method: str | None, shape: tuple[int, ...], batch: int, lr: float) -> None:
+    def __init__(
+        self, base: nn.Module, method: str | None, shape: tuple[int, ...], batch: int, lr: float
+    ) -> None:
         self.model = copy.deepcopy(base).train()
         self.method = None
         if method is not None:
@@ -99,7 +101,9 @@ class Runner:
         return (time.perf_counter() - t0) / steps
 
 
-def run(methods: list[str], rounds: int, steps: int, batch: int, warmup: int) -> list[dict[str, Any]]:
+def run(
+    methods: list[str], rounds: int, steps: int, batch: int, warmup: int
+) -> list[dict[str, Any]]:
     results = []
     for model_name, (factory, shape) in MODELS.items():
         torch.manual_seed(0)
@@ -117,13 +121,25 @@ def run(methods: list[str], rounds: int, steps: int, batch: int, warmup: int) ->
         fp = statistics.median(times["float"])
         for k in runners:
             med = statistics.median(times[k])
-            results.append({"model": model_name, "method": k, "step_ms": med * 1e3, "ratio": med / fp, "batch": batch})
+            results.append(
+                {
+                    "model": model_name,
+                    "method": k,
+                    "step_ms": med * 1e3,
+                    "ratio": med / fp,
+                    "batch": batch,
+                }
+            )
     return results
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="twn,bwn", help="comma list, or 'all' (every registered method but fp)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--methods", default="twn,bwn", help="comma list, or 'all' (every registered method but fp)"
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="steps per round and configuration")
     ap.add_argument("--warmup", type=int, default=3)
@@ -133,13 +149,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [m for m in lowbit.methods.available() if m != "fp"] if args.methods == "all" else args.methods.split(",")
+    methods = (
+        [m for m in lowbit.methods.available() if m != "fp"]
+        if args.methods == "all"
+        else args.methods.split(",")
+    )
     results = run(methods, args.rounds, args.steps, args.batch, args.warmup)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     if args.json:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
         return
-    print(f"QAT train-step time vs float (median of {args.rounds} rounds x {args.steps} steps, batch {args.batch}; {machine})")
+    print(
+        f"QAT train-step time vs float (median of {args.rounds} rounds x {args.steps} steps, batch {args.batch}; {machine})"
+    )
     print(f"{'model':24s} {'method':8s} {'step ms':>9s} {'ratio':>7s}")
     for r in results:
         flag = "" if r["method"] == "float" or r["ratio"] <= 1.25 else "  (> 1.25x target)"

@@ -167,6 +167,8 @@ def test_errors_are_explicit() -> None:
     conv1d = nn.Sequential(nn.Conv1d(2, 2, 3), nn.Linear(2, 2))
     with pytest.raises(TypeError, match="Conv1d.*cannot quantize"):
         lowbit.quantize(conv1d, "twn", include=["0"])
+    # A wildcard that also covers the Conv1d just skips it.
+    assert sorted(quantized_layers(lowbit.quantize(conv1d, "twn", keep=(), include=["*"]))) == ["1"]
     with pytest.raises(ValueError, match="matches no module"):
         lowbit.quantize(mlp(), "twn", include=["encoder.*"])
     with pytest.raises(TypeError, match="bare Linear"):
@@ -226,6 +228,15 @@ def test_lstm_model() -> None:
     torch.testing.assert_close(
         model(x), dequantized_reference(model, float_model)(x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_deepcopy_after_forward() -> None:
+    model = lowbit.quantize(CharLSTM(), "twn", keep=())
+    x = torch.randint(0, 11, (2, 4))
+    model(x).sum().backward()
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x))
+    assert clone.lstm.weight_ih_l0 is not model.lstm.weight_ih_l0
 
 
 def test_fp_method_is_numerically_the_float_model() -> None:

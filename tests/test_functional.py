@@ -499,3 +499,11 @@ def test_dequantize_matches_loop_reference_and_is_linear_in_scales(g, fmt, bits)
     assert torch.autograd.gradcheck(
         lambda s: F.dequantize(codes, s, fmt, bits, g, shape), (scales,)
     )
+
+
+def test_functional_ttq_is_the_ttq_method_function() -> None:
+    from lowbit.methods import ttq as ttq_module
+
+    assert F.ttq is ttq_module.ttq
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = F.nope  # type: ignore[attr-defined]

@@ -393,3 +393,12 @@ def test_custom_op_matches_direct_call_and_exports() -> None:
     assert torch.equal(program.module()(x), direct)
     compiled = torch.compile(module, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), direct)
+
+
+def test_gemv_beyond_the_masked_plane_limit(isa: str) -> None:
+    # K past 2^19 makes the AVX-512 GEMV leave its scaled-plane accumulators (int32 headroom)
+    # for the shift-and-mask kernel; both must stay exact at the extremes (|D| = 127 * K).
+    k = (1 << 19) + 40
+    codes = np.ones((17, k), dtype=np.int8)
+    codes[1] = -1
+    _check_gemm(np.full((1, k), 127, dtype=np.int8), codes)

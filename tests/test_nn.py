@@ -237,3 +237,33 @@ def test_quant_lstm_refuses_proj_size_and_packed_sequences() -> None:
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
     with pytest.raises(TypeError, match="PackedSequence"):
         q(packed)
+
+
+class LearnedScaleTernary(lnn.WeightQuantizer):
+    """A quantizer with a trainable scale: the base forward must route a gradient to it."""
+
+    format = "ternary"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor([0.5]))
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F_codes(w), self.alpha
+
+
+def F_codes(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w.abs() > 0.3, torch.where(w < 0, -1, 1), 0).to(torch.int8)
+
+
+def test_base_forward_trains_learned_scales() -> None:
+    q = LearnedScaleTernary()
+    w = torch.tensor([[0.5, -0.1, -0.7, 0.2]], requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    out = q(w)
+    assert torch.equal(out, torch.tensor([[0.5, 0.0, -0.5, 0.0]]))
+    out.backward(g)
+    # d/dalpha sum(g * codes * alpha) = sum(g * codes) = 1 - 3; latent gradient is the identity STE.
+    assert q.alpha.grad.tolist() == [-2.0]
+    assert torch.equal(w.grad, g)
+    assert torch.equal(q.export(w).dequantize(), out.detach())

@@ -25,7 +25,9 @@ def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
 
 
-def _hand_adam(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, lr: float):
+def _hand_adam(
+    w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, lr: float
+):
     b1, b2, eps = 0.9, 0.999, 1e-8
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
@@ -33,12 +35,22 @@ def _hand_adam(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tenso
     return w, m, v
 
 
-@pytest.mark.parametrize("method,opts,scheme", [("lat", {"solver": "exact"}, "lat_e"), ("lat", {}, "lat_a"), ("laq", {"levels": "log"}, "laq_log"), ("lat2", {}, "lat2_a")])
+@pytest.mark.parametrize(
+    "method,opts,scheme",
+    [
+        ("lat", {"solver": "exact"}, "lat_e"),
+        ("lat", {}, "lat_a"),
+        ("laq", {"levels": "log"}, "laq_log"),
+        ("lat2", {}, "lat2_a"),
+    ],
+)
 def test_step_matches_hand_run_adam_then_prox(method: str, opts: dict, scheme: str) -> None:
     model = lowbit.quantize(_net(), method, keep=(), **opts)
     layer = model[0]
     lr = 1.0  # large enough that some latents leave [-1, 1] before the clip
-    opt = lowbit.methods.get(method).wrap_optimizer(model, torch.optim.Adam(model.parameters(), lr=lr))
+    opt = lowbit.methods.get(method).wrap_optimizer(
+        model, torch.optim.Adam(model.parameters(), lr=lr)
+    )
     assert isinstance(opt, LossAwareOptimizer)
     x, y = _batch()
     w = layer.weight.detach().clone().double()
@@ -59,9 +71,13 @@ def test_step_matches_hand_run_adam_then_prox(method: str, opts: dict, scheme: s
         if t == 1:
             assert float(unclipped.abs().max()) > 1.0  # the clip was exercised
         d = v.sqrt() + 1e-8
-        torch.testing.assert_close(layer.weight_quantizer.curvature.double(), d, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            layer.weight_quantizer.curvature.double(), d, rtol=1e-5, atol=1e-9
+        )
         # w_hat solved from the stored curvature (checked against the hand-run d just above)
-        expect, codes, _ = la.solve(layer.weight.detach(), layer.weight_quantizer.curvature, scheme, prev_codes=prev_codes)
+        expect, codes, _ = la.solve(
+            layer.weight.detach(), layer.weight_quantizer.curvature, scheme, prev_codes=prev_codes
+        )
         got = layer.weight_quantizer(layer.weight).detach()
         assert torch.equal(layer.weight_quantizer.codes, codes)
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)
@@ -77,7 +93,9 @@ def test_gradient_flows_straight_through_to_latents() -> None:
     # The same loss with the quantized weights as plain leaf tensors.
     w0 = model[0].weight_quantizer(model[0].weight).detach().requires_grad_(True)
     w2 = model[2].weight_quantizer(model[2].weight).detach().requires_grad_(True)
-    out = nn.functional.linear(torch.relu(nn.functional.linear(x, w0, model[0].bias)), w2, model[2].bias)
+    out = nn.functional.linear(
+        torch.relu(nn.functional.linear(x, w0, model[0].bias)), w2, model[2].bias
+    )
     nn.functional.cross_entropy(out, y).backward()
     assert torch.equal(model[0].weight.grad, w0.grad)
     assert torch.equal(model[2].weight.grad, w2.grad)
@@ -131,11 +149,17 @@ def _blobs(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return centers[y] + torch.randn(n, 10, generator=g), y
 
 
-@pytest.mark.parametrize("method,opts", [("lab", {}), ("lat2", {}), ("laq", {"bits": 3}), ("lat", {"solver": "exact"})])
+@pytest.mark.parametrize(
+    "method,opts", [("lab", {}), ("lat2", {}), ("laq", {"bits": 3}), ("lat", {"solver": "exact"})]
+)
 def test_tiny_synthetic_run_loss_decreases(method: str, opts: dict) -> None:
     torch.manual_seed(0)
-    model = lowbit.quantize(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)), method, keep=(), **opts)
-    opt = lowbit.methods.get(method).wrap_optimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2))
+    model = lowbit.quantize(
+        nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)), method, keep=(), **opts
+    )
+    opt = lowbit.methods.get(method).wrap_optimizer(
+        model, torch.optim.Adam(model.parameters(), lr=1e-2)
+    )
     x, y = _blobs()
     with torch.no_grad():
         first = float(nn.functional.cross_entropy(model(x), y))

@@ -14,6 +14,15 @@ import lowbit.ptq as ptq
 from lowbit.methods.fgq import DFPCalibratedAct, FGQKBitWeight, FGQTernaryWeight
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread (two spin badly on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -60,7 +69,11 @@ def test_fold_batchnorm_equals_unfused_model_float64():
 
 def test_fold_batchnorm_sequential_mlp_and_shared_output_left_alone():
     torch.manual_seed(1)
-    seq = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    seq = (
+        nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        .double()
+        .eval()
+    )
     randomize_bn(seq, 1)
     x = torch.randn(5, 6, dtype=torch.float64)
     ref = seq(x)
@@ -149,7 +162,6 @@ def test_integer_pipeline_equals_float_simulation_float64(kw):
 
 def test_integer_accumulators_equal_int64_reference():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(11, 6), nn.ReLU(), nn.Conv2d(1, 1, 1)).eval()  # conv unused
     model = nn.Sequential(nn.Linear(11, 6))
     x = torch.randn(7, 11)
     ptq.fgq(model, x, keep=(), group_size=4)
@@ -218,7 +230,12 @@ def test_integer_forward_refuses_float_inputs():
 def test_fgq_structure_report_and_options():
     torch.manual_seed(6)
     model = nn.Sequential(
-        nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3)
+        nn.Linear(10, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 9),
+        nn.ReLU(),
+        nn.Linear(9, 3),
     ).eval()
     randomize_bn(model, 6)
     x = torch.randn(64, 10)
@@ -286,8 +303,10 @@ def test_fgq_four_bit_weights_and_state_dict_roundtrip():
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Six overlapping Gaussian classes in 24-d: a float MLP reaches ~82%, not 100%, so
+    quantization damage shows."""
     g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(6, 24, generator=torch.Generator().manual_seed(123)) * 1.2
+    centers = torch.randn(6, 24, generator=torch.Generator().manual_seed(123)) * 0.5
     y = torch.randint(0, 6, (n,), generator=g)
     return centers[y] + torch.randn(n, 24, generator=g), y
 
@@ -295,36 +314,85 @@ def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_ptq_on_trained_model_keeps_accuracy_and_finetune_recovers_large_n():
     torch.manual_seed(10)
     xtr, ytr = _blobs(3000, 1)
-    xte, yte = _blobs(1000, 2)
+    xte, yte = _blobs(2000, 2)
+    w = 64
     model = nn.Sequential(
-        nn.Linear(24, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Linear(128, 6),
+        nn.Linear(24, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, 6),
     )  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
+    for _ in range(5):
         for i in range(0, 3000, 100):
             loss = nn.functional.cross_entropy(model(xtr[i : i + 100]), ytr[i : i + 100])
             opt.zero_grad()
             loss.backward()
             opt.step()
     model.eval()
-    test = list(zip(xte.split(250), yte.split(250), strict=True))
+    test = list(zip(xte.split(500), yte.split(500), strict=True))
     fp = ptq.accuracy(model, test)
-    assert fp > 85.0
+    assert fp > 75.0
 
-    q4 = ptq.fgq(model, xtr[:512], group_size=4, inplace=False)
-    acc4 = ptq.accuracy(q4, test)
-    assert acc4 >= fp - 3.0, (fp, acc4)
-    assert ptq.accuracy(q4, test, integer=True) == pytest.approx(acc4, abs=0.5)
+    acc = {}
+    for n in (1, 4):
+        q = ptq.fgq(model, xtr[:512], group_size=n, inplace=False)
+        acc[n] = ptq.accuracy(q, test)
+    assert acc[1] >= fp - 1.5, (fp, acc)
+    assert acc[4] >= fp - 4.0, (fp, acc)
+    # the integer reference pipeline classifies like the float simulation
+    assert ptq.accuracy(q, test, integer=True) == pytest.approx(acc[4], abs=0.3)
 
-    # a whole-layer alpha with 4-bit activations hurts more; fine-tuning brings it back (§4.3)
+    # one alpha per layer, every layer quantized, 4-bit activations: clearly worse than N = 1 ...
     q_big = ptq.fgq(model, xtr[:512], group_size="layer", act_bits=4, keep=(), inplace=False)
     before = ptq.accuracy(q_big, test)
+    assert before < acc[1] - 2.0, (acc, before)
+    # ... and a short straight-through fine-tuning recovers part of it (§4.3)
     train = list(zip(xtr.split(100), ytr.split(100), strict=True))
     losses = ptq.finetune(q_big, train, epochs=2, lr=1e-3, calibration=xtr[:512])
     after = ptq.accuracy(q_big, test)
-    assert losses[-1] <= losses[0]
-    assert after >= min(before + 1.0, fp - 3.0), (fp, before, after)
-    assert math.isfinite(losses[-1])
+    assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+    assert after >= before + 2.0, (fp, before, after)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: lowbit ptq RUN_DIR
+
+
+def test_cli_ptq_writes_model_and_reports(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit import data, models
+    from lowbit.cli import app
+    from lowbit.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(11)
+    spec = {"name": "mlp", "options": {"widths": [32, 32]}}
+    net = models.create("mlp", input_shape=(1, 28, 28), num_classes=10, widths=(32, 32))
+    randomize_bn(net, 11)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints", {"model": net.state_dict()}, 1, kind="best")
+    (run / "config.json").write_text(json.dumps({"model": spec, "dataset": {"name": "synthetic"}}))
+
+    result = CliRunner().invoke(
+        app, ["ptq", str(run), "--group-size", "4", "--calib-samples", "128"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "mults->adds" in result.output and "test accuracy: float" in result.output
+    out = run / "ptq-fgq-n4-in-w2-a8.pt"
+    assert out.is_file()
+
+    # the written model is the one fgq() builds from the same float weights and data
+    loaded = ptq.load_quantized(out)
+    splits = data.load("synthetic")
+    net.eval()
+    direct = ptq.fgq(net, splits.train.x[:128], group_size=4)
+    x = splits.test.x[:64]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), direct(x))
+    assert loaded.net.fc1.input_quantizer.exponent == direct.net.fc1.input_quantizer.exponent
+
+    bad = CliRunner().invoke(app, ["ptq", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output

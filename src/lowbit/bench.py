@@ -61,16 +61,27 @@ class Row:
         self.target = ", ".join(parts)
 
 
-def median_ms(fns: list[Callable[[], object]], reps: int, warmup: int = 5) -> float:
-    """Median wall time of one call in ms, cycling over ``fns`` (one per distinct layer)."""
+CLOCKS: dict[str, Callable[[], int]] = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
+
+
+def median_ms(
+    fns: list[Callable[[], object]], reps: int, warmup: int = 5, clock: str = "wall"
+) -> float:
+    """Median time of one call in ms, cycling over ``fns`` (one per distinct layer).
+
+    ``clock="cpu"`` measures the calling thread's CPU time instead of wall time: on a VM shared
+    with other work it leaves out the time the thread waits for a core, which steadies
+    single-thread numbers (it is meaningless with more threads: their work runs elsewhere).
+    """
+    now = CLOCKS[clock]
     for i in range(max(warmup, len(fns))):
         fns[i % len(fns)]()
     times = []
     for i in range(reps):
         fn = fns[i % len(fns)]
-        t0 = time.perf_counter_ns()
+        t0 = now()
         fn()
-        times.append(time.perf_counter_ns() - t0)
+        times.append(now() - t0)
     return statistics.median(times) / 1e6
 
 
@@ -138,6 +149,7 @@ def bench_kernels(
     reps: int = 30,
     batch: int = 64,
     variants: bool = True,
+    clock: str = "wall",
     log: Callable[[str], None] = print,
 ) -> list[Row]:
     """Run every case and return the rows (also printed through ``log`` as they finish)."""
@@ -145,6 +157,11 @@ def bench_kernels(
         raise ValueError(
             "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
         )
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
+    if clock == "cpu" and any(t != 1 for t in threads):
+        raise ValueError("clock='cpu' times the calling thread only: use it with threads=(1,)")
+    timed = partial(median_ms, clock=clock)
     n = k = size
     rows: list[Row] = []
     previous = torch.get_num_threads()
@@ -166,7 +183,8 @@ def bench_kernels(
         else {}
     )
     log(
-        f"lowbit bench kernels: {n}x{k}, batch 1 and {batch}, medians of {reps} calls; isa={kernels.active_isa()}; "
+        f"lowbit bench kernels: {n}x{k}, batch 1 and {batch}, medians of {reps} calls ({clock} clock); "
+        f"isa={kernels.active_isa()}; "
         f"torch {torch.__version__}; cold = cycling {n_cold['fp32']} fp32 / {n_cold['int8']} int8 / "
         f"{n_cold['t2']} ternary layers (>= 64 MiB each round)"
     )
@@ -195,9 +213,9 @@ def bench_kernels(
                 ]
                 base: dict[tuple[int, int], tuple[float, float]] = {}
                 for name, x, nf, ni, nt in cases:
-                    f_ms = median_ms([fp32(x, i) for i in range(nf)], reps)
-                    i_ms = median_ms([i8(x, i) for i in range(ni)], reps)
-                    l_ms = median_ms([t2(x, i) for i in range(nt)], reps)
+                    f_ms = timed([fp32(x, i) for i in range(nf)], reps)
+                    i_ms = timed([i8(x, i) for i in range(ni)], reps)
+                    l_ms = timed([t2(x, i) for i in range(nt)], reps)
                     if nt == 1:
                         base[(x.shape[0], t)] = (f_ms, i_ms)
                     row = Row(name, t, f_ms, i_ms, l_ms)
@@ -205,11 +223,9 @@ def bench_kernels(
                     log(format_row(row))
                 for name, x in (("b1", x1), (f"b{batch}", xb)):
                     f_ms, i_ms = base[(x.shape[0], t)]
-                    variants_ms = {
-                        "torch.ops (custom op)": median_ms([partial(tern[0].op, x)], reps)
-                    }
+                    variants_ms = {"torch.ops (custom op)": timed([partial(tern[0].op, x)], reps)}
                     for v, layer in extra.items():
-                        variants_ms[v] = median_ms([partial(layer, x)], reps)
+                        variants_ms[v] = timed([partial(layer, x)], reps)
                     for v, ms in variants_ms.items():
                         row = Row(f"ternary {name} hot ({v})", t, f_ms, i_ms, ms)
                         rows.append(row)

@@ -71,27 +71,157 @@ def demo_cmd() -> None:
 
 
 @app.command("train")
-def train_cmd() -> None:
-    """Train a model with a quantization method."""
-    _not_yet("train", 3)
+def train_cmd(
+    model: str = typer.Option(None, "--model", help="Model name (see `lowbit models`)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset name (see `lowbit datasets`)."),
+    method: str = typer.Option(None, "--method", help="fp or any registered method (lowbit.methods.available())."),
+    recipe: str = typer.Option(None, "--recipe", help="Recipe NAME (lowbit/recipes/NAME.toml) or a .toml file; flags override it."),
+    epochs: int = typer.Option(None, "--epochs", help="Number of epochs."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Global batch size."),
+    lr: float = typer.Option(None, "--lr", help="Base learning rate."),
+    optimizer: str = typer.Option(None, "--optimizer", help="adam | sgd | adamax."),
+    schedule: str = typer.Option(None, "--schedule", help="constant | step | exp."),
+    milestones: str = typer.Option(None, "--milestones", help="Step schedule epochs, e.g. 15,25."),
+    gamma: float = typer.Option(None, "--gamma", help="LR factor per milestone (step) or per epoch (exp)."),
+    loss: str = typer.Option(None, "--loss", help="cross_entropy | squared_hinge."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay on weights (ndim >= 2)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    device: str = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N."),
+    threads: int = typer.Option(None, "--threads", help="torch intra-op threads."),
+    split: str = typer.Option(None, "--split", help="Split scheme (paper, full, ...; see `lowbit datasets`)."),
+    preprocess: str = typer.Option(None, "--preprocess", help="unit | bnn | center | standardize | ttq | gcn_zca."),
+    augment: str = typer.Option(None, "--augment", help="none | flip | padcropflip."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."),
+    model_opt: list[str] = typer.Option([], "--model-opt", "-M", help="Model option key=value (repeatable), e.g. -M widths=[2048,2048]."),
+    data_opt: list[str] = typer.Option([], "--data-opt", "-D", help="Dataset option key=value (repeatable), e.g. -D seq_len=50."),
+    method_opt: list[str] = typer.Option([], "--method-opt", "-Q", help="lowbit.quantize option key=value (repeatable)."),
+    train_opt: list[str] = typer.Option([], "--set", help="Any TrainConfig field key=value (repeatable), e.g. --set grad_clip_norm=5."),
+    run_dir: str = typer.Option(None, "--run-dir", help="Run directory (default runs/MODEL-DATASET-METHOD-TIME)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last good checkpoint."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (epoch lines only)."),
+) -> None:
+    """Train a model with a quantization method (fp = float); checkpoints, metrics.jsonl and
+    summary.json go to the run directory. `--resume` continues a killed run exactly."""
+    import time as _time
+    from pathlib import Path
+
+    from lowbit.data import DataNotFoundError
+    from lowbit.train import CheckpointError, ShapeMismatchError, TrainingDiverged
+    from lowbit.train.runs import make_spec, parse_options, read_run_spec, train_spec
+
+    try:
+        train: dict[str, object] = parse_options(train_opt, "--set")
+        flags = {
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "schedule": schedule,
+            "gamma": gamma, "loss": loss, "weight_decay": weight_decay, "seed": seed, "device": device, "threads": threads,
+        }
+        if milestones is not None:
+            flags["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
+        train.update({k: v for k, v in flags.items() if v is not None})
+        data_options = parse_options(data_opt, "--data-opt")
+        data_options.update({k: v for k, v in (("split", split), ("preprocess", preprocess), ("augment", augment)) if v is not None})
+        model_options = parse_options(model_opt, "--model-opt")
+        method_options = parse_options(method_opt, "--method-opt")
+        if resume and run_dir and (Path(run_dir) / "config.json").exists() and not recipe and not model and not dataset:
+            stored = read_run_spec(run_dir)  # `--resume --run-dir R` alone continues R as it was
+            spec = {t: dict(stored.get(t, {})) for t in ("recipe", "paper", "model", "data", "method", "train")}
+            spec["recipe"].pop("path", None)
+            spec["train"].update(train)
+        else:
+            spec = make_spec(
+                recipe, model=model, dataset=dataset, method=method, model_options=model_options,
+                data_options=data_options, method_options=method_options, train=train,
+            )
+        if run_dir is None:
+            stamp = _time.strftime("%Y%m%d-%H%M%S")
+            run_dir = f"runs/{spec['model']['name']}-{spec['data']['name']}-{spec['method']['name']}-{stamp}"
+        typer.echo(f"run directory: {run_dir}", err=True)
+        summary = train_spec(spec, run_dir, resume=resume, progress=not no_progress, data_dir=data_dir)
+    except TrainingDiverged as exc:
+        fail(str(exc), code=1)
+    except (ValueError, TypeError, FileNotFoundError, DataNotFoundError, CheckpointError, ShapeMismatchError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if summary.get("test_error_at_best") is not None:
+        typer.echo(
+            f"best epoch {summary['best_epoch']}: test error {summary['test_error_at_best']:.2f}% "
+            f"(test accuracy {100 - summary['test_error_at_best']:.2f}%) — {summary['selection']}; run: {run_dir}"
+        )
+    elif summary.get("test_loss_at_best") is not None:
+        typer.echo(f"best epoch {summary['best_epoch']}: test loss {summary['test_loss_at_best']:.4f} nats/char; run: {run_dir}")
 
 
 @app.command("eval")
-def eval_cmd() -> None:
-    """Evaluate a run directory or checkpoint."""
-    _not_yet("eval", 3)
+def eval_cmd(
+    target: str = typer.Argument(..., help="A `lowbit train` run directory or a checkpoint file inside one."),
+    which: str = typer.Option("best", "--which", help="best (best-validation epoch) or last checkpoint of a run directory."),
+    split: list[str] = typer.Option([], "--split", help="Split(s) to evaluate (default: valid and test)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default: as the run)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Evaluate a run directory or checkpoint (loss, accuracy, error per split)."""
+    from lowbit.data import DataNotFoundError
+    from lowbit.train import CheckpointError, ShapeMismatchError
+    from lowbit.train.runs import evaluate_run
+
+    try:
+        result = evaluate_run(target, which=which, splits=list(split) or None, device=device, data_dir=data_dir)
+    except (ValueError, FileNotFoundError, DataNotFoundError, CheckpointError, ShapeMismatchError, RuntimeError, KeyError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{result['checkpoint']} (epoch {result['epoch']})")
+    for name, m in result.items():
+        if isinstance(m, dict):
+            typer.echo(f"  {name:<6} loss {m['loss']:.4f}  accuracy {100 * m['acc']:.2f}%  error {m['error']:.2f}%")
 
 
 @app.command("datasets")
-def datasets_cmd() -> None:
-    """List datasets and whether they are available offline."""
-    _not_yet("datasets", 3)
+def datasets_cmd(
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List datasets, whether they are available offline, and where their files go."""
+    from lowbit import data as _data
+
+    rows = _data.status(data_dir)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"datasets (data dir: {data_dir or _data.default_data_dir()})")
+    for col in ("name", "offline", "splits (default first)", "preprocess", "files / where", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        splits = [r["default_split"], *[s for s in r["splits"] if s != r["default_split"]]]
+        table.add_row(
+            r["name"], "yes" if r["available"] else "no", ", ".join(splits),
+            r["default_preprocess"], r["where"], r["description"],
+        )
+    Console(width=max(120, Console().width)).print(table)
 
 
 @app.command("models")
-def models_cmd() -> None:
-    """List the reference models."""
-    _not_yet("models", 3)
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the reference models (name, task, default input shape and classes, description)."""
+    from lowbit import models as _models
+
+    rows = _models.describe()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=list))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="models (lowbit.models.create(name, input_shape=..., num_classes=..., **options))")
+    for col in ("name", "task", "default input", "classes", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["task"], "x".join(map(str, r["input_shape"])), str(r["num_classes"]), r["description"])
+    Console(width=max(120, Console().width)).print(table)
 
 
 @app.command("summary")
@@ -169,9 +299,97 @@ def summary_cmd(
 
 
 @app.command("ptq")
-def ptq_cmd() -> None:
-    """Post-training quantization (FGQ / DFP)."""
-    _not_yet("ptq", 8)
+def ptq_cmd(
+    source: str = typer.Argument(..., help="A `lowbit train` run directory or a checkpoint file of a float model."),
+    method: str = typer.Option("fgq", "--method", help="Post-training method (fgq)."),
+    dataset: str = typer.Option(None, "--dataset", help="Calibration/evaluation dataset (default: the run's)."),
+    model: str = typer.Option(None, "--model", help="Architecture name when the checkpoint has no config.json."),
+    group_size: str = typer.Option("4", "--group-size", "-n", help="N weights per alpha: an int, 'layer' or 'channel'."),
+    group_axis: str = typer.Option("in", "--group-axis", help="'in' (N inputs of one output) or 'out' (N filters)."),
+    weight_bits: int = typer.Option(2, "--weight-bits", help="2 = ternary, 3..8 = k-bit groups."),
+    act_bits: int = typer.Option(8, "--act-bits", help="DFP activation bits (8 or 4); 0 keeps activations float."),
+    rule: str = typer.Option(None, "--rule", help="exact | 0.7 (ternary), mse | max (k-bit)."),
+    act_mode: str = typer.Option("calibrated", "--act-mode", help="calibrated | dynamic exponents."),
+    calibration: str = typer.Option("max", "--calibration", help="max | percentile."),
+    percentile: float = typer.Option(99.99, "--percentile", help="Percentile for --calibration percentile."),
+    calib_samples: int = typer.Option(2048, "--calib-samples", help="Training samples used to calibrate."),
+    keep: str = typer.Option("first,last", "--keep", help="Layers kept float: 'first,last', globs, or 'none'."),
+    fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm before quantizing."),
+    out: str = typer.Option(None, "--out", "-o", help="Output file (default: next to the run, ptq-fgq-*.pt)."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Test accuracy before and after."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Post-training quantization (FGQ / DFP): ternary or k-bit weight groups + DFP activations.
+
+    Example: lowbit ptq runs/mlp --group-size 4 --act-bits 8
+    """
+    import time
+    from pathlib import Path
+
+    from lowbit import data as lb_data
+    from lowbit import ptq
+
+    if method != "fgq":
+        fail(f"unknown post-training method {method!r}; available: fgq")
+    gs: int | str = int(group_size) if group_size.isdigit() else group_size
+    if isinstance(gs, str) and gs not in ("layer", "channel"):
+        fail(f"--group-size must be an int, 'layer' or 'channel', got {group_size!r}")
+    keep_t: tuple[str, ...] = () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
+    try:
+        net, info = ptq.load_float_model(source, model=model)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        fail(str(exc))
+    ds_name = dataset or info.get("dataset")
+    if ds_name is None:
+        fail("no dataset to calibrate on: pass --dataset NAME (see `lowbit datasets`)")
+    try:
+        splits = lb_data.load(ds_name, data_dir=data_dir)
+    except Exception as exc:  # DataNotFoundError and friends: one line
+        fail(f"cannot load dataset {ds_name!r}: {exc}")
+    calib = splits.train.x[:calib_samples]
+    result: dict = {"source": info["checkpoint"], "model": info["model"]["name"], "dataset": ds_name}
+    if evaluate:
+        result["float_acc"] = ptq.accuracy(net, splits.test)
+    t0 = time.perf_counter()
+    try:
+        ptq.fgq(
+            net,
+            calib,
+            group_size=gs,
+            weight_bits=weight_bits,
+            act_bits=act_bits or None,
+            group_axis=group_axis,
+            rule=rule,
+            act_mode=act_mode,
+            act_calibration=calibration,
+            percentile=percentile,
+            keep=keep_t,
+            fold_bn=fold_bn,
+        )
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+    result["ptq_seconds"] = round(time.perf_counter() - t0, 3)
+    if evaluate:
+        result["fgq_acc"] = ptq.accuracy(net, splits.test)
+    rows = ptq.report(net)
+    tag = f"n{gs}-{group_axis}-w{weight_bits}-a{act_bits or 32}"
+    if out is None:
+        src = Path(info["checkpoint"])
+        base = src.parent.parent if src.parent.name == "checkpoints" else src.parent
+        out = str(base / f"ptq-fgq-{tag}.pt")
+    ptq.save_quantized(net, out, {**info, "accuracy": {k: v for k, v in result.items() if k.endswith("_acc")}})
+    result["out"] = out
+    result["layers"] = [r.as_dict() for r in rows]
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    typer.echo(f"FGQ {tag} of {info['model']['name']} ({result['source']}), calibrated on {len(calib)} {ds_name} samples")
+    typer.echo(ptq.format_report(rows))
+    if evaluate:
+        drop = result["float_acc"] - result["fgq_acc"]
+        typer.echo(f"test accuracy: float {result['float_acc']:.2f}%  ->  fgq {result['fgq_acc']:.2f}%  ({drop:+.2f} points lost)")
+    typer.echo(f"quantized in {result['ptq_seconds']:.2f} s; written to {out}")
 
 
 @app.command("pack")
@@ -194,6 +412,9 @@ def bench_cmd(
     size: int = typer.Option(4096, help="Layer size N = K."),
     batch: int = typer.Option(64, help="Batch of the GEMM case."),
     variants: bool = typer.Option(True, help="Also time asymmetric / grouped ternary and the custom op."),
+    clock: str = typer.Option(
+        "wall", help="'wall', or 'cpu' (calling thread's CPU time; steadier on a shared VM, --threads 1 only)."
+    ),
     json_out: str = typer.Option("", "--json", help="Also write the rows to this JSON file."),
 ) -> None:
     """Benchmark the kernels against PyTorch fp32 F.linear and PyTorch dynamic int8, same run."""
@@ -206,7 +427,12 @@ def bench_cmd(
     except ValueError:
         fail(f"--threads must be comma-separated integers, got {threads!r}")
     typer.echo(bench.HEADER)
-    rows = bench.bench_kernels(size=size, threads=counts, reps=reps, batch=batch, variants=variants, log=typer.echo)
+    try:
+        rows = bench.bench_kernels(
+            size=size, threads=counts, reps=reps, batch=batch, variants=variants, clock=clock, log=typer.echo
+        )
+    except ValueError as exc:
+        fail(str(exc))
     if json_out:
         with open(json_out, "w", encoding="utf-8") as f:
             json.dump(bench.rows_as_dicts(rows), f, indent=1)

@@ -6,9 +6,9 @@ Rules, in order:
    ``nn.Linear``, ``nn.Conv2d``, ``nn.LSTM`` (subclasses included). Linear layers inside an
    ``nn.MultiheadAttention`` are skipped (MHA reads their weights directly, a swap would be
    ignored); build attention from plain ``nn.Linear`` layers to quantize it.
-2. ``include`` (module-name globs, ``fnmatch`` style): only matching candidates; a pattern that
-   names an unsupported weight layer (Conv1d, GRU, Embedding, ...) raises ``TypeError``; a
-   pattern that matches nothing raises ``ValueError``.
+2. ``include`` (module-name globs, ``fnmatch`` style): only matching candidates; naming an
+   unsupported weight layer exactly (Conv1d, GRU, Embedding, ...) raises ``TypeError`` (a
+   wildcard just skips it); a pattern that matches nothing raises ``ValueError``.
 3. ``keep`` (default ``("first", "last")``): these stay float. ``"first"``/``"last"`` are the
    first and last candidates; other entries are globs. ``keep=()`` quantizes everything.
 4. ``exclude`` (globs): also stay float.
@@ -171,7 +171,8 @@ def quantize(
                 )
             for n in hits:
                 mod = all_named[n]
-                if isinstance(mod, UNSUPPORTED) and n not in names:
+                # A layer named exactly (not through a wildcard) must be quantizable.
+                if n == pattern and isinstance(mod, UNSUPPORTED) and n not in names:
                     raise TypeError(
                         f"layer {n!r} is a {type(mod).__name__}, which lowbit cannot quantize "
                         f"(supported: nn.Linear, nn.Conv2d, nn.LSTM). Remove it from include=."

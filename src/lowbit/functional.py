@@ -50,7 +50,6 @@ __all__ = [
     "ste",
     "ternarize",
     "to_units",
-    "ttq",
     "twn",
     "unit_max_abs",
     "unit_mean_abs",
@@ -276,15 +275,25 @@ def dequantize(
 # Binary and ternary weights
 
 
-def bwn(w: torch.Tensor, granularity: GranularityLike = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bwn(
+    w: torch.Tensor, granularity: GranularityLike = None, *, codes_dtype: torch.dtype = torch.int8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled binary weights (BWN / XNOR-Net, the LAB closed form with d = 1, §3.2).
 
     ``alpha = mean|w|`` per unit minimises ``||w - alpha * sign(w)||²`` for fixed signs.
-    Returns ``(alpha, codes)``: alpha in scale shape, int8 codes ±1 (sign(0) = +1).
+    Returns ``(alpha, codes)``: alpha in scale shape, codes ±1 (sign(0) = +1) as
+    ``codes_dtype`` (int8; quantizers ask for the float dtype to skip casts in training).
     """
     g = _gran(granularity)
     w = w.detach()
-    return unit_mean_abs(w, g), sign(w).to(torch.int8)
+    if g.kind in ("tensor", "channel") and w.dim() > 0:
+        rows = w.reshape(1, -1) if g.kind == "tensor" else _rows(w)
+        # One pass, no |w| temporary (QAT step time).
+        alpha = torch.linalg.vector_norm(rows, 1, dim=1) / rows.shape[1]
+        alpha = alpha.reshape(g.scale_shape(w.shape))
+    else:
+        alpha = unit_mean_abs(w, g)
+    return alpha, sign(w).to(codes_dtype)
 
 
 def ternarize(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -301,7 +310,11 @@ def ternarize(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
 
 
 def twn(
-    w: torch.Tensor, rule: str = "exact", granularity: GranularityLike = None
+    w: torch.Tensor,
+    rule: str = "exact",
+    granularity: GranularityLike = None,
+    *,
+    codes_dtype: torch.dtype = torch.int8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary weights ``alpha * codes`` minimising ``||w - alpha * codes||²`` per unit (TWN; §4.1).
 
@@ -313,11 +326,14 @@ def twn(
     * ``rule="0.7"``: the TWN heuristic ``Delta = 0.7 * mean|w|`` (Li & Liu 2016, eq. 10),
       then ``alpha = mean`` of the kept ``|w|``.
 
-    Returns ``(alpha, codes)``: alpha in scale shape (0 for an all-zero unit), int8 codes.
+    Returns ``(alpha, codes)``: alpha in scale shape (0 for an all-zero unit), codes in
+    {-1, 0, 1} as ``codes_dtype`` (int8 by default).
     """
     g = _gran(granularity)
     w = w.detach()
     shape = tuple(w.shape)
+    if rule == "0.7" and g.kind in ("tensor", "channel") and w.dim() > 0:
+        return _twn07_rows(w, g, codes_dtype)
     units, counts = to_units(w, g)
     a = units.abs()
     if rule == "0.7":
@@ -344,8 +360,24 @@ def twn(
         raise ValueError(f"unknown TWN rule {rule!r}: choose 'exact' or '0.7'")
     kept = kept & (alpha > 0)[:, None]
     codes_u = torch.where(kept, sign(units), torch.zeros((), dtype=a.dtype, device=a.device))
-    codes = from_units(codes_u, shape, g).to(torch.int8)
+    codes = from_units(codes_u, shape, g).to(codes_dtype)
     return _to_scale_shape(alpha, shape, g), codes
+
+
+def _twn07_rows(
+    w: torch.Tensor, g: Granularity, codes_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The 0.7 rule per tensor / per channel with as few passes over the weight as eager PyTorch
+    # allows: it runs on every training step.
+    rows = w.reshape(1, -1) if g.kind == "tensor" else _rows(w)
+    a = rows.abs()
+    delta = a.mean(1, keepdim=True) * 0.7
+    drop = ~(a > delta)
+    nkept = rows.shape[1] - drop.sum(1)
+    alpha = a.masked_fill_(drop, 0).sum(1) / nkept.clamp(min=1).to(a.dtype)
+    # Kept weights are nonzero, where torch.sign agrees with the lowbit sign rule.
+    codes = torch.sign(rows).masked_fill_(drop, 0)
+    return alpha.reshape(g.scale_shape(w.shape)), codes.reshape(w.shape).to(codes_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +400,8 @@ def kbit_linear(
     bits: int,
     granularity: GranularityLike = None,
     clip: torch.Tensor | float | None = None,
+    *,
+    codes_dtype: torch.dtype = torch.int8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric uniform k-bit weights (LAQ linear levels ``alpha * {0, ±1/q, ..., ±1}``, §3.5; QNN §2.7).
 
@@ -391,7 +425,7 @@ def kbit_linear(
     step = alpha / q
     step = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round(w / expand_scales(step, w.shape, g)).clamp(-q, q)
-    return step, codes.to(torch.int8)
+    return step, codes.to(codes_dtype)
 
 
 def linear_fake_quantize(

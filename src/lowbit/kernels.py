@@ -35,9 +35,26 @@ __all__ = [
     "binary_gemm",
     "binary_matmul_reference",
     "cpu_features",
+    "int4_gemm",
+    "int4_linear",
+    "int4_tiles_shape",
+    "pack_int4",
+    "pack_int4_reference",
     "pack_signs",
     "pack_signs_reference",
+    "pack_ternary",
+    "pack_ternary_reference",
+    "pack_ternary_scales",
     "packed_row_bytes",
+    "pad_bias",
+    "quantize_activations",
+    "quantize_activations_reference",
+    "ternary_gemm",
+    "ternary_linear",
+    "ternary_matmul_reference",
+    "ternary_tiles_shape",
+    "unpack_int4",
+    "unpack_ternary",
     "use_isa",
 ]
 
@@ -221,14 +238,41 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
         )
     src = _as_numpy(codes.to(torch.int8))
     out = torch.empty(ternary_tiles_shape(*codes.shape), dtype=torch.uint8)
-    _ext.ternary_pack(src, out.numpy())
+    _ext.pack_tiles(src, out.numpy(), 2)
     return out
 
 
 def unpack_ternary(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_ternary`: int8 codes ``(n, k)``."""
     out = torch.empty((n, k), dtype=torch.int8)
-    _ext.ternary_unpack(_as_numpy(tiles), int(n), int(k), out.numpy())
+    _ext.unpack_tiles(_as_numpy(tiles), int(n), int(k), out.numpy(), 2)
+    return out
+
+
+def int4_tiles_shape(n: int, k: int) -> tuple[int, int, int]:
+    """Shape of packed 4-bit weights of an ``(n, k)`` layer: ``(ceil(n/16), 2*ceil(k/16), 64)``."""
+    return ((n + 15) // 16, 2 * ((k + 15) // 16), 64)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 4-bit codes ``(N, K)`` in [-8, 7] (3-bit codes too) into uint8 tiles.
+
+    Same 64-byte tiles as ternary, 8 k per tile: byte ``4*r + j`` of tile ``(rb, kt)`` holds
+    ``code + 8`` of row ``16*rb + r`` at ``k = 8*kt + j`` (low nibble) and ``8*kt + 4 + j`` (high).
+    """
+    if codes.dim() != 2:
+        raise ValueError(
+            f"pack_int4 expects 2-D codes (out_features, in_features); got shape {tuple(codes.shape)}"
+        )
+    out = torch.empty(int4_tiles_shape(*codes.shape), dtype=torch.uint8)
+    _ext.pack_tiles(_as_numpy(codes.to(torch.int8)), out.numpy(), 4)
+    return out
+
+
+def unpack_int4(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes ``(n, k)``."""
+    out = torch.empty((n, k), dtype=torch.int8)
+    _ext.unpack_tiles(_as_numpy(tiles), int(n), int(k), out.numpy(), 4)
     return out
 
 
@@ -378,9 +422,23 @@ def ternary_gemm(
         int(n),
         out.numpy(),
         None if out_p is None else out_p.numpy(),
+        2,
         _num_threads(),
     )
     return (out, out_p) if out_p is not None else out
+
+
+def int4_gemm(a: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer 4-bit GEMM: int8 ``(M, K)`` × tiles from :func:`pack_int4` → exact int32 ``a @ codes.T``."""
+    if a.dtype != torch.int8 or a.dim() != 2:
+        raise TypeError(
+            f"int4_gemm expects 2-D int8 activations; got {a.dtype} of shape {tuple(a.shape)}"
+        )
+    out = torch.empty((a.shape[0], n), dtype=torch.int32)
+    _ext.ternary_gemm_i32(
+        _as_numpy(a), _as_numpy(tiles), int(n), out.numpy(), None, 4, _num_threads()
+    )
+    return out
 
 
 def _ternary_linear_impl(
@@ -394,6 +452,7 @@ def _ternary_linear_impl(
     act_mode: int,
     exponent: int,
     relu: bool,
+    bits: int = 2,
 ) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -412,6 +471,7 @@ def _ternary_linear_impl(
         int(exponent),
         bool(relu),
         out.numpy(),
+        int(bits),
         _num_threads(),
     )
     return out.reshape(*lead, out_features)
@@ -446,6 +506,26 @@ def ternary_linear(
     )
 
 
+def int4_linear(
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_features: int,
+    group_size: int = 0,
+    act: str = "absmax",
+    exponent: int | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Fused 4-bit linear layer (tiles from :func:`pack_int4`, scales from :func:`pack_ternary_scales`
+    without ``asym``): like :func:`ternary_linear` with ``y = D * scale * a_inv + bias``."""
+    mode, e = _act_mode(act, exponent)
+    return _ternary_linear_impl(
+        x, tiles, scale, None, bias, out_features, group_size, mode, e, relu, 4
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library custom ops: the packed modules call these, so torch.compile and torch.export see
 # one opaque op with a fake (meta) implementation instead of tracing into NumPy.
@@ -476,6 +556,30 @@ def _(x, tiles, scale, scale2, bias, out_features, group_size, act_mode, exponen
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
 
 
+@torch.library.custom_op("lowbit::int4_linear", mutates_args=(), device_types="cpu")
+def _int4_linear_op(
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    group_size: int,
+    act_mode: int,
+    exponent: int,
+    relu: bool,
+) -> torch.Tensor:
+    return _ternary_linear_impl(
+        x, tiles, scale, None, bias, out_features, group_size, act_mode, exponent, relu, 4
+    )
+
+
+@_int4_linear_op.register_fake
+def _(x, tiles, scale, bias, out_features, group_size, act_mode, exponent, relu):  # type: ignore[no-untyped-def]
+    torch._check(tiles.dim() == 3 and tiles.shape[0] == (out_features + 15) // 16)
+    torch._check(tiles.shape[1] * 8 >= x.shape[-1])
+    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
 @torch.library.custom_op("lowbit::ternary_gemm_i32", mutates_args=(), device_types="cpu")
 def _ternary_gemm_i32_op(a: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
     out = ternary_gemm(a, tiles, out_features)
@@ -502,6 +606,16 @@ def pack_ternary_reference(codes: np.ndarray) -> np.ndarray:
     c = c.reshape(rb, 16, kt, 4, 4).transpose(0, 2, 1, 4, 3)
     byte = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
     return byte.reshape(rb, kt, 64).astype(np.uint8)
+
+
+def pack_int4_reference(codes: np.ndarray) -> np.ndarray:
+    """The 4-bit tile layout written with NumPy reshapes (padding codes are 8, i.e. weight 0)."""
+    n, k = codes.shape
+    rb, kt, _ = int4_tiles_shape(n, k)
+    c = np.full((rb * 16, kt * 8), 8, dtype=np.uint8)
+    c[:n, :k] = np.asarray(codes, dtype=np.int64) + 8
+    c = c.reshape(rb, 16, kt, 2, 4).transpose(0, 2, 1, 4, 3)  # (rb, kt, r, j, nibble)
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(rb, kt, 64).astype(np.uint8)
 
 
 def quantize_activations_reference(

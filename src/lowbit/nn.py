@@ -49,6 +49,33 @@ __all__ = [
 # Weight quantizers
 
 
+class _QuantizeSTE(torch.autograd.Function):
+    """Forward: ``dequantize(*quantizer.quantize(w))``; backward: ``g * grad_mask(w)`` (or ``g``).
+
+    One autograd node instead of the ``w_q + (w - w.detach())`` arithmetic: no extra passes over
+    the weight in the forward, none in the backward when there is no mask (QAT step overhead).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:  # type: ignore[override]
+        codes, scales = quantizer.quantize(w)
+        w_q = F.dequantize(
+            codes, scales, quantizer.format, quantizer.bits, quantizer.granularity, w.shape
+        )
+        mask = quantizer.grad_mask(w)
+        ctx.has_mask = mask is not None
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return w_q.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        if ctx.has_mask:
+            (mask,) = ctx.saved_tensors
+            return g * mask, None
+        return g, None
+
+
 class WeightQuantizer(nn.Module):
     """Base weight quantizer: ``forward(w) -> quantized float weight``, ``export(w) -> QuantizedWeight``.
 
@@ -60,6 +87,11 @@ class WeightQuantizer(nn.Module):
 
     ``export()`` without an argument uses the weight this quantizer saw in its last forward pass;
     layers call ``export(self.weight)`` (see ``QuantLinear.quantized_weight``).
+
+    Gradients: with no trainable parameters of its own, the forward is a single autograd node
+    (value ``dequantize(*quantize(w))``, gradient ``g * grad_mask(w)``). If the quantizer owns
+    trainable parameters (learned scales) that ``quantize`` uses differentiably, the forward
+    keeps autograd through ``quantize`` so they receive their gradient (:func:`functional.ste`).
     """
 
     format: str = "float"
@@ -82,7 +114,11 @@ class WeightQuantizer(nn.Module):
 
     # -- to implement ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes int8 of w.shape, scales in granularity shape)`` for the detached weight ``w``."""
+        """``(codes of w.shape, scales in granularity shape)`` for the detached weight ``w``.
+
+        Codes may be returned in ``w``'s float dtype (saves two casts per training step);
+        :meth:`export` converts them to int8.
+        """
         raise NotImplementedError
 
     def grad_mask(self, w: torch.Tensor) -> torch.Tensor | None:
@@ -91,11 +127,14 @@ class WeightQuantizer(nn.Module):
 
     # -- provided --------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        self.__dict__["_last_weight"] = w
-        wd = w.detach()
-        codes, scales = self.quantize(wd)
-        w_q = F.dequantize(codes, scales, self.format, self.bits, self.granularity, wd.shape)
-        return F.ste(w, w_q, self.grad_mask(wd))
+        self.__dict__["_last_weight"] = w.detach()  # shares storage; deepcopy-safe
+        if any(p.requires_grad for p in self.parameters(recurse=False)) and torch.is_grad_enabled():
+            # Learned scales: keep autograd through quantize() so they get their gradient.
+            wd = w.detach()
+            codes, scales = self.quantize(wd)
+            w_q = F.dequantize(codes, scales, self.format, self.bits, self.granularity, wd.shape)
+            return F.ste(w, w_q, self.grad_mask(wd))
+        return _QuantizeSTE.apply(w, self)
 
     def _resolve(self, w: torch.Tensor | None) -> torch.Tensor:
         if w is None:
@@ -141,7 +180,7 @@ class FloatWeight(WeightQuantizer):
         super().__init__(bits=32)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        self.__dict__["_last_weight"] = w
+        self.__dict__["_last_weight"] = w.detach()  # shares storage; deepcopy-safe
         return w
 
     def export(self, w: torch.Tensor | None = None) -> QuantizedWeight:
@@ -165,7 +204,7 @@ class SignWeight(WeightQuantizer):
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scales = torch.ones(self.granularity.scale_shape(w.shape), dtype=w.dtype, device=w.device)
-        return F.sign(w).to(torch.int8), scales
+        return F.sign(w), scales
 
 
 class KBitLinearWeight(WeightQuantizer):
@@ -178,7 +217,7 @@ class KBitLinearWeight(WeightQuantizer):
         self.clip = clip
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        step, codes = F.kbit_linear(w, self.bits, self.granularity, self.clip)
+        step, codes = F.kbit_linear(w, self.bits, self.granularity, self.clip, codes_dtype=w.dtype)
         return codes, step
 
     def grad_mask(self, w: torch.Tensor) -> torch.Tensor | None:

@@ -80,7 +80,9 @@ def prox_targets(model: nn.Module) -> list[ProxTarget]:
                 p = getattr(module, pname)
                 for j, q in enumerate(module.weight_quantizer[key]):
                     if _is_prox(q):
-                        out.append(ProxTarget(p, q, slice(j * h, (j + 1) * h), f"{name}.{pname}[{j}]"))
+                        out.append(
+                            ProxTarget(p, q, slice(j * h, (j + 1) * h), f"{name}.{pname}[{j}]")
+                        )
             continue
         q = getattr(module, "weight_quantizer", None)
         p = getattr(module, "weight", None)
@@ -101,7 +103,9 @@ class LossAwareOptimizer(torch.optim.Optimizer):
     ``clip`` and ``eps`` are read from each quantizer (method options ``clip`` and ``eps``).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, targets: Iterable[ProxTarget], beta2: float = 0.999) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, targets: Iterable[ProxTarget], beta2: float = 0.999
+    ) -> None:
         # Deliberately no super().__init__: param_groups/state/defaults are the base optimizer's.
         self.optimizer = optimizer
         self.beta2 = float(beta2)
@@ -120,7 +124,9 @@ class LossAwareOptimizer(torch.optim.Optimizer):
             t.quantizer.__dict__["_attached"] = True
 
     @classmethod
-    def from_model(cls, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> LossAwareOptimizer:
+    def from_model(
+        cls, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
+    ) -> LossAwareOptimizer:
         """Wrap ``optimizer`` for every loss-aware quantized weight of ``model``."""
         if isinstance(optimizer, LossAwareOptimizer):
             return optimizer
@@ -206,6 +212,9 @@ class LossAwareOptimizer(torch.optim.Optimizer):
                 if clip is not None:
                     t.view(p).clamp_(-clip, clip)
             for t in targets:
-                eps = float(getattr(t.quantizer, "eps", 1e-8))
-                d = t.view(v).sqrt().add_(eps)
-                t.quantizer.prox_update(t.view(p), d)
+                fused = getattr(t.quantizer, "prox_update_moment", None)
+                if callable(fused):
+                    fused(t.view(p), t.view(v))
+                else:
+                    eps = float(getattr(t.quantizer, "eps", 1e-8))
+                    t.quantizer.prox_update(t.view(p), t.view(v).sqrt().add_(eps))

@@ -50,6 +50,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,7 +73,10 @@ __all__ = [
     "format_report",
     "integer_forward",
     "integer_layer",
+    "load_float_model",
+    "load_quantized",
     "report",
+    "save_quantized",
 ]
 
 log = logging.getLogger("lowbit.ptq")
@@ -698,7 +702,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             count += len(y)
         losses.append(total / max(count, 1))
     model.eval()
@@ -708,3 +712,174 @@ def finetune(
     if calibration is not None:
         calibrate(model, calibration)
     return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: float models in, quantized checkpoints out (for ``lowbit ptq``)
+
+PTQ_FORMAT = "lowbit-ptq-1"
+
+
+def _model_spec(config: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    spec = config.get("model")
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict):
+        if isinstance(spec.get("options"), dict):
+            opts = dict(spec["options"])
+        else:
+            opts = {k: v for k, v in spec.items() if k != "name"}
+        return spec.get("name"), opts
+    return None, {}
+
+
+def _resolve_checkpoint(source: Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint file, the run's config.json or {}) for a run dir, checkpoints dir or file."""
+    import json
+
+    from lowbit.train.checkpoint import latest
+
+    if source.is_dir():
+        ckdir = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        path = latest(ckdir, "best") or latest(ckdir, "last")
+        if path is None:
+            candidates = sorted(ckdir.glob("*.pt"))
+            if not candidates:
+                raise FileNotFoundError(
+                    f"no checkpoint in {source}: expected a run directory with checkpoints/ "
+                    "(lowbit train) or a .pt file"
+                )
+            path = candidates[-1]
+    elif source.is_file():
+        path = source
+    else:
+        raise FileNotFoundError(f"{source} does not exist (give a run directory or a checkpoint)")
+    config: dict[str, Any] = {}
+    for d in (path.parent, path.parent.parent):
+        if (d / "config.json").is_file():
+            config = json.loads((d / "config.json").read_text())
+            break
+    return path, config
+
+
+def load_float_model(
+    source: str | Path,
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A float model from a ``lowbit train`` run directory (best checkpoint, else the last) or a
+    checkpoint file (``{"model": state_dict, ...}`` or a bare state dict), in eval mode.
+
+    The architecture comes from the run's ``config.json`` (``{"model": {"name", "options"}}``)
+    unless ``model`` (a ``lowbit.models`` name) is given. Returns ``(model, info)`` with the
+    model spec, the dataset named in the config (if any) and the checkpoint path.
+    """
+    from lowbit import models
+    from lowbit.train.checkpoint import load_checkpoint
+
+    path, config = _resolve_checkpoint(Path(source))
+    name, opts = _model_spec(config)
+    if model is not None:
+        name, opts = model, {}
+    opts.update(model_options or {})
+    if name is None:
+        raise ValueError(
+            f"cannot tell which architecture {path} holds: no config.json with a model entry next "
+            "to it; pass the model name (lowbit ptq --model NAME)"
+        )
+    if input_shape is not None:
+        opts.setdefault("input_shape", tuple(input_shape))
+    if num_classes is not None:
+        opts.setdefault("num_classes", int(num_classes))
+    if "input_shape" in opts:
+        opts["input_shape"] = tuple(opts["input_shape"])
+    net = models.create(name, **opts)
+    state = load_checkpoint(path)
+    sd = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    net.load_state_dict(sd)
+    net.eval()
+    ds = config.get("dataset")
+    dataset = ds.get("name") if isinstance(ds, dict) else ds
+    return net, {
+        "model": {"name": name, "options": opts},
+        "dataset": dataset,
+        "checkpoint": str(path),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_quantized(model: nn.Module, path: str | Path, info: dict[str, Any]) -> Path:
+    """Write an FGQ model as a checkpoint (atomic; loads with ``weights_only=True``): the model
+    spec (``info["model"]``), the PTQ options, the state dict (latent weights after BN folding,
+    calibrated exponents) and the report. :func:`load_quantized` rebuilds it."""
+    import io
+
+    from lowbit.train.checkpoint import atomic_write_bytes
+
+    ptq_info = model.__dict__.get("_lowbit_ptq", {})
+    payload = {
+        "format": PTQ_FORMAT,
+        "model_spec": _plain(info.get("model", {})),
+        "ptq": _plain(ptq_info.get("options", {})),
+        "folded_bn": _plain(ptq_info.get("folded_bn", [])),
+        "extra": _plain({k: v for k, v in info.items() if k != "model"}),
+        "report": [_plain(r.as_dict()) for r in report(model)],
+        "state_dict": model.state_dict(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_quantized(path: str | Path) -> nn.Module:
+    """Rebuild a model written by :func:`save_quantized` (float architecture -> BN fold -> the
+    same FGQ quantization -> saved weights and exponents), in eval mode."""
+    from lowbit import models
+    from lowbit.convert import quantize
+
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != PTQ_FORMAT:
+        raise ValueError(f"{path} is not a lowbit PTQ checkpoint ({PTQ_FORMAT})")
+    spec = state["model_spec"]
+    opts = dict(spec.get("options", {}))
+    if "input_shape" in opts:
+        opts["input_shape"] = tuple(opts["input_shape"])
+    net = models.create(spec["name"], **opts).eval()
+    p = state["ptq"]
+    if p.get("fold_bn", True):
+        fold_batchnorm(net)
+    keep = p.get("keep")
+    quantize(
+        net,
+        "fgq",
+        keep=tuple(keep) if isinstance(keep, list) else keep,
+        include=p.get("include"),
+        exclude=p.get("exclude"),
+        overrides=p.get("overrides"),
+        group_size=p["group_size"],
+        group_axis=p.get("group_axis", "in"),
+        weight_bits=p["weight_bits"],
+        rule=p.get("rule"),
+        act_bits=p["act_bits"],
+        act_mode=p.get("act_mode", "calibrated"),
+        act_calibration=p.get("act_calibration", "max"),
+        percentile=p.get("percentile", 99.99),
+        act_signed=p.get("act_signed", "auto"),
+    )
+    net.load_state_dict(state["state_dict"])
+    net.eval()
+    net.__dict__["_lowbit_ptq"] = {"method": "fgq", "options": p, "folded_bn": state["folded_bn"]}
+    return net

@@ -14,11 +14,23 @@ import lowbit
 from lowbit.methods import fgq
 from lowbit.methods.fgq import DFPCalibratedAct, group_kbit, group_ternarize
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread (two spin badly on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------
 # Independent references (plain Python loops over groups, float64)
 
 
-def groups_of(w: torch.Tensor, n: int | str, axis: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+def groups_of(
+    w: torch.Tensor, n: int | str, axis: str
+) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """(alpha index, group values) for every group, built without lowbit's unit helpers."""
     rows = w.reshape(w.shape[0], -1).double()
     out, k = rows.shape
@@ -59,7 +71,9 @@ def brute_ternary(v: torch.Tensor) -> float:
     return best
 
 
-def group_error(w: torch.Tensor, codes: torch.Tensor, alphas: torch.Tensor, n: int | str, axis: str):
+def group_error(
+    w: torch.Tensor, codes: torch.Tensor, alphas: torch.Tensor, n: int | str, axis: str
+):
     wg = groups_of(w, n, axis)
     cg = groups_of(codes.double(), n, axis)
     errs = []
@@ -94,7 +108,9 @@ def test_group_ternarize_exact_equals_brute_force(shape, n, axis):
     assert tuple(alphas.shape) == gran.scale_shape(shape)
     # alphas are float32 values (what a .lowbit file stores)
     assert torch.equal(alphas, alphas.float().to(alphas.dtype))
-    for (idx, v), err in zip(groups_of(w, n, axis), group_error(w, codes, alphas, n, axis), strict=True):
+    for (idx, v), err in zip(
+        groups_of(w, n, axis), group_error(w, codes, alphas, n, axis), strict=True
+    ):
         best = brute_ternary(v)
         assert err <= best * (1 + 1e-6) + 1e-12, (idx, err, best)
 
@@ -240,8 +256,7 @@ def test_dfp_exponent_by_hand_unsigned_and_signed():
     # unsigned 4 bit: max 1.0 -> E = -3 (8 <= 15; 16 > 15)
     a = calibrated([torch.tensor([0.2, 1.0])], bits=4)
     assert a.exponent == -3
-    # rounding at the top: 255.5 * 2^-E must round to <= 255 -> 1.998 needs E = -6 unsigned? no:
-    # 1.998 * 128 = 255.74 rounds to 256 > 255, so E = -6
+    # rounding at the top: 1.998 * 128 = 255.74 rounds to 256 > 255, so E = -6, not -7
     a = calibrated([torch.tensor([1.998])], bits=8)
     assert a.exponent == -6
 
@@ -275,7 +290,6 @@ def test_calibration_max_vs_percentile_by_hand():
     apct.track = True
     apct(torch.cat(batches))
     assert apct.stats()["saturated"] == 1  # only the outlier
-    assert apct.calibrated_threshold is not None
 
 
 def test_dynamic_mode_picks_exponent_per_batch():
@@ -297,7 +311,9 @@ def test_dfp_values_are_ints_times_power_of_two():
     assert torch.equal(ints, torch.round(ints))
     assert ints.min() >= -128 and ints.max() <= 127
     # nothing saturates on the calibration data itself with the max rule
-    assert math.isclose(float(ints.abs().max()), float(torch.round(x.abs().max() * 2.0 ** (-a.exponent))))
+    assert math.isclose(
+        float(ints.abs().max()), float(torch.round(x.abs().max() * 2.0 ** (-a.exponent)))
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +322,9 @@ def test_dfp_values_are_ints_times_power_of_two():
 
 def test_fgq_method_registered_and_builds_quantizers():
     assert "fgq" in lowbit.methods.available()
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
     lowbit.quantize(model, "fgq", keep=(), group_size=8, weight_bits=4, act_bits=4)
     assert isinstance(model[0].weight_quantizer, fgq.FGQKBitWeight)
     assert model[0].quantized_weight().scales.shape == (16, 1)
@@ -320,7 +338,9 @@ def test_fgq_method_trains_with_straight_through_gradients():
     torch.manual_seed(7)
     x = torch.randn(256, 8)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
     lowbit.quantize(model, "fgq", keep=(), group_size=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []

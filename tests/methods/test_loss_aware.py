@@ -10,7 +10,6 @@ References used here, none of which share code with ``lowbit.methods.loss_aware`
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -93,11 +92,13 @@ def test_lat_e_matches_threshold_scan_on_larger_tensors() -> None:
         w_hat, _, _ = la.solve(w, d, "lat_e")
         # Every threshold between consecutive sorted magnitudes, alpha = weighted mean of the kept.
         a, dd = w.abs().tolist(), d.tolist()
-        best = sum(di * wi * wi for di, wi in zip(dd, a))  # keep nothing
+        best = sum(di * wi * wi for di, wi in zip(dd, a, strict=True))  # keep nothing
         for thr in sorted(set(a)):
             kept = [i for i in range(len(a)) if a[i] >= thr]
             alpha = sum(dd[i] * a[i] for i in kept) / sum(dd[i] for i in kept)
-            val = sum(dd[i] * ((alpha - a[i]) ** 2 if a[i] >= thr else a[i] ** 2) for i in range(len(a)))
+            val = sum(
+                dd[i] * ((alpha - a[i]) ** 2 if a[i] >= thr else a[i] ** 2) for i in range(len(a))
+            )
             best = min(best, val)
         assert _obj(w, d, w_hat) == pytest.approx(best, rel=1e-10)
 
@@ -123,7 +124,10 @@ def test_lab_closed_form_and_bwn() -> None:
     w32 = w.float().reshape(5, 10)
     _, _, s1 = la.solve(w32, None, "lab")
     assert float(s1) == pytest.approx(float(w32.abs().mean()), rel=1e-6)
-    assert torch.equal(la.solve(torch.tensor([0.0, -0.0, 1.0]), None, "lab")[1], torch.tensor([1, 1, 1], dtype=torch.int8))
+    assert torch.equal(
+        la.solve(torch.tensor([0.0, -0.0, 1.0]), None, "lab")[1],
+        torch.tensor([1, 1, 1], dtype=torch.int8),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +200,9 @@ def test_lat2_e_agrees_with_corrected_official_search() -> None:
 # Alternating schemes: never worse than the start, stop at a fixed point
 
 
-def _start_objective(w: torch.Tensor, d: torch.Tensor, scheme: str, codes0: torch.Tensor, bits: int = 3) -> float:
+def _start_objective(
+    w: torch.Tensor, d: torch.Tensor, scheme: str, codes0: torch.Tensor, bits: int = 3
+) -> float:
     """The warm start's value: codes0 (signs set to sign(w)) with their best scale(s)."""
     lv = _levels(scheme, bits)
     k = 2 ** (bits - 1) - 1
@@ -236,8 +242,12 @@ def test_alternating_never_worse_than_start_and_stationary(scheme: str) -> None:
             g = torch.Generator().manual_seed(seed)
             lo, hi = (-1, 1) if fmt.startswith("ternary") else (-3, 3)
             start_codes = codes0 = torch.randint(lo, hi + 1, w.shape, generator=g).to(torch.int8)
-        w_hat, codes, scales, info = la.solve(w, d, scheme, prev_codes=codes0, return_info=True, max_iter=50, tol=1e-12)
-        assert _obj(w, d, w_hat) <= _start_objective(w, d, scheme, start_codes) * (1 + 1e-12) + 1e-15
+        w_hat, codes, scales, info = la.solve(
+            w, d, scheme, prev_codes=codes0, return_info=True, max_iter=50, tol=1e-12
+        )
+        assert (
+            _obj(w, d, w_hat) <= _start_objective(w, d, scheme, start_codes) * (1 + 1e-12) + 1e-15
+        )
         # Fixed point: codes are the nearest levels for the scales, scales are optimal for the codes.
         assert int(info["iterations"].max()) < 50
         again, codes2, scales2 = la.solve(w, d, scheme, prev_codes=codes, max_iter=50, tol=1e-12)
@@ -333,7 +343,12 @@ def test_per_channel_equals_per_row_solves(scheme: str) -> None:
     # groups along the input dim, with a remainder group: the same as per-row solves of each chunk
     w_hat_g, codes_g, _ = la.solve(w, d, scheme, granularity="group", group_size=8)
     for lo in range(0, 33, 8):
-        sub = la.solve(w[:, lo : lo + 8].contiguous(), d[:, lo : lo + 8].contiguous(), scheme, granularity="channel")
+        sub = la.solve(
+            w[:, lo : lo + 8].contiguous(),
+            d[:, lo : lo + 8].contiguous(),
+            scheme,
+            granularity="channel",
+        )
         assert torch.equal(codes_g[:, lo : lo + 8], sub[1])
 
 
@@ -388,5 +403,12 @@ def test_layer_forward_equals_export(method: str, opts: dict, fmt: str) -> None:
         assert torch.equal(q.dequantize(), layer.weight_quantizer(layer.weight).detach())
     # step 0 is the unweighted problem from the TWN start
     w = model[2].weight.detach()
-    expect = la.solve(w, None, la.LossAwareMethod.scheme(lowbit.methods.get(method), {**lowbit.methods.get(method).defaults(), **opts})[0], opts.get("bits"))[0]
+    expect = la.solve(
+        w,
+        None,
+        la.LossAwareMethod.scheme(
+            lowbit.methods.get(method), {**lowbit.methods.get(method).defaults(), **opts}
+        )[0],
+        opts.get("bits"),
+    )[0]
     assert torch.equal(model[2].weight_quantizer(model[2].weight).detach(), expect)

@@ -89,35 +89,46 @@ void binary_gemm(Matrix<const uint8_t> a, Matrix<const uint8_t> w, int64_t k, Ma
 
 int64_t row_stride(int64_t rows, int64_t stride, int64_t cols) { return rows > 1 ? stride : cols; }
 
-void ternary_pack(Matrix<const int8_t> codes, nb::ndarray<uint8_t, nb::ndim<3>, nb::device::cpu, nb::c_contig> dst) {
+void check_bits(int bits) {
+    if (bits != 2 && bits != 4) throw std::invalid_argument("bits must be 2 (ternary) or 4 (int4)");
+}
+
+// k covered by one 64-byte tile: 16 for ternary (2-bit), 8 for int4.
+int64_t tile_k(int bits) { return bits == 4 ? 8 : 16; }
+
+void pack_tiles(Matrix<const int8_t> codes, nb::ndarray<uint8_t, nb::ndim<3>, nb::device::cpu, nb::c_contig> dst,
+                int bits) {
+    check_bits(bits);
     require_row_contiguous(codes, "codes");
     const int64_t n = (int64_t)codes.shape(0), k = (int64_t)codes.shape(1);
-    if ((int64_t)dst.shape(0) != lowbit::ternary_row_blocks(n) || (int64_t)dst.shape(1) != lowbit::ternary_kp(k) / 16 ||
-        dst.shape(2) != 64)
-        throw std::invalid_argument("dst must have shape (ceil(N/16), ceil(K/16), 64)");
+    if ((int64_t)dst.shape(0) != lowbit::ternary_row_blocks(n) ||
+        (int64_t)dst.shape(1) != lowbit::ternary_kp(k) / tile_k(bits) || dst.shape(2) != 64)
+        throw std::invalid_argument("dst must have shape (ceil(N/16), ceil(K/16) * 16 / tile_k, 64)");
     const int8_t* c = codes.data();
     uint8_t* d = dst.data();
     const int64_t stride = row_stride(n, (int64_t)codes.stride(0), k);
     nb::gil_scoped_release release;
-    lowbit::ternary_pack(c, n, k, stride, d);
+    if (bits == 4) lowbit::int4_pack(c, n, k, stride, d);
+    else lowbit::ternary_pack(c, n, k, stride, d);
 }
 
-void ternary_unpack(Tiles src, int64_t n, int64_t k, Dense<int8_t> out) {
-    if ((int64_t)src.shape(0) != lowbit::ternary_row_blocks(n) || (int64_t)src.shape(1) != lowbit::ternary_kp(k) / 16 ||
-        src.shape(2) != 64)
-        throw std::invalid_argument("packed weights do not match (n, k)");
-    if ((int64_t)out.shape(0) != n || (int64_t)out.shape(1) != k) throw std::invalid_argument("out must be (n, k)");
-    lowbit::ternary_unpack(src.data(), n, k, out.data());
-}
-
-void check_tiles(const Tiles& w, int64_t n, int64_t k) {
+void check_tiles(const Tiles& w, int64_t n, int64_t k, int bits) {
+    check_bits(bits);
     if (n < 1) throw std::invalid_argument("out_features must be >= 1");
-    if ((int64_t)w.shape(0) != lowbit::ternary_row_blocks(n) || (int64_t)w.shape(1) != lowbit::ternary_kp(k) / 16 ||
-        w.shape(2) != 64)
-        throw std::invalid_argument("packed ternary weights of shape (" + std::to_string(w.shape(0)) + ", " +
-                                    std::to_string(w.shape(1)) + ", " + std::to_string(w.shape(2)) +
-                                    ") do not fit out_features=" + std::to_string(n) + ", in_features=" +
-                                    std::to_string(k) + " (expected (ceil(N/16), ceil(K/16), 64))");
+    if ((int64_t)w.shape(0) != lowbit::ternary_row_blocks(n) ||
+        (int64_t)w.shape(1) != lowbit::ternary_kp(k) / tile_k(bits) || w.shape(2) != 64)
+        throw std::invalid_argument("packed " + std::to_string(bits) + "-bit weights of shape (" +
+                                    std::to_string(w.shape(0)) + ", " + std::to_string(w.shape(1)) + ", " +
+                                    std::to_string(w.shape(2)) + ") do not fit out_features=" + std::to_string(n) +
+                                    ", in_features=" + std::to_string(k) + " (expected (ceil(N/16), " +
+                                    std::to_string(lowbit::ternary_kp(k) / tile_k(bits)) + ", 64))");
+}
+
+void unpack_tiles(Tiles src, int64_t n, int64_t k, Dense<int8_t> out, int bits) {
+    check_tiles(src, n, k, bits);
+    if ((int64_t)out.shape(0) != n || (int64_t)out.shape(1) != k) throw std::invalid_argument("out must be (n, k)");
+    if (bits == 4) lowbit::int4_unpack(src.data(), n, k, out.data());
+    else lowbit::ternary_unpack(src.data(), n, k, out.data());
 }
 
 int64_t n_groups_for(int64_t kp, int64_t group_k) { return group_k > 0 ? (kp + group_k - 1) / group_k : 1; }
@@ -150,11 +161,12 @@ void quantize_act(Matrix<const float> x, int mode, int exponent, int64_t group, 
 
 // Integer path: D (and P for asymmetric ternary) from already-quantized int8 activations.
 void ternary_gemm_i32(Matrix<const int8_t> a, Tiles w, int64_t n, Matrix<int32_t> out,
-                      std::optional<Matrix<int32_t>> out_p, int n_threads) {
+                      std::optional<Matrix<int32_t>> out_p, int bits, int n_threads) {
     require_row_contiguous(a, "a");
     require_row_contiguous(out, "out");
     const int64_t m = (int64_t)a.shape(0), k = (int64_t)a.shape(1);
-    check_tiles(w, n, k);
+    check_tiles(w, n, k, bits);
+    if (out_p && bits != 2) throw std::invalid_argument("the asymmetric (P) output exists for ternary weights only");
     if ((int64_t)out.shape(0) != m || (int64_t)out.shape(1) != n) throw std::invalid_argument("out must be (M, N)");
     if (out_p) {
         require_row_contiguous(*out_p, "out_p");
@@ -169,6 +181,7 @@ void ternary_gemm_i32(Matrix<const int8_t> a, Tiles w, int64_t n, Matrix<int32_t
     args.kp = kp;
     args.n_valid = n;
     args.asym = out_p ? 1 : 0;
+    args.bits = bits;
     args.out_i32 = out.data();
     args.out_p32 = out_p ? out_p->data() : nullptr;
     args.out_i32_stride = row_stride(m, (int64_t)out.stride(0), n);
@@ -196,13 +209,15 @@ void ternary_gemm_i32(Matrix<const int8_t> a, Tiles w, int64_t n, Matrix<int32_t
 // Fused path: per-token int8 quantization of x, ternary GEMM, fp32 epilogue.
 void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const float> scale,
                     std::optional<Vector<const float>> scale2, std::optional<Vector<const float>> bias,
-                    int64_t group_k, int mode, int exponent, bool relu, Matrix<float> out, int n_threads) {
+                    int64_t group_k, int mode, int exponent, bool relu, Matrix<float> out, int bits,
+                    int n_threads) {
     require_row_contiguous(x, "x");
     require_row_contiguous(out, "out");
     check_group(group_k);
     if (mode < 0 || mode > 3) throw std::invalid_argument("unknown activation mode");
     const int64_t m = (int64_t)x.shape(0), k = (int64_t)x.shape(1);
-    check_tiles(w, n, k);
+    check_tiles(w, n, k, bits);
+    if (scale2 && bits != 2) throw std::invalid_argument("asymmetric scales exist for ternary weights only");
     const int64_t kp = lowbit::ternary_kp(k), nrb = lowbit::ternary_row_blocks(n), np = 16 * nrb;
     const int64_t ng = n_groups_for(kp, group_k);
     if ((int64_t)scale.shape(0) != np * ng)
@@ -219,6 +234,7 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     args.n_valid = n;
     args.group_k = group_k;
     args.asym = scale2 ? 1 : 0;
+    args.bits = bits;
     args.scale = scale.data();
     args.scale2 = scale2 ? scale2->data() : nullptr;
     args.bias = bias ? bias->data() : nullptr;
@@ -258,13 +274,14 @@ NB_MODULE(_kernels, mod) {
     mod.def("pool_size", &lowbit::pool_size);
     mod.def("pack_signs_f32", &pack_signs_f32, "src"_a, "dst"_a, "n_threads"_a = 1);
     mod.def("binary_gemm", &binary_gemm, "a"_a, "w"_a, "k"_a, "out"_a, "n_threads"_a = 1);
-    mod.def("ternary_pack", &ternary_pack, "codes"_a, "dst"_a);
-    mod.def("ternary_unpack", &ternary_unpack, "src"_a, "n"_a, "k"_a, "out"_a);
+    mod.def("pack_tiles", &pack_tiles, "codes"_a, "dst"_a, "bits"_a);
+    mod.def("unpack_tiles", &unpack_tiles, "src"_a, "n"_a, "k"_a, "out"_a, "bits"_a);
     mod.def("quantize_act", &quantize_act, "x"_a, "mode"_a, "exponent"_a, "group"_a, "q"_a, "sums"_a, "a_inv"_a,
             "n_threads"_a = 1);
-    mod.def("ternary_gemm_i32", &ternary_gemm_i32, "a"_a, "w"_a, "n"_a, "out"_a, "out_p"_a.none(), "n_threads"_a = 1);
+    mod.def("ternary_gemm_i32", &ternary_gemm_i32, "a"_a, "w"_a, "n"_a, "out"_a, "out_p"_a.none(), "bits"_a = 2,
+            "n_threads"_a = 1);
     mod.def("ternary_linear", &ternary_linear, "x"_a, "w"_a, "n"_a, "scale"_a, "scale2"_a.none(), "bias"_a.none(),
-            "group_k"_a, "mode"_a, "exponent"_a, "relu"_a, "out"_a, "n_threads"_a = 1);
+            "group_k"_a, "mode"_a, "exponent"_a, "relu"_a, "out"_a, "bits"_a = 2, "n_threads"_a = 1);
     mod.def("act_multiplier", [](float amax, int mode, int exponent) {
         float inv = 0.0f;
         float s = lowbit::act_multiplier(amax, mode, exponent, &inv);

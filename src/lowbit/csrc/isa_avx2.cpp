@@ -195,37 +195,47 @@ inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m256i d,
 
 constexpr int64_t kPrefetch = 1024;
 
-// HB half blocks (8 rows each) x NR tokens over the whole K.
-template <int HB, int NR, bool ASYM>
+template <int BITS>
+struct Fmt {
+    static constexpr int planes = 8 / BITS;       // 4-k planes per tile
+    static constexpr int tile_k = 4 * planes;     // k per tile
+    static constexpr int mask = (1 << BITS) - 1;  // code mask
+    static constexpr int zero = BITS == 2 ? 1 : 8;  // code offset (w + 1 or w + 8)
+};
+
+// HB half blocks (8 rows each) x NR tokens over the whole K. The int16 sum of one tile's planes
+// is bounded by planes * 2 * max(code) * 128: ternary 4*2*2*128 = 2048, int4 2*2*15*128 = 7680.
+template <int HB, int NR, bool ASYM, int BITS>
 void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
-    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
     const int8_t* a = p->a + m * p->a_stride;
     const int64_t as = p->a_stride;
-    const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+    const __m256i mcode = _mm256_set1_epi8((char)F::mask), m1 = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
     __m256i d[HB][NR], h[HB][NR];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < HB; ++r)
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int n = 0; n < NR; ++n) d[r][n] = h[r][n] = _mm256_setzero_si256();
     for (int64_t t = 0; t < kt; ++t) {
-        const int8_t* at = a + t * 16;
-        #pragma GCC unroll 16
+        const int8_t* at = a + t * F::tile_k;
+#pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
             const int64_t hr = hb + r;
             const uint8_t* wt = p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32;
             _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
             const __m256i v = _mm256_loadu_si256((const __m256i*)wt);
-            __m256i code[4], high[4];
-            #pragma GCC unroll 16
-            for (int pl = 0; pl < 4; ++pl) {
-                code[pl] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * pl), m3);
-                if (ASYM) high[pl] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * pl + 1), m1);
+            __m256i code[F::planes], high[F::planes];
+#pragma GCC unroll 4
+            for (int pl = 0; pl < F::planes; ++pl) {
+                code[pl] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * pl), mcode);
+                if (ASYM) high[pl] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * pl + 1), m1);
             }
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 __m256i s = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
-                #pragma GCC unroll 16
-                for (int pl = 0; pl < 4; ++pl) {
+#pragma GCC unroll 4
+                for (int pl = 0; pl < F::planes; ++pl) {
                     const __m256i b = bcast4(at + n * as + 4 * pl);
                     s = _mm256_add_epi16(s, _mm256_maddubs_epi16(code[pl], b));
                     if (ASYM) sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(high[pl], b));
@@ -235,66 +245,68 @@ void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             }
         }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
-        const __m256i sa = _mm256_set1_epi32(p->a_sums[(m + n) * p->sums_stride]);
-        #pragma GCC unroll 16
+        const __m256i sa = _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride]);
+#pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
     }
 }
 
-template <int HB, int NR>
+template <int HB, int NR, int BITS>
 void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
-    const int64_t kt = p->kp / 16, rbs = kt * 64;
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
     const int64_t gp = p->group_k / 4, n_planes = p->kp / 4;
     const int64_t n_groups = (p->kp + p->group_k - 1) / p->group_k;
     const int8_t* a = p->a + m * p->a_stride;
     const int64_t as = p->a_stride;
-    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    const __m256i mcode = _mm256_set1_epi8((char)F::mask), ones = _mm256_set1_epi16(1);
     __m256 f[HB][NR];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < HB; ++r)
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int n = 0; n < NR; ++n) f[r][n] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_groups; ++g) {
         const int64_t q0 = g * gp, q1 = q0 + gp < n_planes ? q0 + gp : n_planes;
         __m256i d[HB][NR];
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int r = 0; r < HB; ++r)
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) d[r][n] = _mm256_setzero_si256();
         for (int64_t q = q0; q < q1; ++q) {
-            const __m128i shift = _mm_cvtsi32_si128((int)(2 * (q & 3)));
+            const int64_t tile = q / F::planes, pl = q % F::planes;
+            const __m128i shift = _mm_cvtsi32_si128((int)(BITS * pl));
             __m256i code[HB];
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int r = 0; r < HB; ++r) {
                 const int64_t hr = hb + r;
-                const uint8_t* wt = p->w + (hr >> 1) * rbs + (q >> 2) * 64 + (hr & 1) * 32;
-                code[r] = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)wt), shift), m3);
+                const uint8_t* wt = p->w + (hr >> 1) * rbs + tile * 64 + (hr & 1) * 32;
+                code[r] = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)wt), shift), mcode);
             }
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m256i b = bcast4(a + n * as + 4 * q);
-                #pragma GCC unroll 16
+#pragma GCC unroll 16
                 for (int r = 0; r < HB; ++r)
                     d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(_mm256_maddubs_epi16(code[r], b), ones));
             }
         }
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
             const int64_t hr = hb + r;
             const __m256 sc = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
-                const __m256i sa = _mm256_set1_epi32(p->a_sums[(m + n) * p->sums_stride + g]);
+                const __m256i sa = _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride + g]);
                 f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][n], sa)), sc, f[r][n]);
             }
         }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
         const __m256 ai = _mm256_set1_ps(p->a_inv[m + n]);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
             const int64_t n0 = (hb + r) * 8;
             if (n0 >= p->n_valid) continue;
@@ -306,43 +318,51 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     }
 }
 
-template <int HB, int NR, int MODE>
+enum Mode { kBlock, kBlockAsym, kGroup };
+
+template <int HB, int NR, int MODE, int BITS>
 void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
     if constexpr (HB > 1) {
-        if (hbn < HB) return run_block<HB - 1, NR, MODE>(p, hb, m, hbn, mn);
+        if (hbn < HB) return run_block<HB - 1, NR, MODE, BITS>(p, hb, m, hbn, mn);
     }
     if constexpr (NR > 1) {
-        if (mn < NR) return run_block<HB, NR - 1, MODE>(p, hb, m, hbn, mn);
+        if (mn < NR) return run_block<HB, NR - 1, MODE, BITS>(p, hb, m, hbn, mn);
     }
-    if constexpr (MODE == 0) block_kernel<HB, NR, false>(p, hb, m);
-    if constexpr (MODE == 1) block_kernel<HB, NR, true>(p, hb, m);
-    if constexpr (MODE == 2) group_kernel<HB, NR>(p, hb, m);
+    if constexpr (MODE == kBlock) block_kernel<HB, NR, false, BITS>(p, hb, m);
+    if constexpr (MODE == kBlockAsym) block_kernel<HB, NR, true, BITS>(p, hb, m);
+    if constexpr (MODE == kGroup) group_kernel<HB, NR, BITS>(p, hb, m);
 }
 
-template <int HB, int NR, int MODE>
+template <int HB, int NR, int MODE, int BITS>
 void drive(const lowbit_t2_args* p) {
     const int64_t hb1 = 2 * p->rb1;
     for (int64_t hb = 2 * p->rb0; hb < hb1; hb += HB) {
         const int64_t hbn = hb1 - hb < HB ? hb1 - hb : HB;
         for (int64_t m = p->m0; m < p->m1; m += NR) {
             const int64_t mn = p->m1 - m < NR ? p->m1 - m : NR;
-            run_block<HB, NR, MODE>(p, hb, m, hbn, mn);
+            run_block<HB, NR, MODE, BITS>(p, hb, m, hbn, mn);
         }
     }
 }
 
-void ternary_gemm(const lowbit_t2_args* p) {
+template <int BITS>
+void gemm_bits(const lowbit_t2_args* p) {
     const bool gemv = p->m1 - p->m0 == 1;
     if (p->group_k > 0) {
-        if (gemv) drive<4, 1, 2>(p);
-        else drive<2, 3, 2>(p);
+        if (gemv) drive<4, 1, kGroup, BITS>(p);
+        else drive<2, 3, kGroup, BITS>(p);
     } else if (p->asym) {
-        if (gemv) drive<4, 1, 1>(p);
-        else drive<2, 2, 1>(p);
+        if (gemv) drive<4, 1, kBlockAsym, BITS>(p);
+        else drive<2, 2, kBlockAsym, BITS>(p);
     } else {
-        if (gemv) drive<4, 1, 0>(p);
-        else drive<2, 4, 0>(p);
+        if (gemv) drive<4, 1, kBlock, BITS>(p);
+        else drive<2, 4, kBlock, BITS>(p);
     }
+}
+
+void ternary_gemm(const lowbit_t2_args* p) {
+    if (p->bits == 4) gemm_bits<4>(p);
+    else gemm_bits<2>(p);
 }
 
 const lowbit_isa_table kTable = {"avx2", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,

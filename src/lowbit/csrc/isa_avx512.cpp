@@ -162,7 +162,10 @@ inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m512i d,
 
 // Distance (bytes) of the software prefetch along each row block's weight stream: weights
 // are read once per GEMV, so they come from DRAM unless the layer is hot in L2/L3.
-constexpr int64_t kPrefetch = 1024;
+#ifndef LB_PF
+#define LB_PF 1024
+#endif
+constexpr int64_t kPrefetch = LB_PF;
 
 // Weight formats share one tile geometry: 64 bytes = 16 rows x 4 bytes. BITS = 2 (ternary,
 // code = w + 1, 4 planes of 4 k per tile) or 4 (int4, code = w + 8, 2 planes of 4 k per tile).
@@ -172,7 +175,7 @@ struct Fmt {
     static constexpr int planes = 8 / BITS;        // 4-k planes per tile
     static constexpr int tile_k = 4 * planes;      // k per tile
     static constexpr int mask = (1 << BITS) - 1;   // code mask
-    static constexpr int zero = 1 << (BITS - 1);   // code offset
+    static constexpr int zero = BITS == 2 ? 1 : 8;  // code offset (w + 1 or w + 8)
 };
 
 // RB row blocks x NR tokens, whole K. CH = independent accumulator chains per output.

@@ -78,13 +78,15 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
     }
 }
 
-// Decodes the code of row r (0..15) at k offset kk (0..15) of one 64-byte tile.
-int code_at(const uint8_t* tile, int r, int kk) {
-    return (tile[4 * r + (kk & 3)] >> (2 * (kk >> 2))) & 3;
+// Decodes the code of row r (0..15) at k offset kk (0..16/bits*4-1) of one 64-byte tile:
+// 4-k plane kk/4 sits at bit offset bits * (kk/4) of byte 4*r + kk%4.
+int code_at(const uint8_t* tile, int r, int kk, int bits) {
+    return (tile[4 * r + (kk & 3)] >> (bits * (kk >> 2))) & ((1 << bits) - 1);
 }
 
 void ternary_gemm(const lowbit_t2_args* p) {
-    const int64_t kt = p->kp / 16;
+    const int bits = p->bits == 4 ? 4 : 2;
+    const int64_t tile_k = 32 / bits, kt = p->kp / tile_k, zero = bits == 2 ? 1 : 8;
     const int64_t gk = p->group_k > 0 ? p->group_k : p->kp;
     const int64_t n_groups = (p->kp + gk - 1) / gk;
     for (int64_t rb = p->rb0; rb < p->rb1; ++rb) {
@@ -101,11 +103,11 @@ void ternary_gemm(const lowbit_t2_args* p) {
                     int32_t dot = 0;
                     const int64_t k1 = std::min(p->kp, (g + 1) * gk);
                     for (int64_t k = g * gk; k < k1; ++k) {
-                        const int c = code_at(wb + (k / 16) * 64, r, (int)(k % 16));
+                        const int c = code_at(wb + (k / tile_k) * 64, r, (int)(k % tile_k), bits);
                         dot += c * a[k];
                         if (c == 2) hp += a[k];
                     }
-                    d = dot - sums[g];
+                    d = dot - (int32_t)zero * sums[g];
                     if (p->group_k > 0)
                         acc = std::fma((float)d, p->scale[(rb * n_groups + g) * 16 + r], acc);
                 }

@@ -41,6 +41,35 @@ void ternary_unpack(const uint8_t* src, int64_t n, int64_t k, int8_t* codes) {
     }
 }
 
+void int4_pack(const int8_t* codes, int64_t n, int64_t k, int64_t stride, uint8_t* dst) {
+    const int64_t kp = ternary_kp(k), kt = kp / 8, nrb = ternary_row_blocks(n);
+    std::memset(dst, 0x88, (size_t)(nrb * kt * 64));  // code 8 (= weight 0) in both nibbles
+    for (int64_t row = 0; row < n; ++row) {
+        const int8_t* c = codes + row * stride;
+        const int64_t rb = row / 16, r = row % 16;
+        for (int64_t kk = 0; kk < k; ++kk) {
+            const int v = c[kk];
+            if (v < -8 || v > 7)
+                throw std::invalid_argument("4-bit codes must be in [-8, 7]; row " + std::to_string(row) + " has " +
+                                            std::to_string(v) + " at column " + std::to_string(kk));
+            uint8_t* byte = dst + (rb * kt + kk / 8) * 64 + 4 * r + (kk & 3);
+            const int shift = 4 * (int)((kk % 8) >> 2);
+            *byte = (uint8_t)((*byte & ~(15u << shift)) | ((unsigned)(v + 8) << shift));
+        }
+    }
+}
+
+void int4_unpack(const uint8_t* src, int64_t n, int64_t k, int8_t* codes) {
+    const int64_t kt = ternary_kp(k) / 8;
+    for (int64_t row = 0; row < n; ++row) {
+        const int64_t rb = row / 16, r = row % 16;
+        for (int64_t kk = 0; kk < k; ++kk) {
+            const uint8_t byte = src[(rb * kt + kk / 8) * 64 + 4 * r + (kk & 3)];
+            codes[row * k + kk] = (int8_t)(((byte >> (4 * ((kk % 8) >> 2))) & 15) - 8);
+        }
+    }
+}
+
 namespace {
 
 // Smallest E with round_half_even(amax * 2^-E) <= 127, i.e. amax < 127.5 * 2^E (the rule of

@@ -24,6 +24,12 @@ void ternary_pack(const int8_t* codes, int64_t n, int64_t k, int64_t stride, uin
 // Inverse of ternary_pack (codes written densely, n x k).
 void ternary_unpack(const uint8_t* src, int64_t n, int64_t k, int8_t* codes);
 
+// 4-bit weights, codes in [-8, 7] (3-bit codes [-4, 3] use the same container): row blocks of
+// kp/8 tiles; byte 4*r + j of tile (rb, kt) holds code + 8 of row 16*rb + r at k = 8*kt + j
+// (low nibble) and k = 8*kt + 4 + j (high nibble). Padding codes are 8 (weight 0).
+void int4_pack(const int8_t* codes, int64_t n, int64_t k, int64_t stride, uint8_t* dst);
+void int4_unpack(const uint8_t* src, int64_t n, int64_t k, int8_t* codes);
+
 // Activation quantization modes.
 enum ActMode : int {
     kActAbsmax = 0,     // per token: s = 127 / max(max|x|, 1e-5), q = clamp(round(x * s), ±127)

@@ -84,7 +84,9 @@ def scheme_format(scheme: str, bits: int | None = None) -> tuple[str, int]:
 # Level tables and helpers (everything below works on "units": a (U, L) matrix, one row per scale)
 
 
-def _multipliers(fmt: str, bits: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+def _multipliers(
+    fmt: str, bits: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, int]:
     """``(table, top)``: ``table[c + top]`` is the multiple of alpha that code ``c`` stands for.
 
     Linear: ``c / k`` (alpha is the largest level; the exported scale is the step ``alpha / k``).
@@ -119,29 +121,9 @@ def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor, fmt: str, bits: int) ->
     return F.log_quantize(w, bits, a).to(w.dtype)
 
 
-def _alpha_from_codes(
-    w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, rule: str, fallback: torch.Tensor
-) -> torch.Tensor:
-    """The scale for fixed level multipliers ``m`` (per unit row).
-
-    ``rule="ls"``: the weighted least-squares optimum ``alpha = sum d m w / sum d m^2`` (LAQ eq. 8
-    with ``b ⊙ b`` in the denominator). ``rule="official"``: the official code's
-    ``||m ⊙ d ⊙ w||_1 / ||m ⊙ d||_1``, equal to the LS optimum only when every ``|m|`` is 0 or 1
-    (§3.5 "Caution"). Units whose codes are all zero get ``fallback``.
-    """
-    if rule == "ls":
-        num = (d * m * w).sum(1)
-        den = (d * m * m).sum(1)
-    else:
-        am = m.abs()
-        num = (am * d * w.abs()).sum(1)
-        den = (am * d).sum(1)
-    ok = den > 0
-    alpha = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback)
-    return alpha.clamp(min=0)
-
-
-def _topk_exact(a: torch.Tensor, d: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_exact(
+    a: torch.Tensor, d: torch.Tensor, eligible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``min_{alpha, S} sum_{i in S} d_i (alpha - a_i)^2 + sum_{i not in S} d_i a_i^2`` per row.
 
     ``a >= 0`` on eligible entries. For fixed alpha the best S is ``{a_i > alpha/2}`` whatever
@@ -162,7 +144,11 @@ def _topk_exact(a: torch.Tensor, d: torch.Tensor, eligible: torch.Tensor) -> tup
     n_ok = eligible.sum(1)
     k = torch.arange(1, a.shape[1] + 1, device=a.device)
     valid = (k[None, :] <= n_ok[:, None]) & (cum_d > 0)
-    score = torch.where(valid, cum_da * cum_da / torch.where(valid, cum_d, torch.ones_like(cum_d)), torch.full_like(cum_d, -1.0))
+    score = torch.where(
+        valid,
+        cum_da * cum_da / torch.where(valid, cum_d, torch.ones_like(cum_d)),
+        torch.full_like(cum_d, -1.0),
+    )
     best = score.argmax(dim=1, keepdim=True)
     has = n_ok > 0
     alpha = (cum_da.gather(1, best) / cum_d.gather(1, best).clamp(min=1e-300)).squeeze(1)
@@ -172,14 +158,18 @@ def _topk_exact(a: torch.Tensor, d: torch.Tensor, eligible: torch.Tensor) -> tup
     return alpha, kept
 
 
-def objective(w: torch.Tensor, d: torch.Tensor, w_hat: torch.Tensor, granularity: GranularityLike = None) -> torch.Tensor:
+def objective(
+    w: torch.Tensor, d: torch.Tensor, w_hat: torch.Tensor, granularity: GranularityLike = None
+) -> torch.Tensor:
     """``sum d (w_hat - w)^2`` per unit (scale shape): the quantity every scheme minimises (LAQ eq. 6)."""
     g = Granularity.of(granularity)
     units, _ = F.to_units((d * (w_hat - w) ** 2).detach(), g)
     return units.sum(1).reshape(g.scale_shape(tuple(w.shape)))
 
 
-def initial_codes(w: torch.Tensor, scheme: str, bits: int | None = None, granularity: GranularityLike = None) -> torch.Tensor:
+def initial_codes(
+    w: torch.Tensor, scheme: str, bits: int | None = None, granularity: GranularityLike = None
+) -> torch.Tensor:
     """The step-0 warm start: TWN's ``0.7 * mean|w|`` ternary pattern (official ``initialize_b``, §3.3).
 
     The official code starts from ``±2 * thres`` with ``thres = 0.7 mean|w|``; for multi-bit
@@ -207,7 +197,61 @@ def _mult(c: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
     return torch.where(c == 0, torch.zeros_like(c), torch.sign(c) * torch.exp2(c.abs() - k))
 
 
-def _alternate(
+def _rdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two ``(U, L)`` matrices in one pass (no temporary)."""
+    if a.shape[0] == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(1)
+    return torch.einsum("ul,ul->u", a, b)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback).clamp(min=0)
+
+
+def _converged(new: torch.Tensor, old: torch.Tensor, done: torch.Tensor, tol: float) -> torch.Tensor:
+    return done | ((new - old).abs() < tol)
+
+
+def _support_alternate(
+    a: torch.Tensor, d: torch.Tensor, kept0: torch.Tensor, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-scale ternary alternation on magnitudes ``a`` (LAT_a §3.3; one sign of LAT2_a §3.4).
+
+    ``alpha = sum_S d a / sum_S d`` (the LS scale of a 0/1 support, LAT eq. 12) and
+    ``S = {a > alpha / 2}`` (nearest level, LAT eq. 9), starting from the support ``kept0``
+    (an empty one restarts from ``alpha = max a``). Both half-steps are exact minimisations, so the
+    objective never increases. Stops per unit when alpha moves less than ``tol``, after at most
+    ``max_iter`` rounds. Returns ``(alpha, kept, iterations)``.
+    """
+    da = d * a
+    dt = a.dtype
+    k = (kept0 & (a > 0)).to(dt)  # a level of the wrong sign is never part of a good start
+    alpha = _ratio(_rdot(da, k), _rdot(d, k), a.amax(1))
+    done = alpha <= 0
+    kept = a > (alpha / 2)[:, None]
+    iters = torch.zeros_like(alpha, dtype=torch.int64)
+    single = a.shape[0] == 1
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        kf = kept.to(dt)
+        new = _ratio(_rdot(da, kf), _rdot(d, kf), torch.zeros_like(alpha))
+        kept_new = a > (new / 2)[:, None]
+        iters += (~done).long()
+        if single:
+            done = _converged(new, alpha, done, tol)
+            alpha, kept = new, kept_new
+            continue
+        active = ~done
+        done = _converged(new, alpha, done, tol)
+        alpha = torch.where(active, new, alpha)
+        kept = torch.where(active[:, None], kept_new, kept)
+    kept = kept & (alpha > 0)[:, None]
+    return alpha, kept, iters
+
+
+def _laq_alternate(
     wu: torch.Tensor,
     du: torch.Tensor,
     codes0: torch.Tensor,
@@ -217,97 +261,148 @@ def _alternate(
     max_iter: int,
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alternate ``alpha <- alpha(codes)`` and ``codes <- nearest(alpha)`` per unit (LAT_a / LAQ, §3.3/§3.5).
+    """m-bit alternation ``alpha <- alpha(codes)``, ``codes <- nearest(alpha)`` (LAQ §3.5, Alg. 2).
 
     Starts from ``codes0`` with their signs set to ``sign(w)`` (a level of the wrong sign is never
-    better than its mirror when alpha > 0). At most ``max_iter`` rounds; a unit stops when its
-    alpha moves by less than ``tol`` (it keeps its alpha and codes from then on). The result is a
-    consistent pair: the codes are the nearest levels for the returned alpha. With the LS rule
-    both half-steps are exact minimisations, so the objective never increases. Returns
-    ``(alpha, codes, iterations)`` with iterations per unit.
+    better than its mirror when alpha > 0). With ``rule="ls"`` (LAQ eq. 8) both half-steps are
+    exact minimisations and the objective never increases; ``rule="official"`` is the code's
+    ``||b ⊙ d ⊙ w||_1 / ||b ⊙ d||_1``, whose first alpha also counts every nonzero previous level
+    as 1 (the code starts from ``sign(Wb)``). Stops per unit when alpha moves less than ``tol``.
+    Returns ``(alpha, codes, iterations)``; the codes are the nearest levels for that alpha.
+    Linear levels work on integer codes and the step ``s = alpha / k`` (fewer passes).
     """
+    k = 2 ** (bits - 1) - 1
     sw = F.sign(wu)
     aw = wu.abs()
     dw = du * wu
-    daw = du * aw
     fallback = aw.amax(1)
+    linear = fmt == "kbit_linear"
 
-    def alpha_of(m: torch.Tensor) -> torch.Tensor:
-        if rule == "ls":
-            num, den = (dw * m).sum(1), (du * m * m).sum(1)
-        else:
-            am = m.abs()
-            num, den = (daw * am).sum(1), (du * am).sum(1)
-        ok = den > 0
-        return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback).clamp(min=0)
+    def alpha_of(c: torch.Tensor, first: bool = False) -> torch.Tensor:
+        if rule == "official":
+            m = (c != 0).to(wu.dtype) if first else (c.abs() if linear else _mult(c, fmt, bits).abs())
+            return _ratio(_rdot(du * aw, m), _rdot(du, m), fallback)
+        m = c if linear else _mult(c, fmt, bits)
+        dm = du * m
+        scale = _ratio(_rdot(dw, m), _rdot(dm, m), fallback / k if linear else fallback)
+        return scale * k if linear else scale
 
     def codes_of(alpha: torch.Tensor) -> torch.Tensor:
         safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-        c = _nearest_codes(wu, safe, fmt, bits)
-        return torch.where((alpha > 0)[:, None], c, torch.zeros_like(c))
+        if linear:
+            c = torch.round(wu / (safe / k)[:, None]).clamp_(-k, k)
+        else:
+            c = F.log_quantize(wu, bits, safe[:, None]).to(wu.dtype)
+        return c if bool((alpha > 0).all()) else torch.where((alpha > 0)[:, None], c, torch.zeros_like(c))
 
-    c = codes0.abs() * sw
-    # The official code computes its first alpha from sign(previous w_hat), i.e. every nonzero
-    # level counted as 1; the LS rule uses the previous levels themselves.
-    m0 = (c != 0).to(wu.dtype) * sw if rule == "official" else _mult(c, fmt, bits)
-    alpha = alpha_of(m0)
+    alpha = alpha_of(codes0.abs() * sw, first=True)
     c = codes_of(alpha)
-    done = alpha <= 0  # all-zero unit
+    done = alpha <= 0
     iters = torch.zeros_like(alpha, dtype=torch.int64)
+    single = wu.shape[0] == 1
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        new = alpha_of(_mult(c, fmt, bits))
+        new = alpha_of(c)
         c_new = codes_of(new)
+        iters += (~done).long()
+        if single:
+            done = _converged(new, alpha, done, tol)
+            alpha, c = new, c_new
+            continue
         active = ~done
-        iters = iters + active.long()
-        conv = (new - alpha).abs() < tol
+        done = _converged(new, alpha, done, tol)
         alpha = torch.where(active, new, alpha)
         c = torch.where(active[:, None], c_new, c)
-        done = done | conv
     return alpha, c, iters
 
 
-def _split_asym(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (codes > 0), (codes < 0)
+def _solve_units(
+    wu: torch.Tensor,
+    du: torch.Tensor,
+    scheme: str,
+    fmt: str,
+    m: int,
+    prev: Any,
+    alpha_rule: str,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (float, unit layout) and per-unit scales (``(U,)``, ``(U, 2)`` for LAT2) of one scheme.
+
+    Padding of remainder groups is 0 in both ``wu`` and ``du``, so it never enters a sum and always
+    gets code 0 (it is dropped by ``from_units`` anyway). ``prev()`` gives the warm-start codes.
+    """
+    iters = torch.zeros(wu.shape[0], dtype=torch.int64, device=wu.device)
+    if scheme == "lab":
+        alpha = _ratio(_rdot(du, wu.abs()), du.sum(1), torch.zeros(wu.shape[0], dtype=wu.dtype, device=wu.device))
+        return F.sign(wu), alpha, iters
+    if scheme == "lat_e":
+        alpha, kept = _topk_exact(wu.abs(), du, wu != 0)
+        return torch.where(kept, F.sign(wu), torch.zeros_like(wu)), alpha, iters
+    if scheme == "lat2_e":
+        ap, kp = _topk_exact(wu, du, wu > 0)
+        an, kn = _topk_exact(-wu, du, wu < 0)
+        return kp.to(wu.dtype) - kn.to(wu.dtype), torch.stack([ap, an], dim=-1), iters
+    if scheme == "lat_a":
+        alpha, kept, iters = _support_alternate(wu.abs(), du, prev() != 0, max_iter, tol)
+        return torch.where(kept, F.sign(wu), torch.zeros_like(wu)), alpha, iters
+    if scheme == "lat2_a":
+        # Each sign alternates on its own; stop when BOTH scales moved less than tol (the official
+        # stop rule joins the two tests with Python ``and`` on Theano tensors, which in effect
+        # checks only the negative side, §3.4).
+        c0 = prev()
+        ap, kp, ip = _support_alternate(wu, du, c0 > 0, max_iter, tol)
+        an, kn, i_n = _support_alternate(-wu, du, c0 < 0, max_iter, tol)
+        return kp.to(wu.dtype) - kn.to(wu.dtype), torch.stack([ap, an], dim=-1), torch.maximum(ip, i_n)
+    alpha, c, iters = _laq_alternate(wu, du, prev(), fmt, m, alpha_rule, max_iter, tol)
+    return c, (alpha / (2 ** (m - 1) - 1) if fmt == "kbit_linear" else alpha), iters
 
 
-def _lat2_alternate(
-    wu: torch.Tensor, du: torch.Tensor, codes0: torch.Tensor, max_iter: int, tol: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LAT2_a (§3.4): each sign alternates ``alpha_s = weighted mean of |w| on its support`` and
-    ``support = {s * w > alpha_s / 2}``; stop when BOTH scales moved less than ``tol`` (the official
-    stop rule uses Python ``and`` on Theano tensors and in effect only checks the negative side)."""
-    pos0, neg0 = _split_asym(codes0)
-    out = []
-    iters_all = torch.zeros(wu.shape[0], dtype=torch.int64, device=wu.device)
-    for s in (1.0, -1.0):
-        a = wu * s
-        elig = a > 0
-        start = (pos0 if s > 0 else neg0) & elig
-        # Start from the previous support; an empty one restarts from all weights of this sign.
-        empty = ~start.any(1)
-        start = torch.where(empty[:, None], elig, start)
-        zero = torch.zeros((), dtype=wu.dtype, device=wu.device)
-        alpha = _alpha_from_codes(a, du, start.to(wu.dtype), "ls", torch.zeros_like(a[:, 0]))
-        kept = (a > alpha[:, None] / 2) & elig & (alpha > 0)[:, None]
-        done = alpha <= 0
-        iters = torch.zeros_like(iters_all)
-        for _ in range(max_iter):
-            if bool(done.all()):
-                break
-            new = _alpha_from_codes(a, du, kept.to(wu.dtype), "ls", zero.expand_as(alpha))
-            kept_new = (a > new[:, None] / 2) & elig & (new > 0)[:, None]
-            active = ~done
-            iters = iters + active.long()
-            conv = (new - alpha).abs() < tol
-            alpha = torch.where(active, new, alpha)
-            kept = torch.where(active[:, None], kept_new, kept)
-            done = done | conv
-        out.append((alpha, kept))
-        iters_all = torch.maximum(iters_all, iters)
-    (ap, kp), (an, kn) = out
-    return ap, an, kp.to(wu.dtype) - kn.to(wu.dtype), iters_all
+def _prepare(
+    w: torch.Tensor, d: torch.Tensor | None, g: Granularity
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not w.is_floating_point():
+        raise TypeError(f"solve() needs a floating-point weight, got {w.dtype}")
+    if d is None:
+        d = torch.ones_like(w)
+    elif tuple(d.shape) != tuple(w.shape):
+        raise ValueError(f"curvature d has shape {tuple(d.shape)}, the weight {tuple(w.shape)}")
+    wu, _ = F.to_units(w, g)
+    du, _ = F.to_units(d.detach().to(w.dtype), g)
+    return wu, du
+
+
+def _solve_codes(
+    w: torch.Tensor,
+    d: torch.Tensor | None,
+    scheme: str,
+    bits: int | None,
+    prev_codes: torch.Tensor | None,
+    g: Granularity,
+    alpha_rule: str,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`solve` without ``w_hat``: ``(codes int8, scales, iterations per unit)``."""
+    fmt, m = scheme_format(scheme, bits)
+    if alpha_rule not in ALPHA_RULES:
+        raise ValueError(f"alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {alpha_rule!r}")
+    w = w.detach()
+    shape = tuple(w.shape)
+    wu, du = _prepare(w, d, g)
+
+    def prev() -> torch.Tensor:
+        c = prev_codes if prev_codes is not None else initial_codes(w, scheme, m, g)
+        if tuple(c.shape) != shape:
+            raise ValueError(f"prev_codes has shape {tuple(c.shape)}, the weight {shape}")
+        return F.to_units(c.to(device=w.device, dtype=w.dtype), g)[0]
+
+    cu, su, iters = _solve_units(wu, du, scheme, fmt, m, prev, alpha_rule, max_iter, tol)
+    codes = F.from_units(cu, shape, g).to(torch.int8)
+    scale_shape = g.scale_shape(shape)
+    scales = su.reshape(*scale_shape, 2) if fmt == "ternary_asym" else su.reshape(scale_shape)
+    return codes, scales.to(w.dtype).contiguous(), iters
 
 
 def solve(
@@ -362,61 +457,10 @@ def solve(
         * ``lat2_a``: alternating per sign (§3.4), both scales must converge.
         * ``laq_linear`` / ``laq_log``: alternating nearest level <-> alpha (LAQ §3.2, Alg. 2).
     """
-    fmt, m = scheme_format(scheme, bits)
-    if alpha_rule not in ALPHA_RULES:
-        raise ValueError(f"alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {alpha_rule!r}")
     g = Granularity.of(granularity, group_size, group_axis)
-    w = w.detach()
-    shape = tuple(w.shape)
-    if not w.is_floating_point():
-        raise TypeError(f"solve() needs a floating-point weight, got {w.dtype}")
-    if d is None:
-        d = torch.ones_like(w)
-    else:
-        d = d.detach().to(w.dtype)
-        if tuple(d.shape) != shape:
-            raise ValueError(f"curvature d has shape {tuple(d.shape)}, the weight {shape}")
-    wu, counts = F.to_units(w, g)
-    du, _ = F.to_units(d, g)
-    mask = torch.arange(wu.shape[1], device=w.device) < counts[:, None]
-    du = torch.where(mask, du.clamp(min=0), torch.zeros_like(du))
-    iters = torch.zeros(wu.shape[0], dtype=torch.int64, device=w.device)
-
-    def prev_units() -> torch.Tensor:
-        c = prev_codes if prev_codes is not None else initial_codes(w, scheme, m, g)
-        if tuple(c.shape) != shape:
-            raise ValueError(f"prev_codes has shape {tuple(c.shape)}, the weight {shape}")
-        return F.to_units(c.to(w.device).to(w.dtype), g)[0]
-
-    if scheme == "lab":
-        den = du.sum(1)
-        alpha = (du * wu.abs()).sum(1) / torch.where(den > 0, den, torch.ones_like(den))
-        cu = F.sign(wu)
-        scales = alpha
-    elif scheme == "lat_e":
-        alpha, kept = _topk_exact(wu.abs(), du, mask & (wu != 0))
-        cu = torch.where(kept, F.sign(wu), torch.zeros_like(wu))
-        scales = alpha
-    elif scheme == "lat2_e":
-        ap, kp = _topk_exact(wu, du, mask & (wu > 0))
-        an, kn = _topk_exact(-wu, du, mask & (wu < 0))
-        cu = kp.to(wu.dtype) - kn.to(wu.dtype)
-        scales = torch.stack([ap, an], dim=-1)
-    elif scheme == "lat2_a":
-        ap, an, cu, iters = _lat2_alternate(wu, du, prev_units(), max_iter, tol)
-        scales = torch.stack([ap, an], dim=-1)
-    else:  # lat_a, laq_linear, laq_log
-        rule = "ls" if fmt == "ternary" else alpha_rule
-        alpha, cu, iters = _alternate(wu, du, prev_units(), fmt, m, rule, max_iter, tol)
-        scales = alpha / (2 ** (m - 1) - 1) if fmt == "kbit_linear" else alpha
-    codes = F.from_units(torch.where(mask, cu, torch.zeros_like(cu)), shape, g).to(torch.int8)
-    scale_shape = g.scale_shape(shape)
-    if fmt == "ternary_asym":
-        scales = scales.reshape(*scale_shape, 2)
-    else:
-        scales = scales.reshape(scale_shape)
-    scales = scales.to(w.dtype).contiguous()
-    w_hat = F.dequantize(codes, scales, fmt, m, g, shape)
+    codes, scales, iters = _solve_codes(w, d, scheme, bits, prev_codes, g, alpha_rule, max_iter, tol)
+    fmt, m = scheme_format(scheme, bits)
+    w_hat = F.dequantize(codes, scales, fmt, m, g, tuple(w.shape))
     if return_info:
         return w_hat, codes, scales, {"iterations": iters}
     return w_hat, codes, scales
@@ -471,9 +515,13 @@ class LossAwareWeight(WeightQuantizer):
         dtype: torch.dtype | None = None,
     ) -> None:
         fmt, m = scheme_format(scheme, bits)
-        super().__init__(bits=m, granularity=granularity, group_size=group_size, group_axis=group_axis)
+        super().__init__(
+            bits=m, granularity=granularity, group_size=group_size, group_axis=group_axis
+        )
         if alpha_rule not in ALPHA_RULES:
-            raise ValueError(f"alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {alpha_rule!r}")
+            raise ValueError(
+                f"alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {alpha_rule!r}"
+            )
         self.format = fmt
         self.scheme = scheme
         self.alpha_rule = alpha_rule
@@ -501,19 +549,10 @@ class LossAwareWeight(WeightQuantizer):
 
     def _solve(self, w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prev = self.codes if int(self.solves) > 0 else None
-        _, codes, scales, info = solve(
-            w,
-            d,
-            self.scheme,
-            self.bits,
-            prev,
-            granularity=self.granularity,
-            alpha_rule=self.alpha_rule,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            return_info=True,
+        codes, scales, iters = _solve_codes(
+            w, d, self.scheme, self.bits, prev, self.granularity, self.alpha_rule, self.max_iter, self.tol
         )
-        self.last_iterations = float(info["iterations"].float().mean())
+        self.last_iterations = float(iters.float().mean())
         return codes, scales.to(self.scales.dtype)
 
     def _store(self, w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -529,12 +568,25 @@ class LossAwareWeight(WeightQuantizer):
         codes, scales = self._solve(w.detach(), self.curvature)
         self._store(w, codes, scales)
 
+    @torch.no_grad()
+    def prox_update_moment(self, w: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`prox_update` with ``d = sqrt(v) + eps`` written straight into the ``curvature`` buffer."""
+        torch.sqrt(v, out=self.curvature)
+        self.curvature.add_(self.eps)
+        codes, scales = self._solve(w.detach(), self.curvature)
+        self._store(w, codes, scales)
+
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.__dict__["_key"] == self._key_of(w):
             return self.codes, self.scales
         key = self.__dict__["_key"]
         stepped_in_place = key is not None and key[0] == w.data_ptr() and key[1] != w._version
-        if self.training and stepped_in_place and not self.__dict__["_attached"] and not self.__dict__["_warned"]:
+        if (
+            self.training
+            and stepped_in_place
+            and not self.__dict__["_attached"]
+            and not self.__dict__["_warned"]
+        ):
             self.__dict__["_warned"] = True
             warnings.warn(
                 f"loss-aware weight ({self.scheme}) changed without a loss-aware optimizer step: D stays at its "
@@ -565,14 +617,34 @@ class LossAwareWeight(WeightQuantizer):
 # Methods
 
 
-def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.Optimizer:
+def wrap_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
+) -> torch.optim.Optimizer:
     """``LossAwareOptimizer.from_model(model, optimizer)``: Adam step, clip, re-solve (§3.6)."""
     from lowbit.optim import LossAwareOptimizer
 
     return LossAwareOptimizer.from_model(model, optimizer, **kwargs)
 
 
-_COMMON_LA = {"eps": 1e-8, "clip": 1.0}
+_COMMON_LA = {"eps": 1e-8, "clip": 1.0, "init": "keep"}
+
+
+def _glorot_init_(layer: Any) -> None:
+    """The official FNN init ``U(-g, g)``, ``g = sqrt(1.5 / (fan_in + fan_out))``, conv fans times k*k (§3.6).
+
+    Applied to Linear / Conv2d weights only; LSTM gate blocks keep their weights (the official
+    LSTMs use U(-0.08, 0.08), which ``lowbit.models`` ``char_lstm`` already does).
+    """
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() < 2:
+        return
+    rf = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    fan_in, fan_out = w.shape[1] * rf, w.shape[0] * rf
+    g = math.sqrt(1.5 / (fan_in + fan_out))
+    with torch.no_grad():
+        w.uniform_(-g, g)
+
+
 _ALT = {"max_iter": 10, "tol": 1e-6}
 
 
@@ -597,6 +669,13 @@ class LossAwareMethod(Method):
     def make_weight_quantizer(self, layer: Any, **options: Any) -> nn.Module:
         opts = self.resolve_options(options)
         scheme, bits = self.scheme(opts)
+        init = opts.get("init", "keep")
+        if init not in ("keep", "glorot"):
+            raise ValueError(
+                f"init must be 'keep' (the layer's weights) or 'glorot' (the official U(-g, g)), got {init!r}"
+            )
+        if init == "glorot":
+            _glorot_init_(layer)
         w = layer.weight
         return LossAwareWeight(
             tuple(w.shape),
@@ -614,7 +693,9 @@ class LossAwareMethod(Method):
             dtype=w.dtype,
         )
 
-    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def wrap_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.Optimizer:
         return wrap_optimizer(model, optimizer)
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:

@@ -132,6 +132,14 @@ def ttq_threshold(
     return delta.reshape(g.scale_shape(w.shape))
 
 
+def _masks(
+    w: torch.Tensor, delta: torch.Tensor, g: Granularity
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(P, N) = (w > Delta, w < -Delta)`` with per-unit ``delta`` (NaN is in neither)."""
+    d = F.expand_scales(delta.to(w.dtype), w.shape, g)
+    return w > d, w < -d
+
+
 def ttq_codes(
     w: torch.Tensor,
     t: float = 0.05,
@@ -140,11 +148,13 @@ def ttq_codes(
 ) -> torch.Tensor:
     """Ternary codes (int8): +1 where ``w > Delta``, -1 where ``w < -Delta``, else 0 (TTQ eq. 1).
 
-    A weight exactly at ``±Delta`` is 0 (the official code's ``|x| > thre`` mask).
+    A weight exactly at ``±Delta`` is 0 (the paper's ``|w| <= Delta`` rule; the official code's
+    masks would give it ``sign(w)`` without a scale, a measure-zero quirk not reproduced).
     """
     g = _gran(granularity)
-    delta = ttq_threshold(w, t, sparsity, g)
-    return F.ternarize(w, F.expand_scales(delta, w.shape, g))
+    w = w.detach()
+    pos, neg = _masks(w, ttq_threshold(w, t, sparsity, g), g)
+    return pos.to(torch.int8) - neg.to(torch.int8)
 
 
 def _unit_sum(x: torch.Tensor, g: Granularity) -> torch.Tensor:
@@ -154,17 +164,20 @@ def _unit_sum(x: torch.Tensor, g: Granularity) -> torch.Tensor:
 
 
 class TTQFunction(torch.autograd.Function):
-    """``w_t = Wp * [codes > 0] - Wn * [codes < 0]`` with TTQ's gradients (paper eqs. 2-3, official code).
+    """``w_t = Wp * [w > Delta] - Wn * [w < -Delta]`` with TTQ's gradients (paper eqs. 1-3).
 
-    ``apply(w, wp, wn, codes, granularity)``: ``w`` latent weights; ``wp``/``wn`` positive scales
-    with ``prod(shape) == number of units`` (any shape, e.g. ``()`` or ``(1,)`` per tensor);
-    ``codes`` the int8 assignment from :func:`ttq_codes` (treated as a constant). The forward
-    value is :func:`lowbit.functional.dequantize` of ``(codes, stack([wp, wn], -1))`` in the
-    ``ternary_asym`` format, so an exported weight dequantizes to it bit for bit.
+    ``apply(w, wp, wn, delta, granularity)``: ``w`` latent weights; ``wp``/``wn`` positive scales
+    and ``delta`` thresholds, each with one element per unit of ``granularity`` (any shape, e.g.
+    ``()`` or ``(1,)`` per tensor); ``delta`` is a constant. The forward value is computed with
+    the expression of :func:`lowbit.functional.dequantize` for ``ternary_asym``
+    (``Wp * [code > 0] - Wn * [code < 0]``), so an exported weight dequantizes to it bit for bit.
 
-    Backward (``g = dL/dw_t``, ``P = [w > Delta]``, ``N = [w < -Delta]``):
-    ``dL/dw = g * (Wp P + Wn N + (1 - P - N))`` (eq. 3), ``dL/dWp = sum g P`` (eq. 2),
+    Backward (``g = dL/dw_t``, ``P = [w > Delta]``, ``N = [w < -Delta]``, ``Z = 1 - P - N``):
+    ``dL/dw = g * (Wp P + Wn N + Z)`` (eq. 3), ``dL/dWp = sum g P`` (eq. 2),
     ``dL/dWn = -sum g N`` (eq. 2 with the sign the paper drops; the official code's value).
+
+    Implementation note: only comparisons and multiply-adds, no ``torch.where`` (an order of
+    magnitude slower on CPU builds seen here); per-tensor scale gradients are two dot products.
     """
 
     @staticmethod
@@ -173,35 +186,38 @@ class TTQFunction(torch.autograd.Function):
         w: torch.Tensor,
         wp: torch.Tensor,
         wn: torch.Tensor,
-        codes: torch.Tensor,
+        delta: torch.Tensor,
         granularity: Granularity,
     ) -> torch.Tensor:
-        sshape = granularity.scale_shape(w.shape)
-        scales = torch.stack([wp.reshape(sshape), wn.reshape(sshape)], dim=-1).to(w.dtype)
-        ctx.granularity = granularity
+        g = granularity
+        sshape = g.scale_shape(w.shape)
+        pos, neg = _masks(w.detach(), delta.reshape(sshape), g)
+        p = pos.to(w.dtype)
+        n = neg.to(w.dtype)
+        wp_e = F.expand_scales(wp.detach().reshape(sshape).to(w.dtype), w.shape, g)
+        wn_e = F.expand_scales(wn.detach().reshape(sshape).to(w.dtype), w.shape, g)
+        ctx.granularity = g
         ctx.shapes = (wp.shape, wn.shape)
-        ctx.save_for_backward(codes, wp, wn)
-        return F.dequantize(codes, scales, "ternary_asym", 2, granularity, w.shape)
+        ctx.save_for_backward(p, n, wp_e, wn_e)
+        return wp_e * p - wn_e * n
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        codes, wp, wn = ctx.saved_tensors
-        gran: Granularity = ctx.granularity
-        shape = codes.shape
-        sshape = gran.scale_shape(shape)
-        pos = codes > 0
-        neg = codes < 0
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        p, n, wp_e, wn_e = ctx.saved_tensors
+        g: Granularity = ctx.granularity
         gw = gwp = gwn = None
         if ctx.needs_input_grad[0]:
-            wp_e = F.expand_scales(wp.detach().reshape(sshape).to(g.dtype), shape, gran)
-            wn_e = F.expand_scales(wn.detach().reshape(sshape).to(g.dtype), shape, gran)
-            one = torch.ones((), dtype=g.dtype, device=g.device)
-            gw = g * torch.where(pos, wp_e, torch.where(neg, wn_e, one))
-        zero = torch.zeros((), dtype=g.dtype, device=g.device)
-        if ctx.needs_input_grad[1]:
-            gwp = _unit_sum(torch.where(pos, g, zero), gran).reshape(ctx.shapes[0]).to(wp.dtype)
-        if ctx.needs_input_grad[2]:
-            gwn = (-_unit_sum(torch.where(neg, g, zero), gran)).reshape(ctx.shapes[1]).to(wn.dtype)
+            zero_set = 1 - p - n  # exact: p, n are 0/1 and disjoint
+            gw = grad * torch.addcmul(torch.addcmul(zero_set, p, wp_e), n, wn_e)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            if g.kind == "tensor":
+                flat = grad.reshape(-1)
+                sp = torch.dot(flat, p.reshape(-1)).reshape(1)
+                sn = torch.dot(flat, n.reshape(-1)).reshape(1)
+            else:
+                sp, sn = _unit_sum(grad * p, g), _unit_sum(grad * n, g)
+            gwp = sp.reshape(ctx.shapes[0])
+            gwn = (-sn).reshape(ctx.shapes[1])
         return gw, gwp, gwn, None, None
 
 
@@ -236,8 +252,8 @@ def ttq(
                 f"ttq(): {name} has {s.numel()} element(s) but granularity {g.describe()} of a "
                 f"weight {tuple(w.shape)} has {nunits} unit(s) (scale shape {g.scale_shape(w.shape)})"
             )
-    codes = ttq_codes(w, t, sparsity, g)
-    return TTQFunction.apply(w, wp_t, wn_t, codes, g)
+    delta = ttq_threshold(w, t, sparsity, g)
+    return TTQFunction.apply(w, wp_t, wn_t, delta, g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +337,8 @@ class TTQWeight(WeightQuantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         self.__dict__["_last_weight"] = w
-        codes = self.codes(w.detach())
-        return TTQFunction.apply(w, self.wp, self.wn, codes, self.granularity)
+        delta = ttq_threshold(w, self.t, self.sparsity, self.granularity)
+        return TTQFunction.apply(w, self.wp, self.wn, delta, self.granularity)
 
     @torch.no_grad()
     def clamp_scales(self) -> None:

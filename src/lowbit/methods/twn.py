@@ -38,7 +38,7 @@ class TWNWeight(WeightQuantizer):
         self.rule = rule
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha, codes = F.twn(w, self.rule, self.granularity)
+        alpha, codes = F.twn(w, self.rule, self.granularity, codes_dtype=w.dtype)
         return codes, alpha
 
     def extra_repr(self) -> str:
@@ -51,7 +51,7 @@ class BWNWeight(WeightQuantizer):
     format = "binary"
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha, codes = F.bwn(w, self.granularity)
+        alpha, codes = F.bwn(w, self.granularity, codes_dtype=w.dtype)
         return codes, alpha
 
 

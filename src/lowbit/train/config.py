@@ -23,6 +23,8 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 OPTIMIZERS = ("adam", "sgd", "adamax")
 SCHEDULES = ("constant", "step", "exp")
+_SCHEDULE_ALIASES = {"none": "constant", "multistep": "step", "exponential": "exp"}
+_LOSS_ALIASES = {"ce": "cross_entropy", "hinge": "squared_hinge", "l2svm": "squared_hinge"}
 
 
 @dataclass
@@ -39,6 +41,10 @@ class TrainConfig:
     against parameter names, first match wins; parameters no rule matches get ``weight_decay`` if
     they have two or more dimensions (weights) and 0 otherwise (biases, BN). Decay is L2 added to
     the gradient (``wd * w``), i.e. ``wd / 2 * ||w||^2`` in the loss, TensorFlow's ``l2_loss``.
+
+    ``init_from``: a run directory (its best checkpoint) or checkpoint file whose float weights
+    are loaded into the model before it is quantized — the fine-tuning flows (TTQ CIFAR).
+    Aliases accepted: schedule ``none`` = ``constant``; loss ``ce`` = ``cross_entropy``.
     """
 
     epochs: int = 10
@@ -65,9 +71,13 @@ class TrainConfig:
     threads: int | None = None
     eval_test: bool = True
     log_every: float = 30.0
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.optimizer = self.optimizer.lower()
+        self.schedule = _SCHEDULE_ALIASES.get(self.schedule, self.schedule)
+        self.loss = _LOSS_ALIASES.get(self.loss, self.loss)
+        self.init_from = self.init_from or None
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -135,15 +145,27 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """Read a recipe into ``{"recipe", "paper", "model", "data", "method", "train"}`` dicts."""
+    """Read a recipe into ``{"recipe", "paper", "model", "data", "method", "train"}`` dicts.
+
+    Also accepted: top-level ``name``/``description`` keys (go to ``recipe``), ``[data] dataset =``
+    for ``name``, and ``batch_size`` under ``[data]`` (goes to ``train``).
+    """
     path = find_recipe(name_or_path)
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     tables = ("recipe", "paper", "model", "data", "method", "train")
-    unknown = sorted(set(raw) - set(tables))
+    unknown = sorted(k for k, v in raw.items() if isinstance(v, dict) and k not in tables)
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {', '.join(unknown)}; valid: {', '.join(tables)}")
     out = {t: dict(raw.get(t, {})) for t in tables}
+    # Top-level keys (name = ..., description = ...) belong to [recipe].
+    out["recipe"].update({k: v for k, v in raw.items() if not isinstance(v, dict)})
+    # Accepted spellings: [data] dataset = ... for name; batch sizes given under [data].
+    if "dataset" in out["data"]:
+        out["data"].setdefault("name", out["data"].pop("dataset"))
+    for key in ("batch_size", "eval_batch_size"):
+        if key in out["data"]:
+            out["train"].setdefault(key, out["data"].pop(key))
     out["recipe"].setdefault("name", path.stem)
     out["recipe"]["path"] = str(path)
     return out

@@ -101,6 +101,23 @@ def check_compatible(model: nn.Module, data: DataSplits, name: str | None = None
         )
 
 
+def load_initial_weights(model: nn.Module, source: str | Path) -> None:
+    """Load float weights for fine-tuning from a run directory (its best checkpoint, else the last)
+    or a checkpoint file (a trainer checkpoint or a plain state dict), checked as any checkpoint."""
+    p = Path(source)
+    if p.is_dir():
+        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        path = latest(ckpt_dir, "best") or latest(ckpt_dir, "last")
+        if path is None:
+            raise CheckpointError(f"init_from={source}: no checkpoint found (checkpoints/manifest.json)")
+        p = path
+    state = load_checkpoint(p)
+    weights = state["model"] if isinstance(state.get("model"), dict) else state
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(("num_batches_tracked",))]:
+        raise CheckpointError(f"init_from={source}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -163,6 +180,8 @@ class Trainer:
         self.method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
         self.method = resolve_method(method)
         self.method_options = dict(method_options or {})
+        if cfg.init_from:
+            load_initial_weights(model, cfg.init_from)
         if self.method is not None and not _is_quantized(model):
             import lowbit
 
@@ -467,7 +486,7 @@ class Trainer:
             **self.run_info,
             "train": self.config.to_dict(),
             "method": self.run_info.get("method", {"name": self.method_name, "options": self.method_options}),
-            "dataset": self.run_info.get("dataset", {"name": self.data.name, **{k: v for k, v in self.data.info.items() if k != "vocab"}}),
+            "data": self.run_info.get("data", {"name": self.data.name, **{k: v for k, v in self.data.info.items() if k != "vocab"}}),
             "world_size": self.dist.world_size,
         }
         path.write_text(json.dumps(json_safe(info), indent=2) + "\n")
