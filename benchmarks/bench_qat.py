@@ -3,8 +3,9 @@
 One step = zero_grad, forward, cross-entropy, backward, optimizer.step(), method.after_step();
 the optimizer is Adam over the method's parameter groups, wrapped by ``method.wrap_optimizer``
 (so loss-aware proximal steps and BNN clipping are part of the measured step). Every layer is
-quantized (``keep=()``), the worst case. Configurations are interleaved round by round and the
-median over rounds is reported, which keeps the ratios stable on a shared machine.
+quantized (``keep=()``), the worst case. Configurations are interleaved round by round; the
+ratio to float is computed per round (same machine load) and the median over rounds is reported
+with its range, which keeps the ratios meaningful on a shared machine.
 
     .venv/bin/python benchmarks/bench_qat.py                       # twn, bwn on MLP and CNN
     .venv/bin/python benchmarks/bench_qat.py --methods all --rounds 7
@@ -118,15 +119,17 @@ def run(
         for _ in range(rounds):
             for k, r in runners.items():
                 times[k].append(r.time(steps))
-        fp = statistics.median(times["float"])
         for k in runners:
-            med = statistics.median(times[k])
+            # Ratio per round (same load conditions), then the median over rounds.
+            ratios = [t / f for t, f in zip(times[k], times["float"], strict=True)]
             results.append(
                 {
                     "model": model_name,
                     "method": k,
-                    "step_ms": med * 1e3,
-                    "ratio": med / fp,
+                    "step_ms": statistics.median(times[k]) * 1e3,
+                    "ratio": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
                     "batch": batch,
                 }
             )
@@ -162,10 +165,13 @@ def main() -> None:
     print(
         f"QAT train-step time vs float (median of {args.rounds} rounds x {args.steps} steps, batch {args.batch}; {machine})"
     )
-    print(f"{'model':24s} {'method':8s} {'step ms':>9s} {'ratio':>7s}")
+    print(f"{'model':24s} {'method':8s} {'step ms':>9s} {'ratio':>7s}  {'range':>11s}")
     for r in results:
         flag = "" if r["method"] == "float" or r["ratio"] <= 1.25 else "  (> 1.25x target)"
-        print(f"{r['model']:24s} {r['method']:8s} {r['step_ms']:9.2f} {r['ratio']:6.2f}x{flag}")
+        rng = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+        print(
+            f"{r['model']:24s} {r['method']:8s} {r['step_ms']:9.2f} {r['ratio']:6.2f}x  {rng:>11s}{flag}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,16 @@ from lowbit.methods import loss_aware as la
 from lowbit.optim import LossAwareOptimizer, prox_targets
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: a second intra-op thread only adds synchronisation (and, on a loaded
+    # 2-core machine, waiting). Restore the session's setting afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _net(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

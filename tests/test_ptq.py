@@ -396,3 +396,16 @@ def test_cli_ptq_writes_model_and_reports(tmp_path):
 
     bad = CliRunner().invoke(app, ["ptq", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_saturation_is_recounted_on_evaluation_data():
+    torch.manual_seed(13)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    x = 0.9 * torch.rand(256, 4)  # in [0, 0.9): unsigned, E = -8 (0.9 * 256 = 230 <= 255)
+    ptq.fgq(m, x, keep=("last",))
+    assert m[0].input_quantizer.exponent == -8 and ptq.report(m)[0].saturation == 0.0
+    y = torch.zeros(256, dtype=torch.long)
+    ptq.accuracy(m, [(10 * x, y)], saturation=True)
+    # 10x saturates where round(10x * 256) > 255, i.e. x > 0.0998: probability 0.8/0.9 = 0.889
+    sat = ptq.report(m)[0].saturation
+    assert 0.85 < sat < 0.93

@@ -371,7 +371,7 @@ def ptq_cmd(
         fail(str(exc))
     result["ptq_seconds"] = round(time.perf_counter() - t0, 3)
     if evaluate:
-        result["fgq_acc"] = ptq.accuracy(net, splits.test)
+        result["fgq_acc"] = ptq.accuracy(net, splits.test, saturation=True)
     rows = ptq.report(net)
     tag = f"n{gs}-{group_axis}-w{weight_bits}-a{act_bits or 32}"
     if out is None:
@@ -386,6 +386,7 @@ def ptq_cmd(
         return
     typer.echo(f"FGQ {tag} of {info['model']['name']} ({result['source']}), calibrated on {len(calib)} {ds_name} samples")
     typer.echo(ptq.format_report(rows))
+    typer.echo(f"(saturated / underflow: share of input elements, measured on the {'test' if evaluate else 'calibration'} data)")
     if evaluate:
         drop = result["float_acc"] - result["fgq_acc"]
         typer.echo(f"test accuracy: float {result['float_acc']:.2f}%  ->  fgq {result['fgq_acc']:.2f}%  ({drop:+.2f} points lost)")

@@ -94,7 +94,7 @@ def _as_patterns(value: str | Sequence[str] | None) -> list[str]:
 def _build(method: _methods.Method, module: nn.Module, options: dict[str, Any]) -> nn.Module:
     quant_cls = _quant_class(module)
     weight = next(module.parameters())
-    place = {"device": weight.device, "dtype": weight.dtype}
+    device, dtype = weight.device, weight.dtype
     if quant_cls is QuantLSTM:
         assert isinstance(module, nn.LSTM)
         if module.proj_size:
@@ -105,18 +105,23 @@ def _build(method: _methods.Method, module: nn.Module, options: dict[str, Any]) 
         wq = nn.ModuleDict(
             {
                 key: nn.ModuleList(
-                    method.make_weight_quantizer(slot, **options).to(**place)
+                    method.make_weight_quantizer(slot, **options).to(device=device, dtype=dtype)
                     for slot in tmp.gate_slots(key)
                 )
                 for key in tmp.matrix_keys()
             }
         )
         iq = method.make_input_quantizer(module, **options)
-        new = QuantLSTM.from_float(module, wq, iq.to(**place) if iq is not None else None)
+        new = QuantLSTM.from_float(
+            module, wq, iq.to(device=device, dtype=dtype) if iq is not None else None
+        )
         return new
-    wq = method.make_weight_quantizer(module, **options).to(**place)
+    weight_q = method.make_weight_quantizer(module, **options).to(device=device, dtype=dtype)
     iq = method.make_input_quantizer(module, **options)
-    return quant_cls.from_float(module, wq, iq.to(**place) if iq is not None else None)  # type: ignore[union-attr]
+    builder: Any = quant_cls
+    return builder.from_float(
+        module, weight_q, iq.to(device=device, dtype=dtype) if iq is not None else None
+    )
 
 
 def quantize(
@@ -224,7 +229,7 @@ def quantize(
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> Quant* layer for every quantized layer in ``model``."""
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantModule)}
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantModule)}  # type: ignore[misc]
 
 
 def method_of(model: nn.Module) -> str | None:

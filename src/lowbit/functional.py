@@ -372,11 +372,11 @@ def _twn07_rows(
     rows = w.reshape(1, -1) if g.kind == "tensor" else _rows(w)
     a = rows.abs()
     delta = a.mean(1, keepdim=True) * 0.7
-    drop = ~(a > delta)
-    nkept = rows.shape[1] - drop.sum(1)
-    alpha = a.masked_fill_(drop, 0).sum(1) / nkept.clamp(min=1).to(a.dtype)
+    kept = a > delta
+    nkept = torch.count_nonzero(kept, dim=1)
+    alpha = a.mul_(kept).sum(1) / nkept.clamp(min=1).to(a.dtype)
     # Kept weights are nonzero, where torch.sign agrees with the lowbit sign rule.
-    codes = torch.sign(rows).masked_fill_(drop, 0)
+    codes = torch.sign(rows).mul_(kept)
     return alpha.reshape(g.scale_shape(w.shape)), codes.reshape(w.shape).to(codes_dtype)
 
 

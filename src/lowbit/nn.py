@@ -392,6 +392,9 @@ class QuantModule:
 class QuantLinear(nn.Linear, QuantModule):
     """``nn.Linear`` whose forward uses ``weight_quantizer(weight)`` and ``input_quantizer(x)``."""
 
+    weight_quantizer: Any  # a WeightQuantizer (any module with forward(w) and export(w))
+    input_quantizer: Any  # an ActQuantizer or None
+
     def __init__(
         self,
         in_features: int,
@@ -451,6 +454,9 @@ class QuantConv2d(nn.Conv2d, QuantModule):
     Zero padding is applied to the *quantized* input, so binary activations see 0 at the border
     (the packed kernels reproduce this).
     """
+
+    weight_quantizer: Any  # a WeightQuantizer (any module with forward(w) and export(w))
+    input_quantizer: Any  # an ActQuantizer or None
 
     def __init__(
         self,
@@ -524,6 +530,9 @@ class QuantLSTM(nn.LSTM, QuantModule):
     not ``proj_size`` or PackedSequence.
     """
 
+    weight_quantizer: nn.ModuleDict
+    input_quantizer: Any  # an ActQuantizer or None
+
     def __init__(
         self,
         *args: Any,
@@ -593,8 +602,14 @@ class QuantLSTM(nn.LSTM, QuantModule):
     def quantized_matrix(self, key: str) -> torch.Tensor:
         w = getattr(self, self.param_name(key))
         h = self.hidden_size
-        qs = self.weight_quantizer[key]
-        return torch.cat([qs[j](w[j * h : (j + 1) * h]) for j in range(4)], dim=0)
+        return torch.cat(
+            [self._gate_quantizer(key, j)(w[j * h : (j + 1) * h]) for j in range(4)], dim=0
+        )
+
+    def _gate_quantizer(self, key: str, gate: int) -> Any:
+        quantizers = self.weight_quantizer[key]
+        assert isinstance(quantizers, nn.ModuleList)
+        return quantizers[gate]
 
     def quantized_weights(self) -> dict[str, QuantizedWeight]:
         out = {}
@@ -602,14 +617,14 @@ class QuantLSTM(nn.LSTM, QuantModule):
         for key in self.matrix_keys():
             w = getattr(self, self.param_name(key))
             for j, g in enumerate(GATES):
-                out[f"{self.param_name(key)}.{g}"] = self.weight_quantizer[key][j].export(
+                out[f"{self.param_name(key)}.{g}"] = self._gate_quantizer(key, j).export(
                     w[j * h : (j + 1) * h]
                 )
         return out
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(input, nn.utils.rnn.PackedSequence):
             raise TypeError(
                 "QuantLSTM does not take PackedSequence inputs; pad the batch (nn.utils.rnn.pad_packed_sequence)"
@@ -645,7 +660,7 @@ class QuantLSTM(nn.LSTM, QuantModule):
                 xw = TF.linear(layer_input, w_ih, b_ih)
                 idx = layer * dirs + d
                 h, c = h0[idx], c0[idx]
-                out = [None] * steps
+                out: list[Any] = [None] * steps
                 order = range(steps - 1, -1, -1) if d else range(steps)
                 for t in order:
                     gates = xw[t] + TF.linear(h, w_hh, b_hh)
@@ -668,5 +683,5 @@ class QuantLSTM(nn.LSTM, QuantModule):
         return output, (hn, cn)
 
     def extra_repr(self) -> str:
-        first = self.weight_quantizer[self.matrix_keys()[0]][0]
+        first = self._gate_quantizer(self.matrix_keys()[0], 0)
         return f"{super().extra_repr()}, weight={_describe_weight(first)} x{4 * len(self.matrix_keys())} gate blocks, input={_describe_input(self.input_quantizer)}"

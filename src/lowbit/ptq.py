@@ -48,7 +48,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ __all__ = [
     "load_quantized",
     "report",
     "save_quantized",
+    "track_saturation",
 ]
 
 log = logging.getLogger("lowbit.ptq")
@@ -648,16 +649,38 @@ def integer_forward(
 # Helpers for evaluation and optional low-precision fine-tuning
 
 
+@contextmanager
+def track_saturation(model: nn.Module) -> Iterator[None]:
+    """Count DFP saturation / underflow afresh during the block (then :func:`report` shows them)."""
+    acts = list(_dfp_acts(model).values())
+    for a in acts:
+        a.reset_stats()
+        a.track = True
+    try:
+        yield
+    finally:
+        for a in acts:
+            a.track = False
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Any, batch_size: int = 512, integer: bool = False) -> float:
+def accuracy(
+    model: nn.Module,
+    data: Any,
+    batch_size: int = 512,
+    integer: bool = False,
+    saturation: bool = False,
+) -> float:
     """Top-1 accuracy (%) of ``model`` on an ``ArrayDataset`` or an iterable of ``(x, y)`` batches.
 
-    ``integer=True`` evaluates the integer reference pipeline (:func:`integer_forward`).
+    ``integer=True`` evaluates the integer reference pipeline (:func:`integer_forward`);
+    ``saturation=True`` re-counts the DFP saturation statistics on this data
+    (:func:`track_saturation`), replacing the calibration-time ones in :func:`report`.
     """
     items = data.batches(batch_size) if hasattr(data, "batches") else data
     device = _device_of(model)
     correct = total = 0
-    with _eval_no_grad(model):
+    with _eval_no_grad(model), track_saturation(model) if saturation else nullcontext():
         for x, y in items:
             x, y = x.to(device), y.to(device)
             out = integer_forward(model, x) if integer else model(x)

@@ -214,7 +214,8 @@ def _act_kind(q: Any) -> tuple[str, int]:
 def _weight_quantizers(layer: nn.Module) -> list[nn.Module]:
     wq = layer.weight_quantizer
     if isinstance(wq, nn.ModuleDict):
-        return [q for qs in wq.values() for q in qs]  # type: ignore[union-attr]
+        return [q for qs in wq.values() for q in qs.children()]
+    assert isinstance(wq, nn.Module)
     return [wq]
 
 
@@ -226,33 +227,34 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
         if any(name.startswith(p) for p in skip):
             continue
         if isinstance(module, QuantModule):
+            layer: Any = module
             skip.append(name + ".")
-            exported = module.quantized_weights()
+            exported = layer.quantized_weights()
             latent = sum(qw.numel for qw in exported.values())
             others = sum(
                 p.numel()
-                for n, p in module.named_parameters(recurse=False)
+                for n, p in layer.named_parameters(recurse=False)
                 if not n.startswith("weight")
             )
-            others += _float_buffers(module)
+            others += _float_buffers(layer)
             first = next(iter(exported.values()))
-            act_kind, act_bits = _act_kind(module.input_quantizer)
+            act_kind, act_bits = _act_kind(layer.input_quantizer)
             ternary = [qw for qw in exported.values() if qw.format in ("ternary", "ternary_asym")]
             sparsity = None
             if ternary:
                 sparsity = sum(qw.sparsity() * qw.numel for qw in ternary) / sum(
                     qw.numel for qw in ternary
                 )
-            wq = _weight_quantizers(module)
+            wq = _weight_quantizers(layer)
             row = LayerSummary(
                 name=name,
-                type=type(module).__name__,
+                type=type(layer).__name__,
                 weight=_describe(wq[0]),
-                act=_describe(module.input_quantizer),
+                act=_describe(layer.input_quantizer),
                 params=latent
                 + sum(
                     p.numel()
-                    for n, p in module.named_parameters(recurse=False)
+                    for n, p in layer.named_parameters(recurse=False)
                     if not n.startswith("weight")
                 ),
                 bytes=sum(qw.packed_bytes() for qw in exported.values()) + 4 * others,

@@ -291,14 +291,25 @@ def test_keep_nothing_binarizes_every_layer_input_including_the_first() -> None:
     assert first[0].input_quantizer.spec() == ActSpec("kbit_linear", 8, False, scale=1 / 255, clip=1.0)
 
 
-def test_dropout_zeros_keeps_dropped_units_zero_in_training_only() -> None:
-    q = bnn.SignInput(dropout_zeros=True)
-    x = torch.tensor([0.0, 0.7, -1.4, 0.0, -0.2])
-    q.train()
-    assert q(x).tolist() == [0.0, 1.0, -1.0, 0.0, -1.0]
+def test_dropout_option_gives_sign_then_dropout_values() -> None:
+    torch.manual_seed(19)
+    p = 0.5
+    h = torch.nn.functional.hardtanh(torch.randn(2000, 64) * 2)
+    drop = nn.Dropout(p).train()
+    dropped = drop(h)
+    q = bnn.SignInput(ste="identity", dropout=p).train()
+    out = q(dropped)
+    # Theano order: sign first, then dropout with its 1/(1-p) rescaling
+    expected = torch.where(h < 0, -1.0, 1.0) * (dropped != 0).float() / (1 - p)
+    assert torch.equal(out, expected)
+    # the training mean matches the eval input (what BN running statistics rely on)
     q.eval()
-    assert q(x).tolist() == [1.0, 1.0, -1.0, 1.0, -1.0]
-    assert bnn.SignInput()(x).tolist() == [1.0, 1.0, -1.0, 1.0, -1.0]
+    assert torch.equal(q(h), torch.where(h < 0, -1.0, 1.0))
+    assert (out.mean(0) - q(h).mean(0)).abs().max() < 5 * 1 / math.sqrt(2000)
+    plain = bnn.SignInput().train()(torch.tensor([0.0, 0.7, -1.4]))
+    assert plain.tolist() == [1.0, 1.0, -1.0]  # without the option, sign(0) = +1
+    with pytest.raises(ValueError, match="dropout"):
+        bnn.SignInput(dropout=1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -354,3 +354,23 @@ def test_fgq_method_trains_with_straight_through_gradients():
     metrics = lowbit.methods.get("fgq").epoch_metrics(model)
     assert set(metrics) == {"0.sparsity", "2.sparsity", "4.sparsity"}
     assert all(0.0 <= v < 1.0 for v in metrics.values())
+
+
+def test_fgq_fine_tuning_runs_in_the_trainer(tmp_path):
+    from lowbit import data, models
+    from lowbit.train import TrainConfig, Trainer
+
+    torch.manual_seed(12)
+    splits = data.load("synthetic", n_train=256, n_valid=64, n_test=64)
+    net = models.create("mlp", input_shape=splits.input_shape, num_classes=10, widths=(64, 64))
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-3, eval_batch_size=64)
+    trainer = Trainer(
+        net, splits, cfg, method="fgq", method_options={"group_size": 64}, progress=False,
+        run_dir=tmp_path / "run",
+    )  # fmt: skip
+    summary = trainer.fit()
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert isinstance(net.net.fc1.weight_quantizer, fgq.FGQTernaryWeight)
+    assert net.net.fc1.quantized_weight().scales.shape == (64, 1)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert "method/net.fc1.sparsity" in lines[-1]

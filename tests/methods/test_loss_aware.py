@@ -21,6 +21,17 @@ from lowbit import functional as F
 from lowbit.methods import loss_aware as la
 from lowbit.qtypes import QuantizedWeight
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: a second intra-op thread only adds synchronisation (and, on a loaded
+    # 2-core machine, waiting). Restore the session's setting afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------------
 # Brute-force references
 

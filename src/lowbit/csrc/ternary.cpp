@@ -130,7 +130,7 @@ void ternary_gemm_run(const lowbit_isa_table& t, const lowbit_t2_args& args, int
     if (macs < ((int64_t)1 << 21)) n_threads = 1;
     if (row_blocks >= 2 * (int64_t)n_threads || m < 16) {
         // Split the weights: each thread streams its own rows (GEMV and most GEMMs).
-        const int64_t grain = m == 1 ? 4 : 6;
+        const int64_t grain = 4;  // whole 2-row-block kernel blocks per thread
         parallel_for(row_blocks, n_threads, grain, [&](int64_t b, int64_t e) {
             lowbit_t2_args a = args;
             a.rb0 = b;

@@ -168,6 +168,7 @@ _SAFE_GLOBALS = {
     ("numpy", "dtype"),
     ("copy_reg", "_reconstructor"),
     ("copyreg", "_reconstructor"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
     ("__builtin__", "object"),
     ("builtins", "object"),
 }

@@ -98,9 +98,8 @@ class Method:
         """The weight quantizer for ``layer`` (forward(w) -> quantized float weight, export())."""
         from lowbit.nn import FloatWeight
 
-        if self._weight is None:
-            return FloatWeight()
-        return self._weight(layer, **options)
+        quantizer = None if self._weight is None else self._weight(layer, **options)
+        return quantizer if quantizer is not None else FloatWeight()
 
     def make_input_quantizer(self, layer: Any, **options: Any) -> nn.Module | None:
         """The input-activation quantizer for ``layer``, or ``None`` for float inputs."""

@@ -31,9 +31,9 @@ Methods and options (``lowbit.quantize(model, "bnn", **options)``):
 
 ``bnn``: ``stochastic`` (False: stochastic weight binarization while training), ``stochastic_act``
 (False), ``act_ste`` ("htanh": the ``1{|x|<=1}`` gate; "identity" when the model already has a
-Hardtanh in front, as BinaryNet.pytorch), ``dropout_zeros`` (False: in training, an exact 0 entering
-a binary layer -- a unit dropped by the ``nn.Dropout`` in front of it -- stays 0, which is what the
-Theano code computes since its dropout follows the sign), ``init`` ("keep" or "uniform"),
+Hardtanh in front, as BinaryNet.pytorch), ``dropout`` (0.0: the rate of an ``nn.Dropout`` in front
+of the binary layers; in training dropped units stay 0 and kept ones are ``±1/(1-p)``, the values
+of the Theano code whose dropout follows the sign; see :class:`SignInput`), ``init`` ("keep" or "uniform"),
 ``clip`` (1.0, the latent range H), ``lr_scale`` ("glorot" or None), ``grad_bits`` (None),
 ``activations`` ("binary"; any :func:`lowbit.nn.make_act_quantizer` name).
 
@@ -274,26 +274,32 @@ class SignInput(BinaryAct):
     """Binary input activations (BNN eq. 1-5): ``Sign(x)``, or stochastic ``+1`` w.p. ``hard_sigmoid(x)``.
 
     Backward ``g * 1{|x| <= 1}`` (``ste="htanh"``, eq. 4-5) or ``g`` (``ste="identity"``, when a
-    Hardtanh in the model already gates, as in BinaryNet.pytorch). ``dropout_zeros``: in training
-    an exact 0 stays 0 (a unit dropped by the ``nn.Dropout`` before this layer contributes
-    nothing, as in the Theano code where dropout follows the sign); eval always gives ±1.
+    Hardtanh in the model already gates, as in BinaryNet.pytorch).
+
+    ``dropout = p > 0`` says an ``nn.Dropout(p)`` sits in front of this layer. In training an
+    exact 0 (a dropped unit) then stays 0 and kept units become ``±1/(1-p)``: the values of the
+    Theano code, whose dropout follows the sign. Without it a dropped unit would become
+    ``Sign(0) = +1`` and kept units would lose dropout's ``1/(1-p)`` rescaling, so BatchNorm's
+    running statistics (gathered in training) would not match eval inputs. Eval always gives ±1.
     """
 
-    def __init__(self, stochastic: bool = False, ste: str = "htanh", dropout_zeros: bool = False) -> None:
+    def __init__(self, stochastic: bool = False, ste: str = "htanh", dropout: float = 0.0) -> None:
         super().__init__(stochastic)
         if ste not in ("htanh", "identity"):
             raise ValueError(f"act_ste must be 'htanh' or 'identity', got {ste!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (the rate of the nn.Dropout before the layer), got {dropout!r}")
         self.ste = ste
-        self.dropout_zeros = bool(dropout_zeros)
+        self.dropout = float(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = F.binarize(x, stochastic=self.stochastic and self.training, gate=self.ste == "htanh")
-        if self.dropout_zeros and self.training:
-            b = b * (x.detach() != 0).to(b.dtype)
+        if self.dropout and self.training:
+            b = b * ((x.detach() != 0).to(b.dtype) / (1.0 - self.dropout))
         return b
 
     def extra_repr(self) -> str:
-        return f"sign, ste={self.ste}, stochastic={self.stochastic}, dropout_zeros={self.dropout_zeros}"
+        return f"sign, ste={self.ste}, stochastic={self.stochastic}, dropout={self.dropout}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +525,7 @@ def _qnn_weight(layer: Any, **o: Any) -> WeightQuantizer:
 def _inputs(layer: Any, **o: Any) -> nn.Module | None:
     spec = o["activations"]
     if isinstance(spec, str) and spec.strip().lower() in ("binary", "sign"):
-        return SignInput(bool(o["stochastic_act"]), str(o["act_ste"]), bool(o["dropout_zeros"]))
+        return SignInput(bool(o["stochastic_act"]), str(o["act_ste"]), float(o["dropout"]))
     return make_act_quantizer(spec)
 
 
@@ -599,7 +605,7 @@ _SHARED = {
     "stochastic": False,
     "stochastic_act": False,
     "act_ste": "htanh",
-    "dropout_zeros": False,
+    "dropout": 0.0,
     "init": "keep",
     "clip": 1.0,
     "lr_scale": "glorot",

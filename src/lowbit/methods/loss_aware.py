@@ -209,7 +209,9 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, fallback: torch.Tensor) -> torc
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback).clamp(min=0)
 
 
-def _converged(new: torch.Tensor, old: torch.Tensor, done: torch.Tensor, tol: float) -> torch.Tensor:
+def _converged(
+    new: torch.Tensor, old: torch.Tensor, done: torch.Tensor, tol: float
+) -> torch.Tensor:
     return done | ((new - old).abs() < tol)
 
 
@@ -278,42 +280,54 @@ def _laq_alternate(
     fallback = aw.amax(1)
     linear = fmt == "kbit_linear"
 
-    def alpha_of(c: torch.Tensor, first: bool = False) -> torch.Tensor:
+    def alpha_of(c: torch.Tensor, m: torch.Tensor, first: bool = False) -> torch.Tensor:
+        # m: the level multipliers of c (for linear levels: c itself, the scale is the step)
         if rule == "official":
-            m = (c != 0).to(wu.dtype) if first else (c.abs() if linear else _mult(c, fmt, bits).abs())
-            return _ratio(_rdot(du * aw, m), _rdot(du, m), fallback)
-        m = c if linear else _mult(c, fmt, bits)
-        dm = du * m
-        scale = _ratio(_rdot(dw, m), _rdot(dm, m), fallback / k if linear else fallback)
+            am = (c != 0).to(wu.dtype) if first else m.abs()
+            return _ratio(_rdot(du * aw, am), _rdot(du, am), fallback)
+        scale = _ratio(_rdot(dw, m), _rdot(du * m, m), fallback / k if linear else fallback)
         return scale * k if linear else scale
 
-    def codes_of(alpha: torch.Tensor) -> torch.Tensor:
-        safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    def codes_of(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = alpha > 0
+        safe = torch.where(pos, alpha, torch.ones_like(alpha))[:, None]
         if linear:
-            c = torch.round(wu / (safe / k)[:, None]).clamp_(-k, k)
+            c = torch.round(wu / (safe / k)).clamp_(-k, k)
+            m = c
         else:
-            c = F.log_quantize(wu, bits, safe[:, None]).to(wu.dtype)
-        return c if bool((alpha > 0).all()) else torch.where((alpha > 0)[:, None], c, torch.zeros_like(c))
+            # Nearest power-of-two level: thresholds at 3/4 of each level (the arithmetic
+            # midpoints, §3.5), 0 below 2^-k. log2 of |w| / (3/4 alpha), floored, is the exponent.
+            r = aw / (safe * 0.75)
+            e = torch.log2(r).floor_().clamp_(-(k - 1), 0)
+            keep = (r >= 2.0**-k / 0.75).to(wu.dtype).mul_(sw)
+            m = torch.exp2(e).mul_(keep)
+            c = e.add_(k).mul_(keep)
+        if not bool(pos.all()):
+            c = torch.where(pos[:, None], c, torch.zeros_like(c))
+            m = torch.where(pos[:, None], m, torch.zeros_like(m))
+        return c, m
 
-    alpha = alpha_of(codes0.abs() * sw, first=True)
-    c = codes_of(alpha)
+    c0 = codes0.abs() * sw
+    alpha = alpha_of(c0, c0 if linear else _mult(c0, fmt, bits), first=True)
+    c, m = codes_of(alpha)
     done = alpha <= 0
     iters = torch.zeros_like(alpha, dtype=torch.int64)
     single = wu.shape[0] == 1
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        new = alpha_of(c)
-        c_new = codes_of(new)
+        new = alpha_of(c, m)
+        c_new, m_new = codes_of(new)
         iters += (~done).long()
         if single:
             done = _converged(new, alpha, done, tol)
-            alpha, c = new, c_new
+            alpha, c, m = new, c_new, m_new
             continue
         active = ~done
         done = _converged(new, alpha, done, tol)
         alpha = torch.where(active, new, alpha)
         c = torch.where(active[:, None], c_new, c)
+        m = torch.where(active[:, None], m_new, m)
     return alpha, c, iters
 
 
@@ -335,7 +349,11 @@ def _solve_units(
     """
     iters = torch.zeros(wu.shape[0], dtype=torch.int64, device=wu.device)
     if scheme == "lab":
-        alpha = _ratio(_rdot(du, wu.abs()), du.sum(1), torch.zeros(wu.shape[0], dtype=wu.dtype, device=wu.device))
+        alpha = _ratio(
+            _rdot(du, wu.abs()),
+            du.sum(1),
+            torch.zeros(wu.shape[0], dtype=wu.dtype, device=wu.device),
+        )
         return F.sign(wu), alpha, iters
     if scheme == "lat_e":
         alpha, kept = _topk_exact(wu.abs(), du, wu != 0)
@@ -354,7 +372,11 @@ def _solve_units(
         c0 = prev()
         ap, kp, ip = _support_alternate(wu, du, c0 > 0, max_iter, tol)
         an, kn, i_n = _support_alternate(-wu, du, c0 < 0, max_iter, tol)
-        return kp.to(wu.dtype) - kn.to(wu.dtype), torch.stack([ap, an], dim=-1), torch.maximum(ip, i_n)
+        return (
+            kp.to(wu.dtype) - kn.to(wu.dtype),
+            torch.stack([ap, an], dim=-1),
+            torch.maximum(ip, i_n),
+        )
     alpha, c, iters = _laq_alternate(wu, du, prev(), fmt, m, alpha_rule, max_iter, tol)
     return c, (alpha / (2 ** (m - 1) - 1) if fmt == "kbit_linear" else alpha), iters
 
@@ -458,7 +480,9 @@ def solve(
         * ``laq_linear`` / ``laq_log``: alternating nearest level <-> alpha (LAQ §3.2, Alg. 2).
     """
     g = Granularity.of(granularity, group_size, group_axis)
-    codes, scales, iters = _solve_codes(w, d, scheme, bits, prev_codes, g, alpha_rule, max_iter, tol)
+    codes, scales, iters = _solve_codes(
+        w, d, scheme, bits, prev_codes, g, alpha_rule, max_iter, tol
+    )
     fmt, m = scheme_format(scheme, bits)
     w_hat = F.dequantize(codes, scales, fmt, m, g, tuple(w.shape))
     if return_info:
@@ -550,7 +574,15 @@ class LossAwareWeight(WeightQuantizer):
     def _solve(self, w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prev = self.codes if int(self.solves) > 0 else None
         codes, scales, iters = _solve_codes(
-            w, d, self.scheme, self.bits, prev, self.granularity, self.alpha_rule, self.max_iter, self.tol
+            w,
+            d,
+            self.scheme,
+            self.bits,
+            prev,
+            self.granularity,
+            self.alpha_rule,
+            self.max_iter,
+            self.tol,
         )
         self.last_iterations = float(iters.float().mean())
         return codes, scales.to(self.scales.dtype)

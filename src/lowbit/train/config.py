@@ -22,7 +22,7 @@ __all__ = ["RECIPE_DIR", "TrainConfig", "find_recipe", "load_recipe", "lr_factor
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 OPTIMIZERS = ("adam", "sgd", "adamax")
-SCHEDULES = ("constant", "step", "exp")
+SCHEDULES = ("constant", "step", "exp", "cosine")
 _SCHEDULE_ALIASES = {"none": "constant", "multistep": "step", "exponential": "exp"}
 _LOSS_ALIASES = {"ce": "cross_entropy", "hinge": "squared_hinge", "l2svm": "squared_hinge"}
 
@@ -35,7 +35,9 @@ class TrainConfig:
     ``constant``; ``step``: ``gamma`` per milestone passed (``milestones=[15, 25]`` = x0.1 after 15
     and after 25 finished epochs) or, with ``step_size``, every ``step_size`` epochs; ``exp``:
     ``gamma`` per epoch after ``decay_start`` epochs, with ``gamma = (lr_final / lr) ** (1 / epochs)``
-    when ``lr_final`` is given (BNN's 3e-3 -> 3e-7 over 1000 epochs gives 0.99083, §2.8).
+    when ``lr_final`` is given (BNN's 3e-3 -> 3e-7 over 1000 epochs gives 0.99083, §2.8);
+    ``cosine``: ``(1 + cos(pi t / T)) / 2`` updated every step, ``t`` the epochs done so far
+    (fractional) and ``T`` = ``epochs`` (not a paper schedule; the default of short runs).
 
     Weight decay: ``weight_decay_rules`` is a list of ``[regex, value]`` pairs matched (``re.search``)
     against parameter names, first match wins; parameters no rule matches get ``weight_decay`` if
@@ -116,10 +118,14 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def lr_factor(config: TrainConfig, epoch: int) -> float:
-    """Multiplier of the base learning rate(s) during 0-based ``epoch``."""
+def lr_factor(config: TrainConfig, epoch: float) -> float:
+    """Multiplier of the base learning rate(s) during 0-based ``epoch``; ``cosine`` is evaluated
+    at every step (``epoch`` + fraction of the epoch done), the others once per epoch."""
     if config.schedule == "constant":
         return 1.0
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch / config.epochs, 1.0)))
+    epoch = int(epoch)
     if config.schedule == "step":
         if config.step_size:
             return config.gamma ** (epoch // config.step_size)

@@ -260,7 +260,7 @@ class Trainer:
     def checkpoint_dir(self) -> Path | None:
         return self.run_dir / "checkpoints" if self.run_dir is not None else None
 
-    def _set_lr(self, epoch: int) -> float:
+    def _set_lr(self, epoch: float) -> float:
         f = lr_factor(self.config, epoch)
         for g in self.base_optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
@@ -351,7 +351,10 @@ class Trainer:
             world_size=self.dist.world_size,
             device=self.device,
         )
+        cosine = cfg.schedule == "cosine"
         for i, (x, y) in enumerate(batches):
+            if cosine:
+                self._set_lr(epoch + i / steps)
             self.optimizer.zero_grad(set_to_none=True)
             out = self.ddp(x)
             loss = self.loss_fn(out, y)
