@@ -10,6 +10,7 @@ with its range, which keeps the ratios meaningful on a shared machine.
     .venv/bin/python benchmarks/bench_qat.py                       # twn, bwn on MLP and CNN
     .venv/bin/python benchmarks/bench_qat.py --methods all --rounds 7
     .venv/bin/python benchmarks/bench_qat.py --methods twn,ttq --threads 1 --json
+    .venv/bin/python benchmarks/bench_qat.py --threads 1 --clock cpu   # on a busy machine
 
 Prints one line per (model, method): median step time and the ratio to the float step.
 """
@@ -95,15 +96,20 @@ class Runner:
         if self.method is not None:
             self.method.after_step(self.model)
 
-    def time(self, steps: int) -> float:
-        t0 = time.perf_counter()
+    def time(self, steps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+        t0 = clock()
         for _ in range(steps):
             self.step()
-        return (time.perf_counter() - t0) / steps
+        return (clock() - t0) / steps
 
 
 def run(
-    methods: list[str], rounds: int, steps: int, batch: int, warmup: int
+    methods: list[str],
+    rounds: int,
+    steps: int,
+    batch: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict[str, Any]]:
     results = []
     for model_name, (factory, shape) in MODELS.items():
@@ -118,7 +124,7 @@ def run(
         times: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(rounds):
             for k, r in runners.items():
-                times[k].append(r.time(steps))
+                times[k].append(r.time(steps, clock))
         for k in runners:
             # Ratio per round (same load conditions), then the median over rounds.
             ratios = [t / f for t, f in zip(times[k], times["float"], strict=True)]
@@ -148,6 +154,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (robust on a loaded machine)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -157,8 +169,12 @@ def main() -> None:
         if args.methods == "all"
         else args.methods.split(",")
     )
-    results = run(methods, args.rounds, args.steps, args.batch, args.warmup)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    results = run(methods, args.rounds, args.steps, args.batch, args.warmup, clock)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {args.clock} clock"
+    )
     if args.json:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
         return

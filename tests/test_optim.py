@@ -243,3 +243,42 @@ def test_unwrapped_training_warns_once() -> None:
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             model(x)
+
+
+def test_trainer_runs_a_loss_aware_method_end_to_end(tmp_path) -> None:
+    from lowbit import data, models
+    from lowbit.train import TrainConfig, Trainer
+
+    splits = data.load("synthetic", n_train=200, n_valid=50, n_test=50, shape=(1, 8, 8), classes=4)
+    torch.manual_seed(0)
+    net = models.create("mlp", input_shape=(1, 8, 8), num_classes=4, widths=(16,))
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=1e-2, threads=1)
+    trainer = Trainer(
+        net,
+        splits,
+        cfg,
+        method="lat2",
+        method_options={"keep": []},
+        run_dir=tmp_path,
+        progress=False,
+    )
+    assert isinstance(trainer.optimizer, LossAwareOptimizer)
+    trainer.fit()
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(records) == 2 and '"method/net.fc0.alpha_p"' in records[-1]
+    fc0 = trainer.model.net.fc0
+    assert float(fc0.weight.detach().abs().max()) <= 1.0
+    assert fc0.quantized_weight().format == "ternary_asym"
+    assert torch.equal(
+        fc0.quantized_weight().dequantize(), fc0.weight_quantizer(fc0.weight).detach()
+    )
+    # a fresh quantized model loading the trained state forwards identically (same w_hat)
+    clone = lowbit.quantize(
+        models.create("mlp", input_shape=(1, 8, 8), num_classes=4, widths=(16,)), "lat2", keep=[]
+    )
+    clone.load_state_dict(trainer.model.state_dict())
+    clone.eval()
+    trainer.model.eval()
+    x = splits.test.x[:20]
+    with torch.no_grad():
+        assert torch.equal(clone(x), trainer.model(x))

@@ -409,3 +409,30 @@ def test_saturation_is_recounted_on_evaluation_data():
     # 10x saturates where round(10x * 256) > 255, i.e. x > 0.0998: probability 0.8/0.9 = 0.889
     sat = ptq.report(m)[0].saturation
     assert 0.85 < sat < 0.93
+
+
+@pytest.mark.parametrize("group_size", [8])
+def test_integer_reference_agrees_with_cpp_ternary_kernel(group_size, isa):
+    """The packed C++ kernel (issue 9) computes the same layer: int8 DFP inputs with the calibrated
+    exponent, int32 per-group accumulators (bit-exact), fp32 epilogue (float tolerance)."""
+    from lowbit import kernels
+
+    if not hasattr(kernels, "ternary_linear") or not hasattr(kernels, "pack_ternary_scales"):
+        pytest.skip("the ternary kernels are not built in this version")
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(40, 24))
+    x = torch.randn(9, 40)
+    ptq.fgq(model, x, keep=(), group_size=group_size, act_signed=True)  # the kernels take int8
+    layer = model[0]
+    qw = layer.quantized_weight()
+    e = layer.input_quantizer.exponent
+    y_ref, trace = ptq.integer_layer(layer, x)
+    # integer part: the kernel's int32 GEMM equals the sum of our per-group accumulators
+    d = kernels.ternary_gemm(trace["x_int"].to(torch.int8), kernels.pack_ternary(qw.codes), 24)
+    assert torch.equal(d.long(), trace["acc"].sum(-1))
+    scale, _ = kernels.pack_ternary_scales(qw.scales, 24, 40, group_size=group_size)
+    y_k = kernels.ternary_linear(
+        x, kernels.pack_ternary(qw.codes), scale, None, kernels.pad_bias(layer.bias, 24),
+        out_features=24, group_size=group_size, act="dfp", exponent=e,
+    )  # fmt: skip
+    torch.testing.assert_close(y_k, y_ref, rtol=1e-5, atol=1e-5)

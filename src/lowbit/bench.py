@@ -126,21 +126,15 @@ class _Ternary:
             )
         self.bias = kernels.pad_bias(torch.zeros(n), n)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.ternary_linear(
-            x,
-            self.tiles,
-            self.scale,
-            self.scale2,
-            self.bias,
-            out_features=self.n,
-            group_size=self.group,
+        self.kernel = kernels.LinearKernel(
+            self.tiles, self.scale, self.scale2, self.bias, out_features=n, group_size=self.group
         )
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
+
     def op(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lowbit.ternary_linear(
-            x, self.tiles, self.scale, self.scale2, self.bias, self.n, self.group, 0, 0, False
-        )
+        return self.kernel.op(x)
 
 
 def bench_kernels(

@@ -30,6 +30,7 @@ from lowbit.errors import SetupError
 __all__ = [
     "ISA_PATHS",
     "KernelBuildError",
+    "LinearKernel",
     "active_isa",
     "available_isas",
     "binary_gemm",
@@ -162,7 +163,10 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
         raise ValueError(
             f"lowbit kernels run on the CPU; got a tensor on {t.device}. Call .cpu() first."
         )
-    return t.detach().contiguous().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    # The fast path matters: a batch-1 ternary GEMV takes ~60 us, a needless copy a few more.
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
@@ -454,27 +458,170 @@ def _ternary_linear_impl(
     relu: bool,
     bits: int = 2,
 ) -> torch.Tensor:
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
-    if x2.shape[0] == 0:
-        return out.reshape(*lead, out_features)
-    _ext.ternary_linear(
-        _as_numpy(x2.to(torch.float32)),
+    return _run_linear(
+        x,
         _as_numpy(tiles),
-        int(out_features),
         _as_numpy(scale),
         None if scale2 is None else _as_numpy(scale2),
         None if bias is None else _as_numpy(bias),
-        int(group_size),
-        int(act_mode),
-        int(exponent),
-        bool(relu),
-        out.numpy(),
-        int(bits),
-        _num_threads(),
+        out_features,
+        group_size,
+        act_mode,
+        exponent,
+        relu,
+        bits,
     )
-    return out.reshape(*lead, out_features)
+
+
+def _run_linear(
+    x: torch.Tensor,
+    tiles: np.ndarray,
+    scale: np.ndarray,
+    scale2: np.ndarray | None,
+    bias: np.ndarray | None,
+    out_features: int,
+    group_size: int,
+    act_mode: int,
+    exponent: int,
+    relu: bool,
+    bits: int,
+) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        x = x.float()
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
+    if x2.shape[0]:
+        _ext.ternary_linear(
+            _as_numpy(x2),
+            tiles,
+            out_features,
+            scale,
+            scale2,
+            bias,
+            group_size,
+            act_mode,
+            exponent,
+            relu,
+            out.numpy(),
+            bits,
+            _num_threads(),
+        )
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+
+
+class LinearKernel:
+    """One packed linear layer's kernel call with its constant arguments converted once.
+
+    ``tiles`` from :func:`pack_ternary` (``bits=2``) or :func:`pack_int4` (``bits=4``), ``scale`` /
+    ``scale2`` from :func:`pack_ternary_scales`, ``bias`` from :func:`pad_bias`. Calling it runs
+    the fused C++ path directly (a few microseconds of Python overhead); :meth:`op` goes through
+    the ``torch.ops.lowbit`` custom op instead, which torch.compile / torch.export can trace.
+    The tensors are held (not copied), so in-place updates (``load_state_dict``) are seen.
+    """
+
+    def __init__(
+        self,
+        tiles: torch.Tensor,
+        scale: torch.Tensor,
+        scale2: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        *,
+        out_features: int,
+        bits: int = 2,
+        group_size: int = 0,
+        act: str = "absmax",
+        exponent: int | None = None,
+        relu: bool = False,
+    ) -> None:
+        if bits not in (2, 4):
+            raise ValueError(f"bits must be 2 (ternary) or 4 (int4); got {bits}")
+        if bits == 4 and scale2 is not None:
+            raise ValueError("asymmetric scales (scale2) exist for ternary weights only")
+        self.tensors = (tiles, scale, scale2, bias)
+        self.out_features, self.bits, self.group_size, self.relu = (
+            int(out_features),
+            bits,
+            int(group_size),
+            bool(relu),
+        )
+        self.act_mode, self.exponent = _act_mode(act, exponent)
+        self._np = tuple(None if t is None else _as_numpy(t) for t in self.tensors)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        tiles, scale, scale2, bias = self._np
+        assert tiles is not None and scale is not None
+        return _run_linear(
+            x,
+            tiles,
+            scale,
+            scale2,
+            bias,
+            self.out_features,
+            self.group_size,
+            self.act_mode,
+            self.exponent,
+            self.relu,
+            self.bits,
+        )
+
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        tiles, scale, scale2, bias = self.tensors
+        return _linear_op(
+            x,
+            tiles,
+            scale,
+            scale2,
+            bias,
+            self.out_features,
+            self.bits,
+            self.group_size,
+            self.act_mode,
+            self.exponent,
+            self.relu,
+        )
+
+    @staticmethod
+    def call_op(
+        x: torch.Tensor,
+        tiles: torch.Tensor,
+        scale: torch.Tensor,
+        scale2: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        *,
+        out_features: int,
+        bits: int = 2,
+        group_size: int = 0,
+        act: str = "absmax",
+        exponent: int | None = None,
+        relu: bool = False,
+    ) -> torch.Tensor:
+        """The custom-op call without building a kernel (works on fake / traced tensors)."""
+        mode, e = _act_mode(act, exponent)
+        return _linear_op(
+            x, tiles, scale, scale2, bias, out_features, bits, group_size, mode, e, relu
+        )
+
+
+def _linear_op(
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: torch.Tensor,
+    scale2: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    bits: int,
+    group_size: int,
+    act_mode: int,
+    exponent: int,
+    relu: bool,
+) -> torch.Tensor:
+    if bits == 4:
+        return torch.ops.lowbit.int4_linear(
+            x, tiles, scale, bias, out_features, group_size, act_mode, exponent, relu
+        )
+    return torch.ops.lowbit.ternary_linear(
+        x, tiles, scale, scale2, bias, out_features, group_size, act_mode, exponent, relu
+    )
 
 
 def ternary_linear(

@@ -8,7 +8,7 @@ every ``step()``
    heritage; §3.6 step 3),
 2. reads Adam's second moment ``v = state["exp_avg_sq"]`` *without* bias correction — the official
    code's ``acc_t = 0.999 acc_{t-1} + 0.001 g^2`` is numerically the same thing (§3.6 step 4) —
-   and forms the curvature ``d = sqrt(v) + eps`` (LAQ eq. 5, ``eps = 1e-8``),
+   and forms the curvature ``d = sqrt(v) + eps`` (§3.1, ``eps = 1e-8``),
 3. re-solves each quantized weight ``w_hat = Prox_D(w)`` (:meth:`LossAwareWeight.prox_update
    <lowbit.methods.loss_aware.LossAwareWeight.prox_update>`), warm-started from the previous
    codes, so the next forward pass (training or evaluation) uses the new ``w_hat``.
@@ -78,7 +78,8 @@ def prox_targets(model: nn.Module) -> list[ProxTarget]:
             for key in module.matrix_keys():
                 pname = module.param_name(key)
                 p = getattr(module, pname)
-                for j, q in enumerate(module.weight_quantizer[key]):
+                quantizers: Any = module.weight_quantizer[key]
+                for j, q in enumerate(quantizers):
                     if _is_prox(q):
                         out.append(
                             ProxTarget(p, q, slice(j * h, (j + 1) * h), f"{name}.{pname}[{j}]")
@@ -212,9 +213,8 @@ class LossAwareOptimizer(torch.optim.Optimizer):
                 if clip is not None:
                     t.view(p).clamp_(-clip, clip)
             for t in targets:
-                fused = getattr(t.quantizer, "prox_update_moment", None)
-                if callable(fused):
-                    fused(t.view(p), t.view(v))
+                q: Any = t.quantizer
+                if callable(getattr(q, "prox_update_moment", None)):
+                    q.prox_update_moment(t.view(p), t.view(v))
                 else:
-                    eps = float(getattr(t.quantizer, "eps", 1e-8))
-                    t.quantizer.prox_update(t.view(p), t.view(v).sqrt().add_(eps))
+                    q.prox_update(t.view(p), t.view(v).sqrt().add_(float(getattr(q, "eps", 1e-8))))

@@ -503,8 +503,8 @@ def _row_alphas(qw: QuantizedWeight) -> tuple[torch.Tensor, int]:
 
 
 def _grouped_matmul(
-    x: torch.Tensor, codes: torch.Tensor, alphas: torch.Tensor, n: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, codes: torch.Tensor, alphas: torch.Tensor, n: int, keep_acc: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integer ``x`` (B, K) times codes (O, K) per group of ``n`` along K -> ``(sum_g alpha*acc, acc)``.
 
     ``acc`` (B, O, G) int64 holds exact integer sums: the products are computed by a float64
@@ -529,9 +529,10 @@ def _grouped_matmul(
     chunk = max(1, (1 << 24) // max(groups * o, 1))
     for lo in range(0, b, chunk):
         acc = torch.bmm(xf[:, lo : lo + chunk], cf).permute(1, 2, 0)  # (b, O, G), exact integers
-        accs.append(acc.to(torch.int64))
+        if keep_acc:
+            accs.append(acc.to(torch.int64))
         ys.append((acc * alphas[None]).sum(-1))
-    return torch.cat(ys, 0), torch.cat(accs, 0)
+    return torch.cat(ys, 0), torch.cat(accs, 0) if keep_acc else None
 
 
 def _input_ints(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -549,12 +550,15 @@ def _input_ints(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ints.to(torch.int64), int(e)
 
 
-def integer_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def integer_layer(
+    layer: nn.Module, x: torch.Tensor, keep_acc: bool = True
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """One QuantLinear / QuantConv2d on the integer path (module docstring; FGQ/DFP §4.2).
 
     Returns ``(y, trace)``: ``y`` in ``x``'s dtype; ``trace`` holds ``x_int`` (int64 DFP codes),
     ``exponent`` and ``acc`` (int64 per-group accumulators: (B, O, G) for Linear,
-    (B, L, O, G) for Conv2d with L output positions).
+    (B, L, O, G) for Conv2d with L output positions; None with ``keep_acc=False``, which saves
+    their memory).
     """
     qw = layer.quantized_weight()
     if qw.format not in ("ternary", "kbit_linear", "binary"):
@@ -584,19 +588,20 @@ def integer_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
         for gi in range(groups):
             xc = cols[..., gi * c_per : (gi + 1) * c_per].reshape(-1, c_per)
             rows = slice(gi * o_per, (gi + 1) * o_per)
-            y, acc = _grouped_matmul(xc, flat_codes[rows], alphas[rows], n)
+            y, acc = _grouped_matmul(xc, flat_codes[rows], alphas[rows], n, keep_acc)
             ys.append(y)
             accs.append(acc)
         y = torch.cat(ys, 1)
-        acc = torch.cat(accs, 1)
+        acc = torch.cat(accs, 1) if keep_acc else None
         y = torch.ldexp(y, torch.tensor(e, dtype=torch.float64))
         if bias is not None:
             y = y + bias
         y = y.reshape(bsz, ho * wo, out_ch).transpose(1, 2).reshape(bsz, out_ch, ho, wo)
-        acc = acc.reshape(bsz, ho * wo, out_ch, -1)
+        if acc is not None:
+            acc = acc.reshape(bsz, ho * wo, out_ch, -1)
     else:
         lead = x_int.shape[:-1]
-        y, acc = _grouped_matmul(x_int.reshape(-1, x_int.shape[-1]), codes, alphas, n)
+        y, acc = _grouped_matmul(x_int.reshape(-1, x_int.shape[-1]), codes, alphas, n, keep_acc)
         y = torch.ldexp(y, torch.tensor(e, dtype=torch.float64))
         if bias is not None:
             y = y + bias
@@ -626,7 +631,7 @@ def integer_forward(
 
     def make(layer: nn.Module) -> Any:
         def forward(inp: torch.Tensor) -> torch.Tensor:
-            y, t = integer_layer(layer, inp)
+            y, t = integer_layer(layer, inp, keep_acc=trace is not None)
             if trace is not None:
                 trace.append({"name": names[id(layer)], **t})
             return y

@@ -29,8 +29,13 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------- MNIST
 
 
-def test_embedded_mnist_is_the_classic_split() -> None:
-    s = data.load("mnist")
+@pytest.fixture(scope="module")
+def mnist_splits() -> data.DataSplits:
+    return data.load("mnist")
+
+
+def test_embedded_mnist_is_the_classic_split(mnist_splits: data.DataSplits) -> None:
+    s = mnist_splits
     assert (len(s.train), len(s.valid), len(s.test)) == (50000, 10000, 10000)
     assert s.input_shape == (1, 28, 28) and s.num_classes == 10
     # The first training labels of MNIST are famous: 5 0 4 1 9 2 1 3 1 4.
@@ -51,9 +56,11 @@ def test_embedded_mnist_found_without_importing_the_package() -> None:
     assert "mnist" not in sys.modules  # located through importlib.metadata only
 
 
-def test_mnist_full_split_merges_valid() -> None:
+def test_mnist_full_split_merges_valid(mnist_splits: data.DataSplits) -> None:
     s = data.load("mnist", split="full")
     assert s.valid is None and len(s.train) == 60000
+    # The paper split's valid set is the last 10k of the 60k training images.
+    assert torch.equal(s.train.x[50000:], mnist_splits.valid.x) and torch.equal(s.train.y[:50000], mnist_splits.train.y)
 
 
 def test_idx_roundtrip_and_mnist_from_idx(tmp_path) -> None:
@@ -221,20 +228,27 @@ def test_offline_env_skips_download(tmp_path, monkeypatch) -> None:
 # ---------------------------------------------------------------- SVHN
 
 
-def test_svhn_mat_labels_and_splits(tmp_path) -> None:
-    synthetic.write_svhn(tmp_path / "svhn", n_train=4500, n_test=50, n_extra=2100)
+def test_svhn_mat_labels_and_splits(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(svhn, "VALID_PER_CLASS_TRAIN", 8)
+    monkeypatch.setattr(svhn, "VALID_PER_CLASS_EXTRA", 4)
+    synthetic.write_svhn(tmp_path / "svhn", n_train=300, n_test=20, n_extra=120)
     x, y = svhn.read_mat(tmp_path / "svhn" / "train_32x32.mat")
-    xs, ys = synthetic.images(4500, (3, 32, 32), seed=0)
+    xs, ys = synthetic.images(300, (3, 32, 32), seed=0)
     np.testing.assert_array_equal(x, xs)
     np.testing.assert_array_equal(y, ys)  # label 10 in the file is the digit 0
     raw = scipy.io.loadmat(str(tmp_path / "svhn" / "train_32x32.mat"))
-    assert raw["X"].shape == (32, 32, 3, 4500) and raw["y"].min() == 1 and raw["y"].max() == 10
+    assert raw["X"].shape == (32, 32, 3, 300) and raw["y"].min() == 1 and raw["y"].max() == 10
 
     small = data.load("svhn", data_dir=tmp_path, preprocess="unit", download=False)
-    assert len(small.valid) == 4000 and len(small.train) == 500 and len(small.test) == 50
-    assert torch.bincount(small.valid.y, minlength=10).tolist() == [400] * 10
+    assert len(small.valid) == 80 and len(small.train) == 220 and len(small.test) == 20
+    assert torch.bincount(small.valid.y, minlength=10).tolist() == [8] * 10
+    # The held-out images are the first 8 of each class, in file order.
+    first = np.concatenate([np.flatnonzero(ys == c)[:8] for c in range(10)])
+    np.testing.assert_array_equal(small.valid.y.numpy(), ys[np.sort(first)])
     paper = data.load("svhn", split="paper", data_dir=tmp_path, preprocess="unit", download=False)
-    assert len(paper.valid) == 4000 + 2000 and len(paper.train) == 500 + 100
+    _, y_extra = synthetic.images(120, (3, 32, 32), seed=2)
+    held = sum(min(4, int((y_extra == c).sum())) for c in range(10))
+    assert len(paper.valid) == 80 + held and len(paper.train) == 220 + 120 - held
 
 
 # ---------------------------------------------------------------- text

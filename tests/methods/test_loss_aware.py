@@ -318,11 +318,21 @@ def test_laq_official_alpha_rule_differs_from_least_squares() -> None:
 
 
 def test_log_rounding_table_of_papers_5c() -> None:
-    x = torch.tensor([0.124, 0.126, 0.374, 0.376, 0.74, 0.76, -0.126, -0.76, 1.7])
-    codes = la._nearest_codes(x[None, :], torch.ones(1), "kbit_log", 3)[0]
-    table, top = la._multipliers("kbit_log", 3, torch.float32, x.device)
-    values = table[codes.long() + top].tolist()
-    assert values == [0.0, 0.25, 0.25, 0.5, 0.5, 1.0, -0.25, -1.0, 1.0]
+    x = torch.tensor([0.124, 0.126, 0.374, 0.376, 0.74, 0.76, -0.126, -0.76, 1.7, 0.0])
+    codes, mult = la.nearest_levels(x[None, :], torch.ones(1), "kbit_log", 3)
+    assert mult[0].tolist() == [0.0, 0.25, 0.25, 0.5, 0.5, 1.0, -0.25, -1.0, 1.0, 0.0]
+    assert codes[0].tolist() == [0, 1, 1, 2, 2, 3, -1, -3, 3, 0]
+    # the same mapping as functional.log_quantize, and the codes dequantize to the levels
+    assert torch.equal(codes[0].to(torch.int8), lowbit.functional.log_quantize(x, 3, 1.0))
+    deq = lowbit.functional.dequantize(
+        codes[0].to(torch.int8), torch.ones(1), "kbit_log", 3, "tensor", x.shape
+    )
+    assert torch.equal(deq, mult[0])
+    # scaled: alpha = 0.2 maps 0.2 * the same inputs to the same levels
+    _, mult2 = la.nearest_levels(
+        0.2 * x[None, :6].double(), torch.tensor([0.2], dtype=torch.float64), "kbit_log", 3
+    )
+    assert mult2[0].tolist() == [0.0, 0.25, 0.25, 0.5, 0.5, 1.0]
 
 
 @pytest.mark.parametrize("scheme", la.SCHEMES)

@@ -165,6 +165,10 @@ def load(
     split = split or spec.default_split
     if split not in spec.splits:
         raise ValueError(f"unknown split {split!r} for {name}; valid: {', '.join(spec.splits)}")
+    if preprocess is not None and preprocess != "none" and preprocess not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocess!r}; valid: {', '.join(PREPROCESSING)}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     d = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     splits = spec.loader(d, split=split, download=download, **options)
     splits.info.setdefault("split", split)

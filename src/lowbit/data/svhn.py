@@ -26,6 +26,11 @@ FILES = {
 }
 
 
+#: Validation images per class taken from train and from extra (pylearn2's SVHN split).
+VALID_PER_CLASS_TRAIN = 400
+VALID_PER_CLASS_EXTRA = 200
+
+
 def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 in 0..9 from one SVHN ``.mat`` file."""
     m = scipy.io.loadmat(str(path))
@@ -65,12 +70,12 @@ def load(data_dir: Path, split: str = "small", download: bool = True) -> DataSpl
     xte, yte = read_mat(require(FILES["test"], d, "SVHN", download_ok=download))
     xva = yva = None
     if split in ("paper", "small"):
-        keep, hold = per_class_holdout(ytr, 400)
+        keep, hold = per_class_holdout(ytr, VALID_PER_CLASS_TRAIN)
         xva, yva = xtr[hold], ytr[hold]
         xtr, ytr = xtr[keep], ytr[keep]
     if split == "paper":
         xex, yex = read_mat(require(FILES["extra"], d, "SVHN extra (split='paper')", download_ok=download, hint="or use split='small'"))
-        keep, hold = per_class_holdout(yex, 200)
+        keep, hold = per_class_holdout(yex, VALID_PER_CLASS_EXTRA)
         xva, yva = np.concatenate([xva, xex[hold]]), np.concatenate([yva, yex[hold]])
         xtr, ytr = np.concatenate([xtr, xex[keep]]), np.concatenate([ytr, yex[keep]])
 

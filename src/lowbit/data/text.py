@@ -19,6 +19,7 @@ vocabulary of the whole corpus, ``info["vocab"]``). The metric is cross-entropy 
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -47,20 +48,21 @@ def stdlib_text(max_chars: int = 6_000_000) -> str:
     Skips ``site-packages`` and test directories (their encodings and generated data are noise).
     """
     root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
     parts: list[str] = []
     total = 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        parts.append(text)
-        total += len(text)
-        if total >= max_chars:
-            break
+    # Walk in sorted order, pruning skipped folders before descending (site-packages can be huge).
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for fname in sorted(f for f in filenames if f.endswith(".py")):
+            try:
+                text = (Path(dirpath) / fname).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            parts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                return "".join(parts)[:max_chars]
     return "".join(parts)[:max_chars]
 
 

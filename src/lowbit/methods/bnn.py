@@ -38,7 +38,8 @@ of the Theano code whose dropout follows the sign; see :class:`SignInput`), ``in
 ``activations`` ("binary"; any :func:`lowbit.nn.make_act_quantizer` name).
 
 ``qnn``: the same plus ``weight_bits`` (4; 1 gives binary weights), ``weight_format``
-("linear" or "log"), ``activations`` ("int4"; "binary", "log4", "uint2", ...).
+("linear" or "log"), ``weight_scale`` ("fixed": linear levels on ``[-clip, clip]``; "max": on
+``max|w|`` per unit, for LSTMs), ``activations`` ("int4"; "binary", "log4", "uint2", ...).
 
 Your own training loop (the Trainer does the same through the Method hooks)::
 
@@ -56,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -203,7 +204,7 @@ def bitplane_linear(
 class _Latent:
     """Mixin: a weight quantizer whose latent weights are clipped to ``[-clip, clip]`` and Glorot-scaled."""
 
-    clip: float = 1.0
+    latent_clip: float = 1.0
 
 
 def _uniform_init_(layer: Any, clip: float) -> None:
@@ -225,7 +226,7 @@ class BinaryWeight(SignWeight, _Latent):
     ) -> None:
         super().__init__(**kw)
         self.stochastic = bool(stochastic)
-        self.clip = float(clip)
+        self.latent_clip = float(clip)
         self.grad_bits = grad_bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -239,17 +240,31 @@ class BinaryWeight(SignWeight, _Latent):
         return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stochastic={self.stochastic}, clip={self.clip}"
+        return f"{super().extra_repr()}, stochastic={self.stochastic}, clip={self.latent_clip}"
 
 
 class ClippedKBitLinearWeight(KBitLinearWeight, _Latent):
-    """QNN k-bit weights on a fixed range: levels ``{0, ±1/q, ..., ±1} * clip`` (§2.7 LinearQuant).
+    """QNN k-bit weights: levels ``{0, ±1/q, ..., ±1} * range`` (§2.7 LinearQuant), ``q = 2^(k-1) - 1``.
 
-    Latent weights are clipped to ``[-clip, clip]`` after each step, so the range never moves.
+    ``scale="fixed"``: ``range = clip`` (the latent weights are clipped to ``[-clip, clip]``
+    after each step, so the grid never moves; the reading for BN-followed MLPs/CNNs started from
+    ``U(-1, 1)``). ``scale="max"``: ``range = max|w|`` per unit, for small-initialised layers
+    without a BN after them (LSTMs).
     """
 
-    def __init__(self, bits: int = 4, clip: float = 1.0, grad_bits: int | None = None, **kw: Any) -> None:
-        super().__init__(bits=bits, clip=clip, **kw)
+    def __init__(
+        self,
+        bits: int = 4,
+        clip: float = 1.0,
+        grad_bits: int | None = None,
+        scale: str = "fixed",
+        **kw: Any,
+    ) -> None:
+        if scale not in ("fixed", "max"):
+            raise ValueError(f"weight_scale must be 'fixed' or 'max', got {scale!r}")
+        super().__init__(bits=bits, clip=clip if scale == "fixed" else None, **kw)
+        self.latent_clip = float(clip)
+        self.scale = scale
         self.grad_bits = grad_bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -260,9 +275,11 @@ class ClippedKBitLinearWeight(KBitLinearWeight, _Latent):
 class ClippedKBitLogWeight(KBitLogWeight, _Latent):
     """QNN logarithmic k-bit weights (§2.7 LogQuant, scale ``max|w|``) on latent weights clipped to [-1, 1]."""
 
-    def __init__(self, bits: int = 4, clip: float = 1.0, grad_bits: int | None = None, **kw: Any) -> None:
+    def __init__(
+        self, bits: int = 4, clip: float = 1.0, grad_bits: int | None = None, **kw: Any
+    ) -> None:
         super().__init__(bits=bits, **kw)
-        self.clip = float(clip)
+        self.latent_clip = float(clip)
         self.grad_bits = grad_bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -288,7 +305,9 @@ class SignInput(BinaryAct):
         if ste not in ("htanh", "identity"):
             raise ValueError(f"act_ste must be 'htanh' or 'identity', got {ste!r}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1) (the rate of the nn.Dropout before the layer), got {dropout!r}")
+            raise ValueError(
+                f"dropout must be in [0, 1) (the rate of the nn.Dropout before the layer), got {dropout!r}"
+            )
         self.ste = ste
         self.dropout = float(dropout)
 
@@ -322,7 +341,7 @@ def latent_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, _Laten
             h = module.hidden_size  # type: ignore[attr-defined]
             for key, qs in wq.items():
                 w = getattr(module, f"weight_{key}")
-                for j, q in enumerate(qs):
+                for j, q in enumerate(cast(nn.ModuleList, qs)):
                     if isinstance(q, _Latent):
                         yield f"{prefix}weight_{key}.{'ifgo'[j]}", w[j * h : (j + 1) * h], q
 
@@ -331,7 +350,7 @@ def latent_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, _Laten
 def clip_latent(model: nn.Module) -> None:
     """Clip every BNN/QNN latent weight to ``[-clip, clip]`` (Algorithm 1's ``clip(W - gamma*step, -1, 1)``)."""
     for _, w, q in latent_weights(model):
-        w.clamp_(-q.clip, q.clip)
+        w.clamp_(-q.latent_clip, q.latent_clip)
 
 
 def clip_after_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
@@ -352,6 +371,11 @@ def _ap2_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class ShiftBatchNorm(nn.Module):
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+
     """Shift-based batch normalization (QNN §2.4, the paper's SBN algorithm), for (N, C, ...) inputs.
 
     With ``C(x) = x - mean(x)`` over the batch (and spatial) dimensions::
@@ -370,7 +394,12 @@ class ShiftBatchNorm(nn.Module):
         self, num_features: int, eps: float = 1e-4, momentum: float = 0.1, affine: bool = True
     ) -> None:
         super().__init__()
-        self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
+        self.num_features, self.eps, self.momentum, self.affine = (
+            num_features,
+            eps,
+            momentum,
+            affine,
+        )
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
@@ -382,14 +411,16 @@ class ShiftBatchNorm(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ShiftBatchNorm:
-        new = cls(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1, bn.affine)
+        new = cls(
+            bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1, bn.affine
+        )
         if bn.running_mean is not None:
             new = new.to(bn.running_mean.device)
         with torch.no_grad():
-            if bn.affine:
+            if new.weight is not None and new.bias is not None:
                 new.weight.copy_(bn.weight)
                 new.bias.copy_(bn.bias)
-            if bn.running_mean is not None:
+            if bn.running_mean is not None and bn.running_var is not None:
                 new.running_mean.copy_(bn.running_mean)
                 new.running_var.copy_(bn.running_var)
         new.train(bn.training)
@@ -397,7 +428,9 @@ class ShiftBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"ShiftBatchNorm({self.num_features}) got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"ShiftBatchNorm({self.num_features}) got input of shape {tuple(x.shape)}"
+            )
         shape = [1, -1] + [1] * (x.dim() - 2)
         dims = [0] + list(range(2, x.dim()))
         if self.training:
@@ -412,12 +445,14 @@ class ShiftBatchNorm(nn.Module):
             c = x - self.running_mean.reshape(shape)
             var = self.running_var.reshape(shape)
         xhat = c * _ap2_ste(torch.rsqrt(var + self.eps))
-        if self.affine:
+        if self.weight is not None and self.bias is not None:
             xhat = _ap2_ste(self.weight).reshape(shape) * xhat + self.bias.reshape(shape)
         return xhat
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        )
 
 
 def use_shift_batchnorm(model: nn.Module) -> nn.Module:
@@ -492,19 +527,30 @@ class ShiftAdaMax(torch.optim.Optimizer):
 
 
 def _gran_kw(o: dict[str, Any]) -> dict[str, Any]:
-    return {"granularity": o["granularity"], "group_size": o["group_size"], "group_axis": o["group_axis"]}
+    return {
+        "granularity": o["granularity"],
+        "group_size": o["group_size"],
+        "group_axis": o["group_axis"],
+    }
 
 
 def _check_init(init: str) -> None:
     if init not in ("keep", "uniform"):
-        raise ValueError(f"init must be 'keep' (start from the layer's weights) or 'uniform' (U(-clip, clip)), got {init!r}")
+        raise ValueError(
+            f"init must be 'keep' (start from the layer's weights) or 'uniform' (U(-clip, clip)), got {init!r}"
+        )
 
 
 def _bnn_weight(layer: Any, **o: Any) -> WeightQuantizer:
     _check_init(o["init"])
     if o["init"] == "uniform":
         _uniform_init_(layer, float(o["clip"]))
-    return BinaryWeight(stochastic=bool(o["stochastic"]), clip=float(o["clip"]), grad_bits=o["grad_bits"], **_gran_kw(o))
+    return BinaryWeight(
+        stochastic=bool(o["stochastic"]),
+        clip=float(o["clip"]),
+        grad_bits=o["grad_bits"],
+        **_gran_kw(o),
+    )
 
 
 def _qnn_weight(layer: Any, **o: Any) -> WeightQuantizer:
@@ -516,9 +562,17 @@ def _qnn_weight(layer: Any, **o: Any) -> WeightQuantizer:
         _uniform_init_(layer, float(o["clip"]))
     fmt = o["weight_format"]
     if fmt == "linear":
-        return ClippedKBitLinearWeight(bits, clip=float(o["clip"]), grad_bits=o["grad_bits"], **_gran_kw(o))
+        return ClippedKBitLinearWeight(
+            bits,
+            clip=float(o["clip"]),
+            grad_bits=o["grad_bits"],
+            scale=str(o["weight_scale"]),
+            **_gran_kw(o),
+        )
     if fmt == "log":
-        return ClippedKBitLogWeight(bits, clip=float(o["clip"]), grad_bits=o["grad_bits"], **_gran_kw(o))
+        return ClippedKBitLogWeight(
+            bits, clip=float(o["clip"]), grad_bits=o["grad_bits"], **_gran_kw(o)
+        )
     raise ValueError(f"qnn weight_format must be 'linear' or 'log', got {fmt!r}")
 
 
@@ -544,12 +598,14 @@ class BNNMethod(Method):
         for name, module in model.named_modules():
             if not isinstance(module, QuantModule):
                 continue
-            for pname, param, gamma in self._scaled_params(module):
+            for pname, param, gamma in self._scaled_params(cast(nn.Module, module)):
                 if id(param) in seen or gamma is None:
                     continue
                 seen.add(id(param))
                 full = f"{name}.{pname}" if name else pname
-                groups.append({"params": [param], "lr": lr * gamma, "lr_scale": gamma, "name": full})
+                groups.append(
+                    {"params": [param], "lr": lr * gamma, "lr_scale": gamma, "name": full}
+                )
         if not groups:
             return None
         rest = [p for p in model.parameters() if id(p) not in seen]
@@ -561,14 +617,15 @@ class BNNMethod(Method):
     def _scaled_params(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, float | None]]:
         wq = getattr(module, "weight_quantizer", None)
         if isinstance(wq, _Latent):
-            w = module.weight  # type: ignore[attr-defined]
+            w = cast(nn.Parameter, module.weight)
             yield "weight", w, _lr_gamma(wq, w.shape)
         elif isinstance(wq, nn.ModuleDict):
             h = module.hidden_size  # type: ignore[attr-defined]
             for key, qs in wq.items():
-                if isinstance(qs[0], _Latent):
+                first = cast(nn.ModuleList, qs)[0]
+                if isinstance(first, _Latent):
                     w = getattr(module, f"weight_{key}")
-                    yield f"weight_{key}", w, _lr_gamma(qs[0], (h, w.shape[1]))
+                    yield f"weight_{key}", w, _lr_gamma(first, (int(h), int(w.shape[1])))
 
     def after_step(self, model: nn.Module) -> None:
         """Clip the latent weights to ``[-clip, clip]`` (Algorithm 1)."""
@@ -580,7 +637,7 @@ class BNNMethod(Method):
         with torch.no_grad():
             for _, w, q in latent_weights(model):
                 total += w.numel()
-                sat += int((w.abs() >= q.clip).sum())
+                sat += int((w.abs() >= q.latent_clip).sum())
         return {f"{self.name}/saturated": sat / total} if total else {}
 
 
@@ -592,10 +649,13 @@ def _lr_gamma(q: _Latent, shape: tuple[int, ...] | torch.Size) -> float | None:
 
 def _with_lr_scale(factory: Callable[..., WeightQuantizer]) -> Callable[..., WeightQuantizer]:
     def make(layer: Any, **o: Any) -> WeightQuantizer:
-        if o["lr_scale"] not in ("glorot", None):
-            raise ValueError(f"lr_scale must be 'glorot' or None, got {o['lr_scale']!r}")
+        scale = None if o["lr_scale"] in (None, "none", "None", "") else o["lr_scale"]
+        if scale not in ("glorot", None):
+            raise ValueError(
+                f"lr_scale must be 'glorot' or None ('none' in TOML), got {o['lr_scale']!r}"
+            )
         q = factory(layer, **o)
-        q.lr_scale = o["lr_scale"]  # type: ignore[assignment]
+        q.lr_scale = scale  # type: ignore[assignment]
         return q
 
     return make
@@ -627,7 +687,13 @@ register(
         "qnn",
         weight=_with_lr_scale(_qnn_weight),
         inputs=_inputs,
-        options={**_SHARED, "activations": "int4", "weight_bits": 4, "weight_format": "linear"},
+        options={
+            **_SHARED,
+            "activations": "int4",
+            "weight_bits": 4,
+            "weight_format": "linear",
+            "weight_scale": "fixed",
+        },
         description="k-bit linear/log weights and activations (QNN), clipped latent weights, optional k-bit gradients",
         paper="Hubara et al., Quantized Neural Networks, arXiv 1609.07061",
     )

@@ -485,6 +485,16 @@ def _act_quantizer(act_bits: Any, options: dict[str, Any]) -> DFPCalibratedAct |
     )
 
 
+def _group_size(options: dict[str, Any]) -> GroupSize:
+    # The common ``granularity`` option still works: "tensor"/"channel" override group_size.
+    gran = options.get("granularity")
+    if gran == "tensor":
+        return "layer"
+    if gran == "channel":
+        return "channel"
+    return options["group_size"]
+
+
 class FGQMethod(Method):
     """``lowbit.quantize(model, "fgq", group_size=4, weight_bits=2, act_bits=8, ...)``.
 
@@ -501,7 +511,7 @@ class FGQMethod(Method):
         super().__init__(
             "fgq",
             weight=lambda layer, **o: make_fgq_weight(
-                o["weight_bits"], o["group_size"], o["group_axis"], o["rule"]
+                o["weight_bits"], _group_size(o), o["group_axis"], o["rule"]
             ),
             inputs=lambda layer, **o: _act_quantizer(o["act_bits"], o),
             options={

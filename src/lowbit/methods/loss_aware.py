@@ -10,7 +10,7 @@ lying on a scaled level set. With ``D = Diag(d)`` the curvature estimate that Ad
 (``d = sqrt(v) + 1e-8``, ``v`` = ``exp_avg_sq`` *without* bias correction), the problem separates by
 layer (or by output channel / group) and becomes a weighted projection::
 
-    w_hat = argmin_{alpha > 0, b in Q^n}  sum_i d_i (alpha * b_i - w_i)^2              (LAQ eq. 5/6)
+    w_hat = argmin_{alpha > 0, b in Q^n}  sum_i d_i (alpha * b_i - w_i)^2              (proximal step, §3.1)
 
 where ``w`` is the full-precision latent weight updated by Adam from the gradient taken at
 ``w_hat`` (straight-through), then clipped to [-1, 1]. :func:`solve` is that projection for every
@@ -19,7 +19,7 @@ scheme of the two papers:
 ==============  ===================================  =========================================
 scheme          level set (times alpha)              solver
 ==============  ===================================  =========================================
-``lab``         {-1, +1}                             closed form (LAB eq. 7/8): exact
+``lab``         {-1, +1}                             closed form (§3.2): exact
 ``lat_e``       {-1, 0, +1}                          sorted search over top-k supports: exact
 ``lat_a``       {-1, 0, +1}                          alternating closed forms, warm start
 ``lat2_e``      {-alpha_n, 0, +alpha_p}              sorted search on each sign: exact
@@ -49,6 +49,7 @@ from lowbit.qtypes import Granularity
 
 __all__ = [
     "SCHEMES",
+    "nearest_levels",
     "LossAwareMethod",
     "LossAwareWeight",
     "initial_codes",
@@ -84,41 +85,36 @@ def scheme_format(scheme: str, bits: int | None = None) -> tuple[str, int]:
 # Level tables and helpers (everything below works on "units": a (U, L) matrix, one row per scale)
 
 
-def _multipliers(
-    fmt: str, bits: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """``(table, top)``: ``table[c + top]`` is the multiple of alpha that code ``c`` stands for.
+def nearest_levels(
+    w: torch.Tensor, alpha: torch.Tensor, fmt: str, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest level of each row of ``w`` (``(U, L)``) for its scale ``alpha`` (``(U,)``, > 0).
 
-    Linear: ``c / k`` (alpha is the largest level; the exported scale is the step ``alpha / k``).
-    Log: ``sign(c) * 2^(|c| - k)`` for ``c != 0`` (the :mod:`lowbit.qtypes` ``kbit_log`` layout).
-    Ternary: ``c``.
-    """
-    if fmt in ("binary", "ternary", "ternary_asym"):
-        return torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device), 1
-    k = 2 ** (bits - 1) - 1
-    if fmt == "kbit_linear":
-        return torch.arange(-k, k + 1, dtype=dtype, device=device) / k, k
-    values = [0.0 if c == 0 else math.copysign(2.0 ** (abs(c) - k), c) for c in range(-k, k + 1)]
-    return torch.tensor(values, dtype=dtype, device=device), k
+    Returns ``(codes, multipliers)`` as floats: integer codes of the :mod:`lowbit.qtypes` format
+    and the multiple of alpha each stands for (for ``kbit_linear`` the multiplier is the code
+    itself: the solver works with the step ``alpha / k``). For fixed alpha the weighted problem
+    separates per element and ``d_i > 0`` drops out, so the nearest level is optimal whatever d is
+    (§3.3, first bullet).
 
-
-def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
-    """Nearest level of ``w / alpha`` (alpha per unit row, > 0), as integer codes in ``w``'s dtype.
-
-    For fixed alpha the weighted problem separates per element and d_i > 0 drops out, so the
-    nearest level is optimal whatever d is (§3.3, first bullet).
-    * ternary: ``sign(w) * 1[|w| > alpha / 2]`` (LAT eq. 9).
+    * ternary: ``sign(w) * 1[|w| > alpha / 2]`` (§3.3).
     * linear: ``round(clip(w / alpha, -1, 1) * k)`` (half-to-even; a tie costs the same either way).
-    * log: :func:`lowbit.functional.log_quantize`, whose thresholds are the arithmetic midpoints
-      between neighbouring levels, i.e. the official code's log-domain offset log2(1.5) - 0.5 (§3.5).
+    * log: levels ``2^-j``, ``j < k``, with thresholds at 3/4 of each level (the arithmetic
+      midpoints, which is what the official code's log-domain offset ``log2(1.5) - 0.5`` does,
+      §3.5) and 0 below ``2^-k``: ``exponent = clamp(floor(log2(|w| / (0.75 alpha))), -(k-1), 0)``.
     """
     a = alpha[:, None]
     if fmt in ("ternary", "ternary_asym"):
-        return torch.where(w.abs() > a / 2, F.sign(w), torch.zeros_like(w))
+        c = torch.where(w.abs() > a / 2, F.sign(w), torch.zeros_like(w))
+        return c, c
     k = 2 ** (bits - 1) - 1
     if fmt == "kbit_linear":
-        return torch.round((w / a).clamp(-1, 1) * k)
-    return F.log_quantize(w, bits, a).to(w.dtype)
+        c = torch.round(w / (a / k)).clamp_(-k, k)
+        return c, c
+    r = w.abs() / (a * 0.75)
+    e = torch.log2(r).floor_().clamp_(-(k - 1), 0)
+    keep = (r >= 2.0**-k / 0.75).to(w.dtype).mul_(F.sign(w))
+    m = torch.exp2(e).mul_(keep)
+    return e.add_(k).mul_(keep), m
 
 
 def _topk_exact(
@@ -129,7 +125,7 @@ def _topk_exact(
     ``a >= 0`` on eligible entries. For fixed alpha the best S is ``{a_i > alpha/2}`` whatever
     d > 0 is, so the optimal S is a top-k set of ``a``; for a top-k set the best alpha is
     ``cumDA_k / cumD_k`` and the objective drops by ``cumDA_k^2 / cumD_k``. Sort descending, take
-    cumulative sums and pick the best k (LAT eq. 10-11; the official ``findalpha`` scores
+    cumulative sums and pick the best k (LAT_e, §3.3; the official ``findalpha`` scores
     ``c_k^2 cumD_k`` over self-consistent k, which is the same maximiser). O(n log n).
 
     Returns ``(alpha, kept)``: alpha per row (0 where nothing is eligible) and the support mask.
@@ -161,7 +157,7 @@ def _topk_exact(
 def objective(
     w: torch.Tensor, d: torch.Tensor, w_hat: torch.Tensor, granularity: GranularityLike = None
 ) -> torch.Tensor:
-    """``sum d (w_hat - w)^2`` per unit (scale shape): the quantity every scheme minimises (LAQ eq. 6)."""
+    """``sum d (w_hat - w)^2`` per unit (scale shape): the quantity every scheme minimises (§3.1)."""
     g = Granularity.of(granularity)
     units, _ = F.to_units((d * (w_hat - w) ** 2).detach(), g)
     return units.sum(1).reshape(g.scale_shape(tuple(w.shape)))
@@ -220,36 +216,36 @@ def _support_alternate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-scale ternary alternation on magnitudes ``a`` (LAT_a §3.3; one sign of LAT2_a §3.4).
 
-    ``alpha = sum_S d a / sum_S d`` (the LS scale of a 0/1 support, LAT eq. 12) and
-    ``S = {a > alpha / 2}`` (nearest level, LAT eq. 9), starting from the support ``kept0``
+    ``alpha = sum_S d a / sum_S d`` (the LS scale of a 0/1 support, §3.3) and
+    ``S = {a > alpha / 2}`` (nearest level, §3.3), starting from the support ``kept0``
     (an empty one restarts from ``alpha = max a``). Both half-steps are exact minimisations, so the
     objective never increases. Stops per unit when alpha moves less than ``tol``, after at most
     ``max_iter`` rounds. Returns ``(alpha, kept, iterations)``.
     """
-    da = d * a
     dt = a.dtype
-    k = (kept0 & (a > 0)).to(dt)  # a level of the wrong sign is never part of a good start
-    alpha = _ratio(_rdot(da, k), _rdot(d, k), a.amax(1))
+    # Both sums of a round in one pass: [sum_S d a, sum_S d] = [d a; d] @ 1_S.
+    d2 = torch.stack([d * a, d], dim=1)  # (U, 2, L)
+    kf = (kept0 & (a > 0)).to(dt)  # a level of the wrong sign is never part of a good start
+
+    def sums(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = torch.bmm(d2, k.unsqueeze(2)).squeeze(2)
+        return r[:, 0], r[:, 1]
+
+    alpha = _ratio(*sums(kf), a.amax(1))
     done = alpha <= 0
-    kept = a > (alpha / 2)[:, None]
     iters = torch.zeros_like(alpha, dtype=torch.int64)
-    single = a.shape[0] == 1
+    zero = torch.zeros_like(alpha)
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        kf = kept.to(dt)
-        new = _ratio(_rdot(da, kf), _rdot(d, kf), torch.zeros_like(alpha))
-        kept_new = a > (new / 2)[:, None]
+        torch.gt(a, (alpha / 2)[:, None], out=kf)
+        new = _ratio(*sums(kf), zero)
         iters += (~done).long()
-        if single:
-            done = _converged(new, alpha, done, tol)
-            alpha, kept = new, kept_new
-            continue
         active = ~done
         done = _converged(new, alpha, done, tol)
         alpha = torch.where(active, new, alpha)
-        kept = torch.where(active[:, None], kept_new, kept)
-    kept = kept & (alpha > 0)[:, None]
+    # The support is the nearest-level one for the returned alpha (a consistent pair).
+    kept = (a > (alpha / 2)[:, None]) & (alpha > 0)[:, None]
     return alpha, kept, iters
 
 
@@ -263,10 +259,10 @@ def _laq_alternate(
     max_iter: int,
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """m-bit alternation ``alpha <- alpha(codes)``, ``codes <- nearest(alpha)`` (LAQ §3.5, Alg. 2).
+    """m-bit alternation ``alpha <- alpha(codes)``, ``codes <- nearest(alpha)`` (LAQ, §3.5).
 
     Starts from ``codes0`` with their signs set to ``sign(w)`` (a level of the wrong sign is never
-    better than its mirror when alpha > 0). With ``rule="ls"`` (LAQ eq. 8) both half-steps are
+    better than its mirror when alpha > 0). With ``rule="ls"`` (§3.5) both half-steps are
     exact minimisations and the objective never increases; ``rule="official"`` is the code's
     ``||b ⊙ d ⊙ w||_1 / ||b ⊙ d||_1``, whose first alpha also counts every nonzero previous level
     as 1 (the code starts from ``sign(Wb)``). Stops per unit when alpha moves less than ``tol``.
@@ -290,18 +286,7 @@ def _laq_alternate(
 
     def codes_of(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = alpha > 0
-        safe = torch.where(pos, alpha, torch.ones_like(alpha))[:, None]
-        if linear:
-            c = torch.round(wu / (safe / k)).clamp_(-k, k)
-            m = c
-        else:
-            # Nearest power-of-two level: thresholds at 3/4 of each level (the arithmetic
-            # midpoints, §3.5), 0 below 2^-k. log2 of |w| / (3/4 alpha), floored, is the exponent.
-            r = aw / (safe * 0.75)
-            e = torch.log2(r).floor_().clamp_(-(k - 1), 0)
-            keep = (r >= 2.0**-k / 0.75).to(wu.dtype).mul_(sw)
-            m = torch.exp2(e).mul_(keep)
-            c = e.add_(k).mul_(keep)
+        c, m = nearest_levels(wu, torch.where(pos, alpha, torch.ones_like(alpha)), fmt, bits)
         if not bool(pos.all()):
             c = torch.where(pos[:, None], c, torch.zeros_like(c))
             m = torch.where(pos[:, None], m, torch.zeros_like(m))
@@ -455,7 +440,7 @@ def solve(
             The exact schemes and LAB ignore it.
         granularity, group_size, group_axis: one scale per tensor (default, as in the papers),
             per output channel (``"channel"``) or per group (see :mod:`lowbit.qtypes`).
-        alpha_rule: ``laq_*`` scale update: ``"ls"`` (weighted least squares, LAQ eq. 8, default) or
+        alpha_rule: ``laq_*`` scale update: ``"ls"`` (weighted least squares, §3.5, default) or
             ``"official"`` (the code's ``||b⊙d⊙w||_1 / ||b⊙d||_1``, §3.5). Ternary: identical.
         max_iter, tol: alternating solvers' limits (official: 10 and 1e-6 on alpha).
         return_info: also return a dict with per-unit ``iterations``.
@@ -468,8 +453,8 @@ def solve(
         for kbit_linear, ``[..., 0] = alpha_p, [..., 1] = alpha_n`` for ternary_asym.
 
     Scheme details:
-        * ``lab``: ``b = sign(w)``, ``alpha = ||d ⊙ w||_1 / ||d||_1`` (LAB eq. 7-8; exact).
-        * ``lat_e``: exact, sorted search over top-k supports (LAT eq. 10-11, ``findalpha``).
+        * ``lab``: ``b = sign(w)``, ``alpha = ||d ⊙ w||_1 / ||d||_1`` (LAB, §3.2; exact).
+        * ``lat_e``: exact, sorted search over top-k supports (LAT_e, §3.3, ``findalpha``).
         * ``lat_a``: ``b = sign(w) 1[|w| > alpha/2]`` <-> ``alpha = sum_S d|w| / sum_S d``,
           warm-started from ``prev_codes`` (official ``LATa``).
         * ``lat2_e``: the exact search run on the positive and on the negative weights separately.
@@ -477,7 +462,7 @@ def solve(
           ``c1`` array (``c2[mask2][argmax(c1[mask2]**2 * cum_D2[mask2])]``); this implementation
           uses the negative side's own values, which is the exact minimiser (§3.4).
         * ``lat2_a``: alternating per sign (§3.4), both scales must converge.
-        * ``laq_linear`` / ``laq_log``: alternating nearest level <-> alpha (LAQ §3.2, Alg. 2).
+        * ``laq_linear`` / ``laq_log``: alternating nearest level <-> alpha (LAQ, §3.5).
     """
     g = Granularity.of(granularity, group_size, group_axis)
     codes, scales, iters = _solve_codes(
@@ -520,6 +505,11 @@ class LossAwareWeight(WeightQuantizer):
     official code recomputes ``Wb`` from ``W`` in every forward. The gradient reaches the latent
     weight unchanged (identity straight-through, no mask; the clip to [-1, 1] keeps it bounded).
     """
+
+    curvature: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    solves: torch.Tensor
 
     def __init__(
         self,
@@ -565,14 +555,23 @@ class LossAwareWeight(WeightQuantizer):
         self.__dict__["_key"] = None
         self.__dict__["_attached"] = False
         self.__dict__["_warned"] = False
-        self.last_iterations = 0.0
+        self.__dict__["_solved"] = False  # mirrors solves > 0 without a device sync per forward
+        self.__dict__["_iters"] = None
+
+    @property
+    def last_iterations(self) -> float:
+        """Mean alternating-solver rounds per unit in the last solve (0 for the exact schemes)."""
+        iters = self.__dict__["_iters"]
+        return 0.0 if iters is None else float(iters.float().mean())
 
     @staticmethod
     def _key_of(w: torch.Tensor) -> tuple[Any, ...]:
         return (w.data_ptr(), w._version, tuple(w.shape), str(w.device))
 
     def _solve(self, w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prev = self.codes if int(self.solves) > 0 else None
+        if self.__dict__["_solved"] is None:  # after load_state_dict
+            self.__dict__["_solved"] = bool(int(self.solves) > 0)
+        prev = self.codes if self.__dict__["_solved"] else None
         codes, scales, iters = _solve_codes(
             w,
             d,
@@ -584,13 +583,14 @@ class LossAwareWeight(WeightQuantizer):
             self.max_iter,
             self.tol,
         )
-        self.last_iterations = float(iters.float().mean())
+        self.__dict__["_iters"] = iters
         return codes, scales.to(self.scales.dtype)
 
     def _store(self, w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
         self.codes.copy_(codes)
         self.scales.copy_(scales)
         self.solves.add_(1)
+        self.__dict__["_solved"] = True
         self.__dict__["_key"] = self._key_of(w)
 
     @torch.no_grad()
@@ -636,6 +636,7 @@ class LossAwareWeight(WeightQuantizer):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # Loaded weights/buffers: the cached solution no longer belongs to a known weight version.
         self.__dict__["_key"] = None
+        self.__dict__["_solved"] = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def describe(self) -> str:

@@ -58,6 +58,10 @@ def make_spec(
     spec["data"].update(data_options or {})
     spec["method"].update(method_options or {})
     spec["train"].update({k: v for k, v in (train or {}).items() if v is not None})
+    if not recipe:
+        # Without a recipe: Adam 1e-3, batch 100 and a per-step cosine decay, which is what makes a
+        # one-epoch MNIST MLP land above 97% (a constant LR ends the epoch noisy).
+        spec["train"].setdefault("schedule", "cosine")
     spec["method"].setdefault("name", "fp")
     missing = [t for t in ("model", "data") if "name" not in spec[t]]
     if missing:

@@ -148,7 +148,8 @@ class Trainer:
     ``run_dir`` (optional) receives ``config.json``, ``metrics.jsonl``, ``summary.json`` and
     ``checkpoints/``. ``run_info`` is stored in ``config.json`` (the CLI puts the model / data /
     method specs there so ``lowbit eval`` can rebuild the run). Under ``torchrun`` the model is
-    wrapped in DDP and only rank 0 writes.
+    wrapped in DDP and only rank 0 writes. ``quantize=False`` (or a model that already holds
+    quantized layers) skips ``lowbit.quantize``: the method's hooks are still used.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class Trainer:
         progress: bool = True,
         run_info: dict[str, Any] | None = None,
         model_name: str | None = None,
+        quantize: bool = True,
     ) -> None:
         self.config = config or TrainConfig()
         cfg = self.config
@@ -182,7 +184,7 @@ class Trainer:
         self.method_options = dict(method_options or {})
         if cfg.init_from:
             load_initial_weights(model, cfg.init_from)
-        if self.method is not None and not _is_quantized(model):
+        if self.method is not None and quantize and not _is_quantized(model):
             import lowbit
 
             model = lowbit.quantize(model, self.method_name if isinstance(method, str) else self.method, **self.method_options)

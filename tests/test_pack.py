@@ -1,0 +1,153 @@
+"""PackedLinear: packed kernels against the QuantizedWeight's dequantize() reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit.pack import PackedLinear, packable
+from lowbit.qtypes import QuantizedWeight
+
+EPS32 = float(np.finfo(np.float32).eps)
+N, K = 37, 203  # neither is a multiple of the 16-row / 16-k tile
+
+
+def _qweight(
+    fmt: str, bits: int, granularity: str, group_size: int | None = None, axis: str | None = None
+) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(hash((fmt, bits, granularity, group_size)) % 2**31)
+    if fmt in ("ternary", "ternary_asym"):
+        codes = torch.randint(-1, 2, (N, K), generator=g)
+    elif fmt == "binary":
+        codes = torch.randint(0, 2, (N, K), generator=g) * 2 - 1
+    elif fmt == "kbit_linear":
+        codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (N, K), generator=g)
+    else:  # kbit_log
+        n = 2 ** (bits - 1) - 1
+        codes = torch.randint(-n, n + 1, (N, K), generator=g)
+    if granularity == "tensor":
+        shape: tuple[int, ...] = (1,)
+    elif granularity == "channel":
+        shape = (N,)
+    elif axis == "in":
+        shape = (N, -(-K // int(group_size)))
+    else:
+        shape = (-(-N // int(group_size)),)
+    if fmt == "ternary_asym":
+        shape = (*shape, 2)
+    scales = torch.rand(shape, generator=g) * 0.5 + 0.05
+    return QuantizedWeight(codes.to(torch.int8), scales, fmt, bits, granularity, group_size, axis)
+
+
+CASES = [
+    ("ternary", 2, "tensor", None, None),
+    ("ternary", 2, "channel", None, None),
+    ("ternary", 2, "group", 4, "in"),
+    ("ternary", 2, "group", 64, "in"),
+    ("ternary", 2, "group", 4, "out"),
+    ("ternary_asym", 2, "tensor", None, None),
+    ("ternary_asym", 2, "channel", None, None),
+    ("binary", 1, "channel", None, None),
+    ("kbit_linear", 3, "channel", None, None),
+    ("kbit_linear", 4, "group", 8, "in"),
+    ("kbit_log", 2, "tensor", None, None),
+    ("kbit_log", 3, "channel", None, None),
+]
+
+
+def _reference(
+    qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor, xq: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 y = xq @ W.T + b from dequantize(), and a bound of a few fp32 roundings per group."""
+    w = qw.dequantize().to(torch.float64).numpy()
+    xd = xq.to(torch.float64).numpy()
+    y = xd @ w.T + bias.double().numpy()
+    groups = qw.scales.shape[1] if qw.granularity == "group" and qw.group_axis == "in" else 1
+    # |D * scale| can exceed |x| @ |W| for asymmetric ternary (Wn * D + (Wp - Wn) * P): scale by
+    # the largest level of each row instead.
+    wmax = np.abs(w).max(axis=1)
+    mag = np.abs(xd).sum(axis=1, keepdims=True) * wmax[None, :] * 3 + np.abs(bias.double().numpy())
+    return y, (groups + 6) * EPS32 * mag + 1e-30
+
+
+@pytest.mark.parametrize(("fmt", "bits", "gran", "size", "axis"), CASES)
+@pytest.mark.parametrize("m", [1, 9])
+def test_packed_linear_matches_dequantized_reference(
+    isa: str, fmt: str, bits: int, gran: str, size: int | None, axis: str | None, m: int
+) -> None:
+    qw = _qweight(fmt, bits, gran, size, axis)
+    assert packable(qw)
+    bias = torch.randn(N)
+    layer = PackedLinear(qw, bias)
+    x = torch.randn(m, K)
+    q, a_inv = kernels.quantize_activations_reference(x)
+    expected, tol = _reference(qw, x, bias, q.double() * a_inv.double()[:, None])
+    got = layer(x)
+    assert got.shape == (m, N) and got.dtype == torch.float32
+    err = np.abs(got.double().numpy() - expected)
+    assert (err <= tol).all(), float((err - tol).max())
+
+
+def test_dfp_activations_follow_functional_dfp_quantize() -> None:
+    functional = pytest.importorskip("lowbit.functional")
+    qw = _qweight("ternary", 2, "group", 4, "in")
+    bias = torch.zeros(N)
+    x = torch.randn(5, K) * 3
+    ints, e = functional.dfp_quantize(x, bits=8)
+    for layer, xq in (
+        (PackedLinear(qw, bias, activations="dfp"), ints.double() * 2.0**e),
+        (
+            PackedLinear(qw, bias, activations="dfp", exponent=e + 1),
+            functional.dfp_quantize(x, exponent=e + 1)[0].double() * 2.0 ** (e + 1),
+        ),
+    ):
+        expected, tol = _reference(qw, x, bias, xq)
+        assert (np.abs(layer(x).double().numpy() - expected) <= tol).all()
+
+
+def test_float_activations_are_the_exact_float_path() -> None:
+    qw = _qweight("ternary_asym", 2, "channel")
+    bias = torch.randn(N)
+    x = torch.randn(4, 3, K)
+    layer = PackedLinear(qw, bias, activations="float")
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, qw.dequantize(), bias))
+
+
+def test_state_dict_round_trip_and_batch_dims() -> None:
+    qw = _qweight("ternary", 2, "channel")
+    src = PackedLinear(qw, torch.randn(N))
+    dst = PackedLinear(_qweight("ternary", 2, "tensor"), torch.zeros(N))
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(2, 5, K)
+    assert torch.equal(dst(x), src(x))
+    assert torch.equal(src(x).reshape(10, N), src(x.reshape(10, K)))
+    assert set(src.state_dict()) == {"tiles", "scale", "bias"}
+
+
+def test_unsupported_formats_are_refused() -> None:
+    qw8 = _qweight("kbit_linear", 8, "channel")
+    assert not packable(qw8)
+    with pytest.raises(ValueError, match="no packed kernel for kbit_linear weights with 8 bits"):
+        PackedLinear(qw8)
+    odd = _qweight("ternary", 2, "group", 6, "in")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PackedLinear(odd)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        PackedLinear(_qweight("ternary", 2, "tensor"), activations="int4")
+
+
+def test_packed_model_exports_and_compiles() -> None:
+    model = torch.nn.Sequential(
+        PackedLinear(_qweight("ternary_asym", 2, "channel"), torch.randn(N)),
+        torch.nn.ReLU(),
+        torch.nn.Linear(N, 8),
+    ).eval()
+    x = torch.randn(3, K)
+    eager = model(x)
+    program = torch.export.export(model, (x,))
+    assert any("lowbit.ternary_linear" in str(node.target) for node in program.graph.nodes)
+    assert torch.allclose(program.module()(x), eager, rtol=0, atol=1e-6)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), eager, rtol=0, atol=1e-6)
