@@ -402,3 +402,52 @@ def test_gemv_beyond_the_masked_plane_limit(isa: str) -> None:
     codes = np.ones((17, k), dtype=np.int8)
     codes[1] = -1
     _check_gemm(np.full((1, k), 127, dtype=np.int8), codes)
+
+
+@pytest.mark.parametrize(("kind", "group"), [("row", 0), ("asym", 0), ("group", 4), ("group", 12)])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 100), (9, 17, 257), (13, 33, 4097)])
+def test_exact_float_path_matches_float64(
+    isa: str, kind: str, group: int, m: int, n: int, k: int
+) -> None:
+    # act="float": fp32 activations, no quantization; only the summation order differs from
+    # float64, so the bound is K-scaled: (rounds + K) * eps * sum |x * w|.
+    rng = np.random.default_rng(m * n + k + group)
+    codes = _codes(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    c64, x64 = codes.astype(np.float64), x.astype(np.float64)
+    if kind == "asym":
+        sc = rng.uniform(0.05, 2.0, size=(n, 2)).astype(np.float32)
+        scale, scale2 = kernels.pack_ternary_scales(torch.from_numpy(sc), n, k, asym=True)
+        w = np.where(codes == 1, sc[:, :1], np.where(codes == -1, -sc[:, 1:], 0.0))
+    elif kind == "group":
+        sc = rng.uniform(0.05, 2.0, size=(n, -(-k // group))).astype(np.float32)
+        scale, scale2 = kernels.pack_ternary_scales(torch.from_numpy(sc), n, k, group_size=group)
+        w = c64 * np.repeat(sc, group, axis=1)[:, :k]
+    else:
+        sc = rng.uniform(0.05, 2.0, size=n).astype(np.float32)
+        scale, scale2 = kernels.pack_ternary_scales(torch.from_numpy(sc), n, k)
+        w = c64 * sc[:, None]
+    got = kernels.ternary_linear(
+        torch.from_numpy(x),
+        kernels.pack_ternary(torch.from_numpy(codes)),
+        scale,
+        scale2,
+        kernels.pad_bias(torch.from_numpy(bias), n),
+        out_features=n,
+        group_size=group,
+        act="float",
+    )
+    expected = x64 @ w.T + bias
+    tol = (k + 8) * EPS32 * (np.abs(x64) @ np.abs(w).T * 2 + np.abs(bias))
+    assert (np.abs(got.numpy() - expected) <= tol).all()
+    if kind == "row":  # int4 weights on the same path: codes -1..1 are valid 4-bit codes
+        got4 = kernels.int4_linear(
+            torch.from_numpy(x),
+            kernels.pack_int4(torch.from_numpy(codes)),
+            scale,
+            kernels.pad_bias(torch.from_numpy(bias), n),
+            out_features=n,
+            act="float",
+        )
+        assert (np.abs(got4.numpy() - expected) <= tol).all()

@@ -389,7 +389,7 @@ def ptq_cmd(
     typer.echo(f"(saturated / underflow: share of input elements, measured on the {'test' if evaluate else 'calibration'} data)")
     if evaluate:
         drop = result["float_acc"] - result["fgq_acc"]
-        typer.echo(f"test accuracy: float {result['float_acc']:.2f}%  ->  fgq {result['fgq_acc']:.2f}%  ({drop:+.2f} points lost)")
+        typer.echo(f"test accuracy: float {result['float_acc']:.2f}%  ->  fgq {result['fgq_acc']:.2f}%  ({-drop:+.2f} points)")
     typer.echo(f"quantized in {result['ptq_seconds']:.2f} s; written to {out}")
 
 

@@ -221,7 +221,8 @@ def binary_matmul_reference(a_signs: np.ndarray, w_signs: np.ndarray) -> np.ndar
 #   * D = sum (code - 1) * a = sum code * a - sum a ("code trick"); asymmetric ternary (TTQ) also
 #     accumulates P = sum over w = +1 of a (the code's high bit): y = Wn * D + (Wp - Wn) * P.
 
-ACT_MODES = {"absmax": 0, "dfp": 1, "dfp_tensor": 2, "dfp_fixed": 3}
+ACT_MODES = {"absmax": 0, "dfp": 1, "dfp_tensor": 2, "dfp_fixed": 3, "float": 4}
+ACT_FLOAT = ACT_MODES["float"]  # exact path: fp32 activations, fp32 accumulation
 ABSMAX_EPS = 1e-5  # BitNet's floor on max|x|: keeps the scale finite for all-zero tokens.
 
 
@@ -357,7 +358,8 @@ def _act_mode(act: str, exponent: int | None) -> tuple[int, int]:
         return ACT_MODES["dfp_fixed"], int(exponent)
     if act not in ACT_MODES or act == "dfp_fixed":
         raise ValueError(
-            f"unknown activation quantization {act!r}: use 'absmax', 'dfp' or 'dfp_tensor' (or exponent=E)"
+            f"unknown activation mode {act!r}: use 'absmax', 'dfp', 'dfp_tensor' (or exponent=E) "
+            "or 'float' (exact fp32 path, linear layers only)"
         )
     return ACT_MODES[act], 0
 
@@ -384,6 +386,8 @@ def quantize_activations(
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_activations expects (M, K); got shape {tuple(x.shape)}")
+    if act == "float":
+        raise ValueError("act='float' keeps the activations in fp32: there is nothing to quantize")
     mode, e = _act_mode(act, exponent)
     m, k = x.shape
     kq = _padded(k)
@@ -490,7 +494,21 @@ def _run_linear(
         x = x.float()
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
-    if x2.shape[0]:
+    if x2.shape[0] and act_mode == ACT_FLOAT:
+        _ext.ternary_linear_float(
+            _as_numpy(x2),
+            tiles,
+            out_features,
+            scale,
+            scale2,
+            bias,
+            group_size,
+            relu,
+            out.numpy(),
+            bits,
+            _num_threads(),
+        )
+    elif x2.shape[0]:
         _ext.ternary_linear(
             _as_numpy(x2),
             tiles,
@@ -644,7 +662,9 @@ def ternary_linear(
     ``bias`` from :func:`pad_bias`. Output fp32 ``(..., out_features)``:
     ``y = D * scale * a_inv + bias`` (per row), ``(D * Wn + P * (Wp - Wn)) * a_inv + bias``
     (asymmetric) or ``(sum_g D_g * scale_g) * a_inv + bias`` (groups along K), then ReLU if asked.
-    Calls go straight to the extension (about 1 µs of overhead); the ``torch.ops.lowbit.ternary_linear``
+    ``act="float"`` is the exact path instead: fp32 activations times the ternary / int4 weights
+    with fp32 accumulation (no activation quantization; differs from a float64 reference only
+    by summation order). Calls go straight to the extension (about 1 µs of overhead); the ``torch.ops.lowbit.ternary_linear``
     custom op wraps the same function for torch.compile / torch.export.
     """
     mode, e = _act_mode(act, exponent)

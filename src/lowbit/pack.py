@@ -16,14 +16,15 @@ Scales: per tensor and per output channel become per-row scales; groups along th
 (DFP's filter clusters) are expanded to rows; groups along K (FGQ) must have a size that is a
 multiple of 4 and run the grouped kernel. Activations: ``"int8"`` (per-token absmax, the BitNet
 inference recipe), ``"dfp"`` (8-bit dynamic fixed point, one exponent per batch exactly like
-``lowbit.functional.dfp_quantize``, or a calibrated ``exponent``) or ``"float"`` (the exact float
-path: ``F.linear`` with the dequantized weight — correct, not accelerated).
+``lowbit.functional.dfp_quantize``, or a calibrated ``exponent``) or ``"float"`` (the exact
+path for layers trained with float activations: fp32 activations times the packed weights,
+fp32 accumulation; it differs from ``F.linear`` with the dequantized weight only by summation
+order).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
@@ -52,8 +53,8 @@ def _kernel_codes(qw: QuantizedWeight) -> tuple[torch.Tensor, int, float]:
         return ints.to(torch.int8), (2 if bits == 2 else 4), 2.0 ** (1 - n)
     raise ValueError(
         f"no packed kernel for {fmt} weights with {bits} bits: packed layers support binary, ternary, "
-        "ternary_asym, kbit_linear up to 4 bits and kbit_log up to 3 bits (use activations='float' "
-        "or keep the layer as a Quant* layer)"
+        "ternary_asym, kbit_linear up to 4 bits and kbit_log up to 3 bits (keep the layer as a "
+        "Quant* layer)"
     )
 
 
@@ -105,7 +106,6 @@ class PackedLinear(nn.Module):
     scale: torch.Tensor
     scale2: torch.Tensor | None
     bias: torch.Tensor | None
-    weight: torch.Tensor
     _kernel: kernels.LinearKernel | None
 
     def __init__(
@@ -129,12 +129,6 @@ class PackedLinear(nn.Module):
         self.activations, self.exponent = activations, exponent
         self.weight_format = qweight.format
         n, k = qweight.shape
-        if activations == "float":
-            # The exact float path keeps the dequantized weight; nothing to pack.
-            self.register_buffer("weight", qweight.dequantize().detach().to(torch.float32).clone())
-            self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-            self.bits, self.group_size, self._kernel = 32, 0, None
-            return
         codes, self.bits, factor = _kernel_codes(qweight)
         scales, self.group_size = _row_or_group_scales(qweight)
         if factor != 1.0:
@@ -170,8 +164,8 @@ class PackedLinear(nn.Module):
         return kernel
 
     def _act_name(self) -> str:
-        if self.activations == "int8":
-            return "absmax"
+        if self.activations in ("int8", "float"):
+            return "absmax" if self.activations == "int8" else "float"
         # DFP: a calibrated exponent, or one exponent per batch like functional.dfp_quantize.
         return "dfp" if self.exponent is not None else "dfp_tensor"
 
@@ -180,8 +174,6 @@ class PackedLinear(nn.Module):
             raise ValueError(
                 f"PackedLinear expects inputs (..., {self.in_features}); got {tuple(x.shape)}"
             )
-        if self.activations == "float":
-            return F.linear(x.float(), self.weight, self.bias)
         tracing = (
             torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
         )
@@ -203,7 +195,7 @@ class PackedLinear(nn.Module):
         return self._get_kernel()(x)
 
     def extra_repr(self) -> str:
-        kind = {2: "ternary", 4: "int4", 32: "float"}[self.bits]
+        kind = {2: "ternary", 4: "int4"}[self.bits]
         extra = f", group_size={self.group_size}" if self.group_size else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weight_format} "

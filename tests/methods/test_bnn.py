@@ -384,6 +384,15 @@ def test_bitplane_identity_is_exact_for_signed_int8_inputs() -> None:
         bnn.bitplanes(torch.zeros(3), 8)
 
 
+@pytest.mark.parametrize(("bits", "signed"), [(1, False), (3, False), (4, True), (6, True)])
+def test_bitplane_identity_other_widths(bits: int, signed: bool) -> None:
+    g = torch.Generator().manual_seed(100 + bits)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if signed else (0, 2**bits)
+    x = torch.randint(lo, hi, (6, 300), generator=g, dtype=torch.int64)
+    w = torch.where(torch.rand(7, 300, generator=g) < 0.5, -1, 1).to(torch.int8)
+    assert torch.equal(bnn.bitplane_linear(x, w, bits=bits, signed=signed), x @ w.to(torch.int64).T)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shift-based batch norm and AdaMax (QNN §2.4)
 
@@ -476,12 +485,12 @@ def test_shift_adamax_minimises_a_quadratic() -> None:
     torch.manual_seed(13)
     p = torch.nn.Parameter(torch.randn(20) * 3)
     opt = bnn.ShiftAdaMax([p], lr=2.0**-4)
-    first = float((p**2).sum())
+    first = float((p**2).sum().detach())
     for _ in range(300):
         opt.zero_grad()
         (p**2).sum().backward()
         opt.step()
-    assert float((p**2).sum()) < 0.01 * first
+    assert float((p**2).sum().detach()) < 0.01 * first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,3 +610,30 @@ def test_qnn_max_weight_scale_for_small_lstm_weights() -> None:
         lowbit.quantize(
             nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "qnn", keep=(), weight_scale="mean"
         )
+
+
+def test_trainer_uses_the_glorot_groups_and_clips_every_step() -> None:
+    # The Trainer (lowbit.train) drives the same hooks as a user's loop: its optimizer must carry
+    # the Glorot-scaled rates and the latent weights must end every step inside [-1, 1].
+    from lowbit.data import synthetic
+    from lowbit.train import TrainConfig, Trainer
+
+    torch.manual_seed(21)
+    splits = synthetic.load(n_train=200, n_valid=50, n_test=50, shape=(1, 6, 6), classes=4)
+    net = nn.Sequential(nn.Flatten(), _mlp((32, 32), d_in=36))
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=0.05, loss="squared_hinge", log_every=1e9)
+    trainer = Trainer(
+        net,
+        splits,
+        cfg,
+        method="bnn",
+        method_options={"keep": [], "init": "uniform"},
+        progress=False,
+    )
+    rates = sorted(g["lr"] / cfg.lr for g in trainer.base_optimizer.param_groups)
+    hand = sorted([1.0] + [math.sqrt((a + b) / 1.5) for a, b in ((36, 32), (32, 32), (32, 4))])
+    assert rates == pytest.approx(hand)
+    trainer.fit()
+    latents = [w.detach() for _, w, _ in bnn.latent_weights(trainer.model)]
+    assert len(latents) == 3 and max(float(w.abs().max()) for w in latents) <= 1.0
+    assert any(float((w.abs() == 1).float().mean()) > 0 for w in latents)  # clipping did act

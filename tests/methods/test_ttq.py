@@ -469,16 +469,16 @@ def test_fine_tune_from_float_reduces_loss_and_moves_scales() -> None:
 def test_cifar10_resnet20_recipe_fine_tunes_two_steps_on_synthetic_files(tmp_path) -> None:
     from lowbit import data, models
     from lowbit.data import synthetic
-    from lowbit.report.ttq_plots import layer_series, make_report, read_metrics
+    from lowbit.report.ttq_plots import layer_series, read_metrics
     from lowbit.train import TrainConfig, Trainer, load_recipe
 
     recipe = load_recipe("ttq-cifar10-resnet20")
     assert recipe["paper"]["value"] == 8.87 and recipe["paper"]["fp_value"] == 8.23
     fp_recipe = load_recipe(recipe["recipe"]["init_from"])
-    synthetic.write_cifar(tmp_path / "cifar10", "cifar10", n_per_batch=10)
+    synthetic.write_cifar(tmp_path / "cifar10", "cifar10", n_per_batch=4)
     d = dict(recipe["data"])
     splits = data.load(d.pop("name"), data_dir=tmp_path, download=False, **d)
-    assert len(splits.train) == 50 and splits.valid is None  # split "full": all 50k in real life
+    assert len(splits.train) == 20 and splits.valid is None  # split "full": all 50k in real life
 
     def build() -> nn.Module:
         m = dict(recipe["model"])
@@ -488,7 +488,7 @@ def test_cifar10_resnet20_recipe_fine_tunes_two_steps_on_synthetic_files(tmp_pat
     float_model = build()  # stands in for the trained float checkpoint
     model = build()
     model.load_state_dict(float_model.state_dict())
-    cfg = TrainConfig.from_dict({**recipe["train"], "epochs": 1, "batch_size": 25})
+    cfg = TrainConfig.from_dict({**recipe["train"], "epochs": 1, "batch_size": 10})
     options = {k: v for k, v in recipe["method"].items() if k != "name"}
     trainer = Trainer(
         model,
@@ -518,9 +518,52 @@ def test_cifar10_resnet20_recipe_fine_tunes_two_steps_on_synthetic_files(tmp_pat
     series = layer_series(read_metrics(tmp_path / "run"))
     assert "linear" in series and "res3.2.conv2" in series
     assert {"wp", "wn", "sparsity", "pos", "neg", "delta"} <= set(series["linear"])
-    paths = make_report(tmp_path / "run")
+    assert series["linear"]["wp"] == [(1, model.linear.weight_quantizer.wp.item())]
+
+
+def test_plots_from_a_run_directory(tmp_path) -> None:
+    import json
+
+    from lowbit.report.ttq_plots import (
+        latent_weights,
+        layer_series,
+        make_report,
+        plot_scales,
+        read_metrics,
+    )
+    from lowbit.train.checkpoint import save_checkpoint
+
+    model = quantize(_mlp(), "ttq", keep=(), init="mean")
+    method = methods.get("ttq")
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for epoch in (1, 2, 3):
+            with torch.no_grad():
+                model[2].weight_quantizer.wp.mul_(1.1)
+            metrics = {f"method/{k}": v for k, v in method.epoch_metrics(model).items()}
+            f.write(json.dumps({"epoch": epoch, "train_loss": 1.0 / epoch, **metrics}) + "\n")
+        f.write('{"epoch": 4, "train_lo')  # a half-written line (killed run) is skipped
+    (run / "config.json").write_text(
+        json.dumps({"method": {"name": "ttq", "options": {"t": 0.05}}})
+    )
+    save_checkpoint(run / "checkpoints", {"model": model.state_dict()}, 3)
+
+    records = read_metrics(run)
+    assert len(records) == 3
+    series = layer_series(records)
+    assert set(series) == {"0", "2", "4"}
+    wp = [v for _, v in series["2"]["wp"]]
+    assert wp[1] == pytest.approx(wp[0] * 1.1) and wp[2] == pytest.approx(wp[0] * 1.21)
+    weights = latent_weights(model.state_dict())
+    assert set(weights) == {"0", "2", "4"}
+    assert torch.equal(weights["2"][0], model[2].weight.detach())
+    paths = make_report(run)
     assert [p.name for p in paths] == ["ttq_scales.png", "ttq_sparsity.png", "ttq_histograms.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+    no_ttq = layer_series([{"epoch": 1, "train_loss": 0.5}])  # a float run's metrics
+    with pytest.raises(ValueError, match="no TTQ metrics"):
+        plot_scales(no_ttq, tmp_path / "x.png")
 
 
 def test_every_ttq_recipe_loads_and_builds() -> None:

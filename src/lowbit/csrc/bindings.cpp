@@ -261,6 +261,55 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     lowbit::ternary_gemm_run(t, args, m, nrb, n_threads);
 }
 
+// Exact float path: fp32 activations x packed weights, fp32 accumulation.
+void ternary_linear_float(Matrix<const float> x, Tiles w, int64_t n, Vector<const float> scale,
+                          std::optional<Vector<const float>> scale2, std::optional<Vector<const float>> bias,
+                          int64_t group_k, bool relu, Matrix<float> out, int bits, int n_threads) {
+    require_row_contiguous(x, "x");
+    require_row_contiguous(out, "out");
+    check_group(group_k);
+    const int64_t m = (int64_t)x.shape(0), k = (int64_t)x.shape(1);
+    check_tiles(w, n, k, bits);
+    if (scale2 && bits != 2) throw std::invalid_argument("asymmetric scales exist for ternary weights only");
+    const int64_t kp = lowbit::ternary_kp(k), nrb = lowbit::ternary_row_blocks(n), np = 16 * nrb;
+    const int64_t ng = n_groups_for(kp, group_k);
+    if ((int64_t)scale.shape(0) != np * ng)
+        throw std::invalid_argument("scale must hold " + std::to_string(np * ng) +
+                                    " floats (padded rows x groups); use lowbit.kernels.pack_ternary_scales");
+    if (scale2 && (group_k > 0 || (int64_t)scale2->shape(0) != np))
+        throw std::invalid_argument("scale2 (asymmetric ternary) needs per-row scales of 16 * ceil(N/16) floats");
+    if (bias && (int64_t)bias->shape(0) != np) throw std::invalid_argument("bias must be padded to 16 * ceil(N/16)");
+    if ((int64_t)out.shape(0) != m || (int64_t)out.shape(1) != n) throw std::invalid_argument("out must be (M, N)");
+    if (m == 0) return;
+    lowbit_t2_args args{};
+    args.w = w.data();
+    args.kp = kp;
+    args.k = k;
+    args.n_valid = n;
+    args.group_k = group_k;
+    args.asym = scale2 ? 1 : 0;
+    args.bits = bits;
+    args.scale = scale.data();
+    args.scale2 = scale2 ? scale2->data() : nullptr;
+    args.bias = bias ? bias->data() : nullptr;
+    args.relu = relu ? 1 : 0;
+    args.out_f32 = out.data();
+    args.out_f32_stride = row_stride(m, (int64_t)out.stride(0), n);
+    const float* xp = x.data();
+    const int64_t xs = row_stride(m, (int64_t)x.stride(0), k);
+    const lowbit_isa_table& t = lowbit::active();
+    nb::gil_scoped_release release;
+    // Zero-padded copy up to kp (the kernels read whole tiles); rows 16 floats apart from a
+    // multiple of 4 KiB for the same L1-aliasing reason as the int8 rows.
+    const int64_t x_stride = kp + 16;
+    std::vector<float> xpad((size_t)(m * x_stride), 0.0f);
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < k; ++j) xpad[(size_t)(i * x_stride + j)] = xp[i * xs + j];
+    args.x = xpad.data();
+    args.x_stride = x_stride;
+    lowbit::ternary_gemm_run(t, args, m, nrb, n_threads, true);
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, mod) {
@@ -282,6 +331,8 @@ NB_MODULE(_kernels, mod) {
             "n_threads"_a = 1);
     mod.def("ternary_linear", &ternary_linear, "x"_a, "w"_a, "n"_a, "scale"_a, "scale2"_a.none(), "bias"_a.none(),
             "group_k"_a, "mode"_a, "exponent"_a, "relu"_a, "out"_a, "bits"_a = 2, "n_threads"_a = 1);
+    mod.def("ternary_linear_float", &ternary_linear_float, "x"_a, "w"_a, "n"_a, "scale"_a, "scale2"_a.none(),
+            "bias"_a.none(), "group_k"_a, "relu"_a, "out"_a, "bits"_a = 2, "n_threads"_a = 1);
     mod.def("act_multiplier", [](float amax, int mode, int exponent) {
         float inv = 0.0f;
         float s = lowbit::act_multiplier(amax, mode, exponent, &inv);

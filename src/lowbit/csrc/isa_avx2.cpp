@@ -365,8 +365,128 @@ void ternary_gemm(const lowbit_t2_args* p) {
     else gemm_bits<2>(p);
 }
 
+// Exact float path: w = float((tile >> (8j + BITS*pl)) & mask) - zero per 8 rows, then FMA.
+template <int HB, int NR, int BITS, bool ASYM, bool GROUP>
+void float_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
+    const float* x = p->x + m * p->x_stride;
+    const int64_t xs = p->x_stride;
+    const int64_t gp = GROUP ? p->group_k / 4 : 0;
+    const int64_t n_groups = GROUP ? (p->kp + p->group_k - 1) / p->group_k : 1;
+    const __m256i mcode = _mm256_set1_epi32(F::mask), one = _mm256_set1_epi32(1);
+    const __m256 zero = _mm256_set1_ps((float)F::zero);
+    __m256 f[HB][NR], h[HB][NR], tot[HB][NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < HB; ++r)
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) f[r][n] = h[r][n] = tot[r][n] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (int64_t t = 0; t < kt; ++t) {
+        __m256i v[HB];
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r) {
+            const int64_t hr = hb + r;
+            const uint8_t* wt = p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32;
+            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            v[r] = _mm256_loadu_si256((const __m256i*)wt);
+        }
+#pragma GCC unroll 4
+        for (int pl = 0; pl < F::planes; ++pl) {
+            const float* xk = x + t * F::tile_k + 4 * pl;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                __m256 wv[HB], hv[HB];
+#pragma GCC unroll 16
+                for (int r = 0; r < HB; ++r) {
+                    const __m256i sh = _mm256_srli_epi32(v[r], 8 * j + BITS * pl);
+                    wv[r] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(sh, mcode)), zero);
+                    if (ASYM) hv[r] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(sh, 1), one));
+                }
+#pragma GCC unroll 16
+                for (int n = 0; n < NR; ++n) {
+                    const __m256 xb = _mm256_set1_ps(xk[n * xs + j]);
+#pragma GCC unroll 16
+                    for (int r = 0; r < HB; ++r) {
+                        f[r][n] = _mm256_fmadd_ps(wv[r], xb, f[r][n]);
+                        if (ASYM) h[r][n] = _mm256_fmadd_ps(hv[r], xb, h[r][n]);
+                    }
+                }
+            }
+            if (GROUP) {
+                const int64_t q = t * F::planes + pl;
+                if ((q + 1) % gp == 0 || q + 1 == p->kp / 4) {
+#pragma GCC unroll 16
+                    for (int r = 0; r < HB; ++r) {
+                        const int64_t hr = hb + r;
+                        const __m256 sc = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
+#pragma GCC unroll 16
+                        for (int n = 0; n < NR; ++n) {
+                            tot[r][n] = _mm256_fmadd_ps(f[r][n], sc, tot[r][n]);
+                            f[r][n] = _mm256_setzero_ps();
+                        }
+                    }
+                    ++g;
+                }
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < HB; ++r) {
+        const int64_t n0 = (hb + r) * 8;
+        if (n0 >= p->n_valid) continue;
+        const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
+        const __m256 sc = GROUP ? _mm256_setzero_ps() : _mm256_loadu_ps(p->scale + n0);
+        const __m256 sc2 = ASYM ? _mm256_loadu_ps(p->scale2 + n0) : _mm256_setzero_ps();
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) {
+            __m256 y;
+            if (GROUP) y = _mm256_add_ps(tot[r][n], b);
+            else if (ASYM) y = _mm256_fmadd_ps(f[r][n], sc, _mm256_fmadd_ps(h[r][n], sc2, b));
+            else y = _mm256_fmadd_ps(f[r][n], sc, b);
+            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
+        }
+    }
+}
+
+template <int HB, int NR, int BITS, bool ASYM, bool GROUP>
+void run_float(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
+    if constexpr (HB > 1) {
+        if (hbn < HB) return run_float<HB - 1, NR, BITS, ASYM, GROUP>(p, hb, m, hbn, mn);
+    }
+    if constexpr (NR > 1) {
+        if (mn < NR) return run_float<HB, NR - 1, BITS, ASYM, GROUP>(p, hb, m, hbn, mn);
+    }
+    float_kernel<HB, NR, BITS, ASYM, GROUP>(p, hb, m);
+}
+
+template <int HB, int NR, int BITS, bool ASYM, bool GROUP>
+void drive_float(const lowbit_t2_args* p) {
+    const int64_t hb1 = 2 * p->rb1;
+    for (int64_t hb = 2 * p->rb0; hb < hb1; hb += HB) {
+        const int64_t hbn = hb1 - hb < HB ? hb1 - hb : HB;
+        for (int64_t m = p->m0; m < p->m1; m += NR) {
+            const int64_t mn = p->m1 - m < NR ? p->m1 - m : NR;
+            run_float<HB, NR, BITS, ASYM, GROUP>(p, hb, m, hbn, mn);
+        }
+    }
+}
+
+template <int BITS>
+void float_bits(const lowbit_t2_args* p) {
+    if (p->group_k > 0) drive_float<2, 3, BITS, false, true>(p);
+    else if (p->asym) drive_float<2, 3, BITS, true, false>(p);
+    else drive_float<2, 4, BITS, false, false>(p);
+}
+
+void ternary_gemm_f32(const lowbit_t2_args* p) {
+    if (p->bits == 4) float_bits<4>(p);
+    else float_bits<2>(p);
+}
+
 const lowbit_isa_table kTable = {"avx2", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,
-                                 ternary_gemm};
+                                 ternary_gemm, ternary_gemm_f32};
 
 }  // namespace
 

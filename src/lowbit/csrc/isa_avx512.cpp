@@ -410,8 +410,141 @@ void ternary_gemm(const lowbit_t2_args* p) {
     else gemm_bits<2>(p);
 }
 
+// ---- exact float path ----------------------------------------------------------------------
+// fp32 activations (x rows zero-padded to kp by the driver). For k = 4q + j of plane q, lane r
+// of (tile >> (8j + BITS*pl)) holds row r's code in its low bits with the next plane's code
+// above it; vpermps looks at 4 index bits, so a 16-entry table indexed by (code + 2^BITS *
+// next) maps it straight to the float weight: one shift, one permute, one FMA per 16 weights.
+template <int RB, int NR, int BITS, bool ASYM, bool GROUP>
+void float_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
+    const uint8_t* w = p->w + rb * rbs;
+    const float* x = p->x + m * p->x_stride;
+    const int64_t xs = p->x_stride;
+    const int64_t gp = GROUP ? p->group_k / 4 : 0;
+    const int64_t n_groups = GROUP ? (p->kp + p->group_k - 1) / p->group_k : 1;
+    alignas(64) float lw[16], lp[16];
+    for (int i = 0; i < 16; ++i) {
+        lw[i] = (float)((i & F::mask) - F::zero);
+        lp[i] = (i & 3) == 2 ? 1.0f : 0.0f;  // asymmetric ternary: [w = +1]
+    }
+    const __m512 lut = _mm512_load_ps(lw), lutp = _mm512_load_ps(lp);
+    __m512 f[RB][NR], h[RB][NR], tot[RB][NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) f[r][n] = h[r][n] = tot[r][n] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (int64_t t = 0; t < kt; ++t) {
+        __m512i v[RB];
+#pragma GCC unroll 16
+        for (int r = 0; r < RB; ++r) {
+            const uint8_t* wt = w + r * rbs + t * 64;
+            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            v[r] = _mm512_loadu_si512(wt);
+        }
+#pragma GCC unroll 4
+        for (int pl = 0; pl < F::planes; ++pl) {
+            const float* xk = x + t * F::tile_k + 4 * pl;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                __m512 wv[RB], hv[RB];
+#pragma GCC unroll 16
+                for (int r = 0; r < RB; ++r) {
+                    const __m512i idx = _mm512_srli_epi32(v[r], 8 * j + BITS * pl);
+                    wv[r] = _mm512_permutexvar_ps(idx, lut);
+                    if (ASYM) hv[r] = _mm512_permutexvar_ps(idx, lutp);
+                }
+#pragma GCC unroll 16
+                for (int n = 0; n < NR; ++n) {
+                    const __m512 xb = _mm512_set1_ps(xk[n * xs + j]);
+#pragma GCC unroll 16
+                    for (int r = 0; r < RB; ++r) {
+                        f[r][n] = _mm512_fmadd_ps(wv[r], xb, f[r][n]);
+                        if (ASYM) h[r][n] = _mm512_fmadd_ps(hv[r], xb, h[r][n]);
+                    }
+                }
+            }
+            if (GROUP) {
+                const int64_t q = t * F::planes + pl;
+                if ((q + 1) % gp == 0 || q + 1 == p->kp / 4) {
+#pragma GCC unroll 16
+                    for (int r = 0; r < RB; ++r) {
+                        const __m512 sc = _mm512_loadu_ps(p->scale + ((rb + r) * n_groups + g) * 16);
+#pragma GCC unroll 16
+                        for (int n = 0; n < NR; ++n) {
+                            tot[r][n] = _mm512_fmadd_ps(f[r][n], sc, tot[r][n]);
+                            f[r][n] = _mm512_setzero_ps();
+                        }
+                    }
+                    ++g;
+                }
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+        const int64_t n0 = (rb + r) * 16;
+        const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
+        const __m512 sc = GROUP ? _mm512_setzero_ps() : _mm512_loadu_ps(p->scale + n0);
+        const __m512 sc2 = ASYM ? _mm512_loadu_ps(p->scale2 + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) {
+            __m512 y;
+            if (GROUP) y = _mm512_add_ps(tot[r][n], b);
+            else if (ASYM) y = _mm512_fmadd_ps(f[r][n], sc, _mm512_fmadd_ps(h[r][n], sc2, b));
+            else y = _mm512_fmadd_ps(f[r][n], sc, b);
+            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            _mm512_mask_storeu_ps(p->out_f32 + (m + n) * p->out_f32_stride + n0, lane_mask(p->n_valid, n0), y);
+        }
+    }
+}
+
+template <int RB, int NR, int BITS, bool ASYM, bool GROUP>
+void run_float(const lowbit_t2_args* p, int64_t rb, int64_t m, int64_t rbn, int64_t mn) {
+    if constexpr (RB > 1) {
+        if (rbn < RB) return run_float<RB - 1, NR, BITS, ASYM, GROUP>(p, rb, m, rbn, mn);
+    }
+    if constexpr (NR > 1) {
+        if (mn < NR) return run_float<RB, NR - 1, BITS, ASYM, GROUP>(p, rb, m, rbn, mn);
+    }
+    float_kernel<RB, NR, BITS, ASYM, GROUP>(p, rb, m);
+}
+
+template <int RB, int NR, int BITS, bool ASYM, bool GROUP>
+void drive_float(const lowbit_t2_args* p) {
+    for (int64_t rb = p->rb0; rb < p->rb1; rb += RB) {
+        const int64_t rbn = p->rb1 - rb < RB ? p->rb1 - rb : RB;
+        for (int64_t m = p->m0; m < p->m1; m += NR) {
+            const int64_t mn = p->m1 - m < NR ? p->m1 - m : NR;
+            run_float<RB, NR, BITS, ASYM, GROUP>(p, rb, m, rbn, mn);
+        }
+    }
+}
+
+template <int BITS>
+void float_bits(const lowbit_t2_args* p) {
+    const bool gemv = p->m1 - p->m0 == 1;
+    if (p->group_k > 0) {
+        if (gemv) drive_float<4, 1, BITS, false, true>(p);
+        else drive_float<2, 6, BITS, false, true>(p);
+    } else if (p->asym) {
+        if (gemv) drive_float<4, 1, BITS, true, false>(p);
+        else drive_float<2, 6, BITS, true, false>(p);
+    } else {
+        if (gemv) drive_float<4, 1, BITS, false, false>(p);
+        else drive_float<2, 8, BITS, false, false>(p);
+    }
+}
+
+void ternary_gemm_f32(const lowbit_t2_args* p) {
+    if (p->bits == 4) float_bits<4>(p);
+    else float_bits<2>(p);
+}
+
 const lowbit_isa_table kTable = {"avx512", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,
-                                 ternary_gemm};
+                                 ternary_gemm, ternary_gemm_f32};
 
 }  // namespace
 

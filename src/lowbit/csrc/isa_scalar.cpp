@@ -132,8 +132,45 @@ void ternary_gemm(const lowbit_t2_args* p) {
     }
 }
 
+// Exact float path: fp32 accumulation of w * x per group (x rows zero-padded to kp).
+void ternary_gemm_f32(const lowbit_t2_args* p) {
+    const int bits = p->bits == 4 ? 4 : 2;
+    const int64_t tile_k = 32 / bits, kt = p->kp / tile_k, zero = bits == 2 ? 1 : 8;
+    const int64_t gk = p->group_k > 0 ? p->group_k : p->kp;
+    const int64_t n_groups = (p->kp + gk - 1) / gk;
+    for (int64_t rb = p->rb0; rb < p->rb1; ++rb) {
+        const uint8_t* wb = p->w + rb * kt * 64;
+        for (int64_t m = p->m0; m < p->m1; ++m) {
+            const float* x = p->x + m * p->x_stride;
+            for (int r = 0; r < 16; ++r) {
+                const int64_t n = rb * 16 + r;
+                if (n >= p->n_valid) break;
+                float tot = 0.0f, d = 0.0f, hp = 0.0f;
+                for (int64_t g = 0; g < n_groups; ++g) {
+                    float dg = 0.0f;
+                    const int64_t k1 = std::min(p->kp, (g + 1) * gk);
+                    for (int64_t k = g * gk; k < k1; ++k) {
+                        const int c = code_at(wb + (k / tile_k) * 64, r, (int)(k % tile_k), bits);
+                        dg = std::fma((float)(c - zero), x[k], dg);
+                        if (c == 2) hp += x[k];
+                    }
+                    if (p->group_k > 0) tot = std::fma(dg, p->scale[(rb * n_groups + g) * 16 + r], tot);
+                    else d += dg;
+                }
+                float y;
+                if (p->group_k > 0) y = tot;
+                else if (p->asym) y = std::fma(d, p->scale[n], hp * p->scale2[n]);
+                else y = d * p->scale[n];
+                if (p->bias) y += p->bias[n];
+                if (p->relu) y = std::max(y, 0.0f);
+                p->out_f32[m * p->out_f32_stride + n] = y;
+            }
+        }
+    }
+}
+
 const lowbit_isa_table kTable = {"scalar", pack_signs_f32, binary_gemm, absmax_f32, quantize_i8,
-                                 ternary_gemm};
+                                 ternary_gemm, ternary_gemm_f32};
 
 }  // namespace
 

@@ -65,6 +65,11 @@ typedef struct lowbit_t2_args {
     const float* scale;
     const float* scale2;
     const float* a_inv;
+    // Exact float path (ternary_gemm_f32): fp32 activations instead of `a`, row m at
+    // x + m * x_stride (k floats, no padding needed); a, a_sums and a_inv are unused.
+    const float* x;
+    int64_t x_stride;
+    int64_t k;
     const float* bias;
     int relu;
     float* out_f32;
@@ -102,6 +107,11 @@ typedef struct lowbit_isa_table {
 
     // Ternary GEMM over tokens [m0, m1) and row blocks [rb0, rb1) (see lowbit_t2_args).
     void (*ternary_gemm)(const struct lowbit_t2_args* args);
+
+    // Exact float path: fp32 activations x packed ternary / int4 weights -> fp32 (float path
+    // fields of lowbit_t2_args; D and P are accumulated in fp32, so the result differs from a
+    // float64 reference only by summation order).
+    void (*ternary_gemm_f32)(const struct lowbit_t2_args* args);
 } lowbit_isa_table;
 
 const lowbit_isa_table* lowbit_isa_scalar(void);

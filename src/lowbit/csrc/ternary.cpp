@@ -124,7 +124,8 @@ void quantize_activations(const lowbit_isa_table& t, const float* x, int64_t m, 
 }
 
 void ternary_gemm_run(const lowbit_isa_table& t, const lowbit_t2_args& args, int64_t m,
-                      int64_t row_blocks, int n_threads) {
+                      int64_t row_blocks, int n_threads, bool float_path) {
+    void (*kernel)(const lowbit_t2_args*) = float_path ? t.ternary_gemm_f32 : t.ternary_gemm;
     const int64_t macs = m * row_blocks * 16 * args.kp;
     // Waking a pool thread costs a few microseconds: small problems run on the caller.
     if (macs < ((int64_t)1 << 21)) n_threads = 1;
@@ -137,7 +138,7 @@ void ternary_gemm_run(const lowbit_isa_table& t, const lowbit_t2_args& args, int
             a.rb1 = e;
             a.m0 = 0;
             a.m1 = m;
-            t.ternary_gemm(&a);
+            kernel(&a);
         });
     } else {
         // Few output rows, many tokens: split the tokens.
@@ -147,7 +148,7 @@ void ternary_gemm_run(const lowbit_isa_table& t, const lowbit_t2_args& args, int
             a.rb1 = row_blocks;
             a.m0 = b;
             a.m1 = e;
-            t.ternary_gemm(&a);
+            kernel(&a);
         });
     }
 }

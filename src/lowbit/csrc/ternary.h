@@ -53,7 +53,7 @@ float act_multiplier(float amax, int mode, int exponent, float* a_inv);
 // Runs t.ternary_gemm over all tokens [0, m) and row blocks of args (rb0/rb1/m0/m1 are set here),
 // split over threads by row blocks (or by tokens when there are few row blocks).
 void ternary_gemm_run(const lowbit_isa_table& t, const lowbit_t2_args& args, int64_t m,
-                      int64_t row_blocks, int n_threads);
+                      int64_t row_blocks, int n_threads, bool float_path = false);
 
 }  // namespace lowbit
 

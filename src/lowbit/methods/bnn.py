@@ -625,7 +625,7 @@ class BNNMethod(Method):
                 first = cast(nn.ModuleList, qs)[0]
                 if isinstance(first, _Latent):
                     w = getattr(module, f"weight_{key}")
-                    yield f"weight_{key}", w, _lr_gamma(first, (int(h), int(w.shape[1])))
+                    yield f"weight_{key}", w, _lr_gamma(first, (int(h), int(w.shape[1])))  # type: ignore[arg-type]
 
     def after_step(self, model: nn.Module) -> None:
         """Clip the latent weights to ``[-clip, clip]`` (Algorithm 1)."""

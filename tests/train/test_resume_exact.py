@@ -1,0 +1,105 @@
+"""Kill a training process for real (SIGKILL, mid-epoch), resume it, and get the exact weights of
+an uninterrupted run; the same for a run stopped after N epochs and continued from the CLI spec."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from lowbit import data, models
+from lowbit.train import TrainConfig, Trainer, load_checkpoint
+from lowbit.train.checkpoint import latest
+from lowbit.train.runs import make_spec, train_spec
+
+# Dropout (global RNG), shuffling and flip augmentation (the trainer's generator), a step LR
+# schedule and Adam state: everything a resume has to restore.
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from lowbit import data, models
+    from lowbit.train import Trainer, TrainConfig
+    torch.set_num_threads(int(sys.argv[2]))
+    torch.manual_seed(0)
+    s = data.synthetic.load(n_train=200, n_valid=40, n_test=40, shape=(1, 8, 8))
+    s.augment = data.transforms.flip
+    net = models.create("mlp", input_shape=s.input_shape, num_classes=10, widths=(32,), dropout=0.3)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, schedule="step", milestones=[2], seed=3)
+    Trainer(net, s, cfg, run_dir=sys.argv[1], progress=False).fit(_kill_at_step=int(sys.argv[3]))
+    """
+)
+
+
+def _setup() -> tuple[data.DataSplits, torch.nn.Module, TrainConfig]:
+    torch.manual_seed(0)
+    s = data.synthetic.load(n_train=200, n_valid=40, n_test=40, shape=(1, 8, 8))
+    s.augment = data.transforms.flip
+    net = models.create("mlp", input_shape=s.input_shape, num_classes=10, widths=(32,), dropout=0.3)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, schedule="step", milestones=[2], seed=3)
+    return s, net, cfg
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    run = tmp_path / "killed"
+    # 200 / 32 -> 7 steps per epoch; step 17 is in the middle of epoch 3.
+    proc = subprocess.run([sys.executable, str(script), str(run), str(torch.get_num_threads()), "17"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    manifest = json.loads((run / "checkpoints" / "manifest.json").read_text())
+    assert manifest["last"]["epoch"] == 2  # epoch 3 was cut short: no checkpoint for it
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+    s, net, cfg = _setup()
+    resumed = Trainer(net, s, cfg, run_dir=run, progress=False)
+    resumed.fit(resume=True)
+
+    s, net, cfg = _setup()
+    straight = Trainer(net, s, cfg, run_dir=tmp_path / "straight", progress=False)
+    straight.fit()
+    _assert_same(resumed.model.state_dict(), straight.model.state_dict())
+    _assert_same(resumed.base_optimizer.state_dict()["state"][0], straight.base_optimizer.state_dict()["state"][0])
+    # The metrics file of the resumed run matches the uninterrupted one, epoch by epoch.
+    strip = ("epoch_seconds", "samples_per_s")
+    recs = [{k: v for k, v in json.loads(line).items() if k not in strip} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ref = [{k: v for k, v in json.loads(line).items() if k not in strip} for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert recs == ref
+    # The final checkpoint on disk holds the same weights too (weights_only load).
+    _assert_same(load_checkpoint(latest(run / "checkpoints"))["model"], straight.model.state_dict())
+
+
+def test_stop_after_epochs_and_resume_through_the_spec(tmp_path: Path) -> None:
+    spec = make_spec(model="mlp", dataset="synthetic", model_options={"widths": [16], "dropout": 0.2},
+                     data_options={"n_train": 128, "n_valid": 32, "n_test": 32, "shape": [1, 6, 6], "augment": "flip"},
+                     train={"epochs": 3, "batch_size": 32, "lr": 0.01})
+    train_spec(spec, tmp_path / "a", progress=False, stop_after_epochs=1)
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["status"] == "stopped"
+    summary_a = train_spec(spec, tmp_path / "a", resume=True, progress=False)
+    summary_b = train_spec(spec, tmp_path / "b", progress=False)
+    assert summary_a["status"] == summary_b["status"] == "finished"
+    wa = load_checkpoint(latest(tmp_path / "a" / "checkpoints"))["model"]
+    wb = load_checkpoint(latest(tmp_path / "b" / "checkpoints"))["model"]
+    _assert_same(wa, wb)
+    assert summary_a["test_error_at_best"] == summary_b["test_error_at_best"]
+
+
+def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
+    import pytest
+
+    spec = make_spec(model="mlp", dataset="synthetic", model_options={"widths": [8]}, train={"epochs": 1, "batch_size": 64})
+    train_spec(spec, tmp_path, progress=False)
+    other = make_spec(model="mlp", dataset="synthetic", model_options={"widths": [9]}, train={"epochs": 2, "batch_size": 64})
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_spec(other, tmp_path, resume=True, progress=False)
+
