@@ -103,14 +103,22 @@ def _int8_linear(weight: torch.Tensor) -> torch.nn.Module:
 
 
 class _Ternary:
-    """One packed ternary layer (per-row scales, or asymmetric / grouped variants)."""
+    """One packed ternary layer: per-row scales and int8 activations, or a variant ("asym",
+    "group<G>", "float": the exact path with fp32 activations, "int4": 4-bit weights)."""
 
     def __init__(self, n: int, k: int, seed: int, variant: str = "row") -> None:
         g = torch.Generator().manual_seed(seed)
-        codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
         self.n = n
-        self.tiles = kernels.pack_ternary(codes)
         self.group = 0
+        bits = 4 if variant == "int4" else 2
+        if bits == 4:
+            self.tiles = kernels.pack_int4(
+                torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+            )
+        else:
+            self.tiles = kernels.pack_ternary(
+                torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+            )
         if variant == "asym":
             self.scale, self.scale2 = kernels.pack_ternary_scales(
                 torch.tensor([0.7, 0.4]), n, k, asym=True
@@ -125,9 +133,15 @@ class _Ternary:
                 torch.rand(n, generator=g) + 0.5, n, k
             )
         self.bias = kernels.pad_bias(torch.zeros(n), n)
-
         self.kernel = kernels.LinearKernel(
-            self.tiles, self.scale, self.scale2, self.bias, out_features=n, group_size=self.group
+            self.tiles,
+            self.scale,
+            self.scale2,
+            self.bias,
+            out_features=n,
+            bits=bits,
+            group_size=self.group,
+            act="float" if variant == "float" else "absmax",
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +186,10 @@ def bench_kernels(
     int8_l = [_int8_linear(fp32_w[i % len(fp32_w)]) for i in range(n_cold["int8"])]
     tern = [_Ternary(n, k, seed=i) for i in range(n_cold["t2"])]
     extra = (
-        {v: _Ternary(n, k, seed=99, variant=v) for v in ("asym", "group64", "group4")}
+        {
+            v: _Ternary(n, k, seed=99, variant=v)
+            for v in ("asym", "group64", "group4", "float", "int4")
+        }
         if variants
         else {}
     )

@@ -60,7 +60,9 @@ def test_mnist_full_split_merges_valid(mnist_splits: data.DataSplits) -> None:
     s = data.load("mnist", split="full")
     assert s.valid is None and len(s.train) == 60000
     # The paper split's valid set is the last 10k of the 60k training images.
-    assert torch.equal(s.train.x[50000:], mnist_splits.valid.x) and torch.equal(s.train.y[:50000], mnist_splits.train.y)
+    assert torch.equal(s.train.x[50000:], mnist_splits.valid.x) and torch.equal(
+        s.train.y[:50000], mnist_splits.train.y
+    )
 
 
 def test_idx_roundtrip_and_mnist_from_idx(tmp_path) -> None:
@@ -98,7 +100,9 @@ def test_missing_mnist_idx_names_file_and_directory(tmp_path) -> None:
     with pytest.raises(data.DataNotFoundError) as err:
         data.load("mnist", source="idx", data_dir=tmp_path)
     msg = str(err.value)
-    assert "\n" not in msg and "train-images-idx3-ubyte.gz" in msg and str(tmp_path / "mnist") in msg
+    assert (
+        "\n" not in msg and "train-images-idx3-ubyte.gz" in msg and str(tmp_path / "mnist") in msg
+    )
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -114,7 +118,9 @@ def test_cifar10_from_archive_or_folder(tmp_path, archive: bool) -> None:
     x0, y0 = synthetic.images(40, (3, 32, 32), seed=0)  # data_batch_1
     np.testing.assert_allclose(s.train.x[:40].numpy(), x0 / 255.0, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(s.train.y[:40].numpy(), y0)
-    x_last, y_last = synthetic.images(40, (3, 32, 32), seed=4)  # data_batch_5 -> its last 20 are valid
+    x_last, y_last = synthetic.images(
+        40, (3, 32, 32), seed=4
+    )  # data_batch_5 -> its last 20 are valid
     np.testing.assert_array_equal(s.valid.y.numpy(), y_last[-20:])
 
 
@@ -173,7 +179,9 @@ def test_download_verifies_checksum_and_lands_atomically(tmp_path, monkeypatch) 
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["x.bin"]  # no partial files left
 
 
-def test_download_without_published_checksum_records_and_checks_sha256(tmp_path, monkeypatch) -> None:
+def test_download_without_published_checksum_records_and_checks_sha256(
+    tmp_path, monkeypatch
+) -> None:
     import urllib.request
 
     monkeypatch.setattr(files, "_opener", urllib.request.urlopen)
@@ -213,10 +221,21 @@ def test_cifar10_download_through_a_patched_opener(tmp_path, monkeypatch) -> Non
         return Resp()
 
     monkeypatch.setattr(files, "_opener", opener)
-    monkeypatch.setitem(cifar.ARCHIVES, "cifar10", files.RemoteFile("cifar-10-python.tar.gz", cifar.ARCHIVES["cifar10"].urls, hashlib.md5(payload).hexdigest()))
+    monkeypatch.setitem(
+        cifar.ARCHIVES,
+        "cifar10",
+        files.RemoteFile(
+            "cifar-10-python.tar.gz",
+            cifar.ARCHIVES["cifar10"].urls,
+            hashlib.md5(payload).hexdigest(),
+        ),
+    )
     s = data.load("cifar10", data_dir=tmp_path / "cache")
     assert seen == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
-    assert len(s.train) + len(s.valid) == 50 and (tmp_path / "cache" / "cifar10" / "cifar-10-python.tar.gz").exists()
+    assert (
+        len(s.train) + len(s.valid) == 50
+        and (tmp_path / "cache" / "cifar10" / "cifar-10-python.tar.gz").exists()
+    )
 
 
 def test_offline_env_skips_download(tmp_path, monkeypatch) -> None:
@@ -363,7 +382,15 @@ def test_batches_cover_each_sample_once_and_replay_with_the_generator() -> None:
 def test_distributed_shares_partition_each_global_batch() -> None:
     ds = data.ArrayDataset(torch.zeros(22, 1), torch.arange(22))
     full = [y for _, y in ds.batches(8, shuffle=True, generator=torch.Generator().manual_seed(3))]
-    shares = [[y for _, y in ds.batches(8, shuffle=True, generator=torch.Generator().manual_seed(3), rank=r, world_size=2)] for r in (0, 1)]
+    shares = [
+        [
+            y
+            for _, y in ds.batches(
+                8, shuffle=True, generator=torch.Generator().manual_seed(3), rank=r, world_size=2
+            )
+        ]
+        for r in (0, 1)
+    ]
     assert len(shares[0]) == len(shares[1]) == len(full)
     for k, batch in enumerate(full):
         joined = torch.cat([shares[0][k], shares[1][k]])
@@ -385,6 +412,8 @@ def test_unknown_names_list_the_valid_ones(tmp_path) -> None:
 def test_status_reports_embedded_and_missing(tmp_path) -> None:
     rows = {r["name"]: r for r in data.status(tmp_path)}
     assert rows["mnist"]["available"] and rows["stdlib"]["available"]
-    assert not rows["cifar10"]["available"] and str(tmp_path / "cifar10") in rows["cifar10"]["where"]
+    assert (
+        not rows["cifar10"]["available"] and str(tmp_path / "cifar10") in rows["cifar10"]["where"]
+    )
     synthetic.write_cifar(tmp_path / "cifar10", "cifar10", n_per_batch=2)
     assert {r["name"]: r for r in data.status(tmp_path)}["cifar10"]["available"]

@@ -14,7 +14,9 @@ def _params(m: nn.Module) -> int:
 
 
 def test_registry_lists_the_papers_models_and_rejects_unknown_names() -> None:
-    assert {"mlp", "convnet", "resnet_cifar", "lenet5", "alexnet", "char_lstm"} <= set(models.available())
+    assert {"mlp", "convnet", "resnet_cifar", "lenet5", "alexnet", "char_lstm"} <= set(
+        models.available()
+    )
     with pytest.raises(ValueError, match="unknown model 'vgg'; valid: mlp, "):
         models.create("vgg")
     rows = {r["name"]: r for r in models.describe()}
@@ -23,8 +25,13 @@ def test_registry_lists_the_papers_models_and_rejects_unknown_names() -> None:
 
 def test_mlp_laq_is_3x2048_with_bn_output() -> None:
     m = models.create("mlp_laq")
-    linears = [l for l in m.modules() if isinstance(l, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(784, 2048), (2048, 2048), (2048, 2048), (2048, 10)]
+    linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [
+        (784, 2048),
+        (2048, 2048),
+        (2048, 2048),
+        (2048, 10),
+    ]
     assert isinstance(list(m.net)[-1], nn.BatchNorm1d) and list(m.net)[-1].eps == 1e-4
     # 4 linear layers with bias + 4 BN layers (gamma, beta).
     expected = 784 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10 + 3 * 2 * 2048 + 2 * 10
@@ -87,7 +94,9 @@ def test_resnet_option_a_shortcut_is_avgpool_plus_zero_channels() -> None:
     pooled = torch.nn.functional.avg_pool2d(x, 2)
     assert out.shape == (1, 8, 3, 3)
     assert torch.equal(out[:, 2:6], pooled)
-    assert torch.equal(out[:, :2], torch.zeros(1, 2, 3, 3)) and torch.equal(out[:, 6:], torch.zeros(1, 2, 3, 3))
+    assert torch.equal(out[:, :2], torch.zeros(1, 2, 3, 3)) and torch.equal(
+        out[:, 6:], torch.zeros(1, 2, 3, 3)
+    )
     with pytest.raises(ValueError, match="6n\\+2"):
         models.create("resnet_cifar", depth=21)
 
@@ -115,7 +124,11 @@ def test_alexnet_geometry() -> None:
     assert m.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 7)
     biases = [n for n, p in m.named_parameters() if n.endswith("bias") and "bn" not in n]
     assert biases == ["classifier.fct.bias"]
-    assert m.features.conv1.groups == 2 and m.features.conv3.groups == 2 and m.features.conv4.groups == 2
+    assert (
+        m.features.conv1.groups == 2
+        and m.features.conv3.groups == 2
+        and m.features.conv4.groups == 2
+    )
 
 
 def test_char_lstm_init_and_shapes() -> None:

@@ -41,13 +41,24 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     script.write_text(SCRIPT)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(run),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     torch.manual_seed(0)
     s = data.synthetic.load(n_train=128, n_valid=32, n_test=32, shape=(1, 6, 6))
-    net = models.create("mlp", input_shape=s.input_shape, num_classes=10, widths=(16,), batchnorm=False)
+    net = models.create(
+        "mlp", input_shape=s.input_shape, num_classes=10, widths=(16,), batchnorm=False
+    )
     cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, seed=1)
     single = Trainer(net, s, cfg, progress=False)
     single.fit()

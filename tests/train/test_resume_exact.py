@@ -55,7 +55,12 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path: Path) -
     script.write_text(SCRIPT)
     run = tmp_path / "killed"
     # 200 / 32 -> 7 steps per epoch; step 17 is in the middle of epoch 3.
-    proc = subprocess.run([sys.executable, str(script), str(run), str(torch.get_num_threads()), "17"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run), str(torch.get_num_threads()), "17"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     manifest = json.loads((run / "checkpoints" / "manifest.json").read_text())
     assert manifest["last"]["epoch"] == 2  # epoch 3 was cut short: no checkpoint for it
@@ -69,20 +74,39 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path: Path) -
     straight = Trainer(net, s, cfg, run_dir=tmp_path / "straight", progress=False)
     straight.fit()
     _assert_same(resumed.model.state_dict(), straight.model.state_dict())
-    _assert_same(resumed.base_optimizer.state_dict()["state"][0], straight.base_optimizer.state_dict()["state"][0])
+    _assert_same(
+        resumed.base_optimizer.state_dict()["state"][0],
+        straight.base_optimizer.state_dict()["state"][0],
+    )
     # The metrics file of the resumed run matches the uninterrupted one, epoch by epoch.
     strip = ("epoch_seconds", "samples_per_s")
-    recs = [{k: v for k, v in json.loads(line).items() if k not in strip} for line in (run / "metrics.jsonl").read_text().splitlines()]
-    ref = [{k: v for k, v in json.loads(line).items() if k not in strip} for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    recs = [
+        {k: v for k, v in json.loads(line).items() if k not in strip}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    ref = [
+        {k: v for k, v in json.loads(line).items() if k not in strip}
+        for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert recs == ref
     # The final checkpoint on disk holds the same weights too (weights_only load).
     _assert_same(load_checkpoint(latest(run / "checkpoints"))["model"], straight.model.state_dict())
 
 
 def test_stop_after_epochs_and_resume_through_the_spec(tmp_path: Path) -> None:
-    spec = make_spec(model="mlp", dataset="synthetic", model_options={"widths": [16], "dropout": 0.2},
-                     data_options={"n_train": 128, "n_valid": 32, "n_test": 32, "shape": [1, 6, 6], "augment": "flip"},
-                     train={"epochs": 3, "batch_size": 32, "lr": 0.01})
+    spec = make_spec(
+        model="mlp",
+        dataset="synthetic",
+        model_options={"widths": [16], "dropout": 0.2},
+        data_options={
+            "n_train": 128,
+            "n_valid": 32,
+            "n_test": 32,
+            "shape": [1, 6, 6],
+            "augment": "flip",
+        },
+        train={"epochs": 3, "batch_size": 32, "lr": 0.01},
+    )
     train_spec(spec, tmp_path / "a", progress=False, stop_after_epochs=1)
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["status"] == "stopped"
     summary_a = train_spec(spec, tmp_path / "a", resume=True, progress=False)
@@ -97,9 +121,18 @@ def test_stop_after_epochs_and_resume_through_the_spec(tmp_path: Path) -> None:
 def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     import pytest
 
-    spec = make_spec(model="mlp", dataset="synthetic", model_options={"widths": [8]}, train={"epochs": 1, "batch_size": 64})
+    spec = make_spec(
+        model="mlp",
+        dataset="synthetic",
+        model_options={"widths": [8]},
+        train={"epochs": 1, "batch_size": 64},
+    )
     train_spec(spec, tmp_path, progress=False)
-    other = make_spec(model="mlp", dataset="synthetic", model_options={"widths": [9]}, train={"epochs": 2, "batch_size": 64})
+    other = make_spec(
+        model="mlp",
+        dataset="synthetic",
+        model_options={"widths": [9]},
+        train={"epochs": 2, "batch_size": 64},
+    )
     with pytest.raises(ValueError, match="cannot resume"):
         train_spec(other, tmp_path, resume=True, progress=False)
-

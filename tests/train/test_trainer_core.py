@@ -34,7 +34,9 @@ def _tiny(**kw) -> data.DataSplits:
 
 def _mlp(splits: data.DataSplits, **kw) -> nn.Module:
     torch.manual_seed(0)
-    return models.create("mlp", input_shape=splits.input_shape, num_classes=splits.num_classes, widths=(16,), **kw)
+    return models.create(
+        "mlp", input_shape=splits.input_shape, num_classes=splits.num_classes, widths=(16,), **kw
+    )
 
 
 # ---------------------------------------------------------------- losses
@@ -64,7 +66,9 @@ def test_cross_entropy_by_hand_and_for_sequences() -> None:
 
 def test_lr_schedules() -> None:
     step = TrainConfig(epochs=50, schedule="step", milestones=[15, 25], gamma=0.1)
-    assert [lr_factor(step, e) for e in (0, 14, 15, 24, 25, 49)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [lr_factor(step, e) for e in (0, 14, 15, 24, 25, 49)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
     every = TrainConfig(epochs=200, schedule="step", step_size=15, gamma=0.5)
     assert lr_factor(every, 29) == 0.5 and lr_factor(every, 30) == 0.25
     bnn = TrainConfig(epochs=1000, lr=0.003, schedule="exp", lr_final=3e-7)
@@ -73,7 +77,11 @@ def test_lr_schedules() -> None:
     rnn = TrainConfig(epochs=200, schedule="exp", gamma=0.98, decay_start=10)
     assert lr_factor(rnn, 10) == 1 and lr_factor(rnn, 12) == pytest.approx(0.98**2)
     cos = TrainConfig(epochs=4, schedule="cosine")
-    assert lr_factor(cos, 0) == 1 and lr_factor(cos, 2) == pytest.approx(0.5) and lr_factor(cos, 4) == pytest.approx(0)
+    assert (
+        lr_factor(cos, 0) == 1
+        and lr_factor(cos, 2) == pytest.approx(0.5)
+        and lr_factor(cos, 4) == pytest.approx(0)
+    )
 
 
 def test_config_validation_and_aliases() -> None:
@@ -90,10 +98,15 @@ def test_config_validation_and_aliases() -> None:
 def test_param_groups_weight_decay_rules_by_name() -> None:
     splits = _tiny(shape=(1, 28, 28))
     net = models.create("lenet5", channels=(2, 3), fc=(4,), batchnorm=True)
-    cfg = TrainConfig(weight_decay=1e-3, weight_decay_rules=[(r"classifier\.fc2\.", 0.0), (r"conv1\.weight$", 5e-4)])
+    cfg = TrainConfig(
+        weight_decay=1e-3,
+        weight_decay_rules=[(r"classifier\.fc2\.", 0.0), (r"conv1\.weight$", 5e-4)],
+    )
     t = Trainer(net, splits, cfg, progress=False)
     names = {id(p): n for n, p in net.named_parameters()}
-    wd = {names[id(p)]: g["weight_decay"] for g in t.base_optimizer.param_groups for p in g["params"]}
+    wd = {
+        names[id(p)]: g["weight_decay"] for g in t.base_optimizer.param_groups for p in g["params"]
+    }
     assert wd["features.conv1.weight"] == 5e-4
     assert wd["features.conv2.weight"] == 1e-3 and wd["classifier.fc1.weight"] == 1e-3
     assert wd["classifier.fc2.weight"] == 0.0 and wd["classifier.fc2.bias"] == 0.0
@@ -136,7 +149,10 @@ class FakeMethod:
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         first = model.net.fc0.weight
-        return [{"params": [first], "lr": lr * 10}, {"params": [p for p in model.parameters() if p is not first]}]
+        return [
+            {"params": [first], "lr": lr * 10},
+            {"params": [p for p in model.parameters() if p is not first]},
+        ]
 
     def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> _Wrapper:
         self.wrapper = _Wrapper(optimizer)
@@ -148,14 +164,19 @@ class FakeMethod:
             model.net.fc0.weight.clamp_(-0.05, 0.05)
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
-        return {"fc0/max_abs": float(model.net.fc0.weight.detach().abs().max()), "after_steps": self.after}
+        return {
+            "fc0/max_abs": float(model.net.fc0.weight.detach().abs().max()),
+            "after_steps": self.after,
+        }
 
 
 def test_method_hooks_are_called_in_order(tmp_path) -> None:
     splits = _tiny()
     method = FakeMethod()
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01)
-    t = Trainer(_mlp(splits), splits, cfg, method=method, run_dir=tmp_path, progress=False, quantize=False)
+    t = Trainer(
+        _mlp(splits), splits, cfg, method=method, run_dir=tmp_path, progress=False, quantize=False
+    )
     assert t.optimizer is method.wrapper
     lrs = sorted(g["lr"] for g in t.base_optimizer.param_groups)
     assert lrs[-1] == pytest.approx(0.1) and lrs[0] == pytest.approx(0.01)
@@ -178,7 +199,13 @@ def test_unknown_method_lists_the_valid_ones() -> None:
 
 def test_training_learns_and_reports_test_error_at_best_validation_epoch(tmp_path) -> None:
     splits = _tiny()
-    t = Trainer(_mlp(splits), splits, TrainConfig(epochs=5, batch_size=16, lr=0.02), run_dir=tmp_path, progress=False)
+    t = Trainer(
+        _mlp(splits),
+        splits,
+        TrainConfig(epochs=5, batch_size=16, lr=0.02),
+        run_dir=tmp_path,
+        progress=False,
+    )
     summary = t.fit()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3, 4, 5]
@@ -190,7 +217,16 @@ def test_training_learns_and_reports_test_error_at_best_validation_epoch(tmp_pat
     assert summary["test_error_at_best"] < 20  # learnable synthetic data
     state = load_checkpoint(checkpoint.latest(tmp_path / "checkpoints", "best"))
     assert state["epoch"] == best["epoch"]
-    for key in ("epoch", "lr", "train_loss", "train_acc", "valid_acc", "test_acc", "samples_per_s", "epoch_seconds"):
+    for key in (
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "valid_acc",
+        "test_acc",
+        "samples_per_s",
+        "epoch_seconds",
+    ):
         assert key in recs[0]
 
 
@@ -198,14 +234,20 @@ def test_sequence_task_selects_on_validation_loss(tmp_path) -> None:
     p = tmp_path / "t.txt"
     p.write_text("hello world, " * 200)
     splits = data.load("text", path=str(p), seq_len=12)
-    net = models.create("char_lstm", input_shape=splits.input_shape, num_classes=splits.num_classes, hidden=8)
-    summary = Trainer(net, splits, TrainConfig(epochs=2, batch_size=16, lr=0.01), progress=False).fit()
+    net = models.create(
+        "char_lstm", input_shape=splits.input_shape, num_classes=splits.num_classes, hidden=8
+    )
+    summary = Trainer(
+        net, splits, TrainConfig(epochs=2, batch_size=16, lr=0.01), progress=False
+    ).fit()
     assert summary["selection"] == "best valid_loss epoch" and "test_loss_at_best" in summary
 
 
 def test_no_validation_split_uses_the_last_epoch() -> None:
     splits = _tiny(n_valid=0)
-    summary = Trainer(_mlp(splits), splits, TrainConfig(epochs=2, batch_size=32), progress=False).fit()
+    summary = Trainer(
+        _mlp(splits), splits, TrainConfig(epochs=2, batch_size=32), progress=False
+    ).fit()
     assert summary["best_epoch"] == 2 and summary["selection"].startswith("last epoch")
 
 
@@ -229,7 +271,9 @@ class _NaNAfter(nn.Module):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
     splits = _tiny()
-    t = Trainer(_NaNAfter(4), splits, TrainConfig(epochs=3, batch_size=32), run_dir=tmp_path, progress=False)
+    t = Trainer(
+        _NaNAfter(4), splits, TrainConfig(epochs=3, batch_size=32), run_dir=tmp_path, progress=False
+    )
     with pytest.raises(TrainingDiverged) as err:
         t.fit()
     assert err.value.step == 5 and "at step 5 (epoch 2, batch 2)" in str(err.value)
@@ -242,7 +286,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def _run_two_epochs(tmp_path):
     splits = _tiny()
-    Trainer(_mlp(splits), splits, TrainConfig(epochs=2, batch_size=32), run_dir=tmp_path, progress=False).fit()
+    Trainer(
+        _mlp(splits), splits, TrainConfig(epochs=2, batch_size=32), run_dir=tmp_path, progress=False
+    ).fit()
     return tmp_path / "checkpoints"
 
 
@@ -259,7 +305,9 @@ def test_truncated_or_corrupt_checkpoints_are_refused(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(path)
     splits = _tiny()
-    t = Trainer(_mlp(splits), splits, TrainConfig(epochs=3, batch_size=32), run_dir=tmp_path, progress=False)
+    t = Trainer(
+        _mlp(splits), splits, TrainConfig(epochs=3, batch_size=32), run_dir=tmp_path, progress=False
+    )
     with pytest.raises(CheckpointError):
         t.fit(resume=True)
     # Without a manifest next to it, a truncated file is still refused (torch cannot read it).
@@ -290,7 +338,9 @@ def test_failed_write_never_replaces_the_previous_checkpoint(tmp_path, monkeypat
 
 def test_old_checkpoints_are_pruned_but_best_is_kept(tmp_path) -> None:
     splits = _tiny()
-    Trainer(_mlp(splits), splits, TrainConfig(epochs=4, batch_size=32), run_dir=tmp_path, progress=False).fit()
+    Trainer(
+        _mlp(splits), splits, TrainConfig(epochs=4, batch_size=32), run_dir=tmp_path, progress=False
+    ).fit()
     manifest = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     files = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
     assert manifest["history"] == ["epoch-0003.pt", "epoch-0004.pt"]

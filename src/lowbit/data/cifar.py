@@ -21,11 +21,25 @@ from lowbit.data.files import RemoteFile, require, safe_pickle_load
 __all__ = ["ARCHIVES", "load", "read_batch"]
 
 ARCHIVES = {
-    "cifar10": RemoteFile("cifar-10-python.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",), "c58f30108f718f92721af3b95e74349a"),
-    "cifar100": RemoteFile("cifar-100-python.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",), "eb9058c3a382ffc7106e4002c42a8d85"),
+    "cifar10": RemoteFile(
+        "cifar-10-python.tar.gz",
+        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+        "c58f30108f718f92721af3b95e74349a",
+    ),
+    "cifar100": RemoteFile(
+        "cifar-100-python.tar.gz",
+        ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    ),
 }
 _LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        10,
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
 }
 _TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -47,15 +61,25 @@ def _read_members(name: str, directory: Path, download: bool) -> tuple[list[byte
     folder, train_names, test_names, _, _ = _LAYOUT[name]
     extracted = directory / folder
     if extracted.is_dir():
-        return [(extracted / n).read_bytes() for n in train_names], [(extracted / n).read_bytes() for n in test_names]
-    archive = require(ARCHIVES[name], directory, _TITLE[name], download_ok=download, hint=f"or its extracted {folder}/")
+        return [(extracted / n).read_bytes() for n in train_names], [
+            (extracted / n).read_bytes() for n in test_names
+        ]
+    archive = require(
+        ARCHIVES[name],
+        directory,
+        _TITLE[name],
+        download_ok=download,
+        hint=f"or its extracted {folder}/",
+    )
     with tarfile.open(archive, "r:gz") as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
 
         def get(n: str) -> bytes:
             m = members.get(f"{folder}/{n}")
             if m is None:
-                raise ValueError(f"{archive} has no member {folder}/{n}; is it the python version of {_TITLE[name]}?")
+                raise ValueError(
+                    f"{archive} has no member {folder}/{n}; is it the python version of {_TITLE[name]}?"
+                )
             f = tar.extractfile(m)
             assert f is not None
             return f.read()
@@ -87,4 +111,11 @@ def load(name: str, data_dir: Path, split: str = "paper", download: bool = True)
         train, valid = ds(xtr[:-n_valid], ytr[:-n_valid]), ds(xtr[-n_valid:], ytr[-n_valid:])
     else:
         train, valid = ds(xtr, ytr), None
-    return DataSplits(name, train, valid, ds(xte, yte), _LAYOUT[name][4], info={"source": str(directory), "split": split})
+    return DataSplits(
+        name,
+        train,
+        valid,
+        ds(xte, yte),
+        _LAYOUT[name][4],
+        info={"source": str(directory), "split": split},
+    )

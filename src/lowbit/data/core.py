@@ -70,7 +70,9 @@ class ArrayDataset:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size > 1 and batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by the {world_size} processes"
+            )
         n = len(self)
         if shuffle:
             order = torch.randperm(n, generator=generator, device="cpu")

@@ -100,7 +100,9 @@ def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
                 os.fsync(out.fileno())
             got = h.hexdigest()
             if remote.digest and got != remote.digest:
-                raise OSError(f"checksum mismatch for {url}: {remote.algo} {got}, expected {remote.digest}")
+                raise OSError(
+                    f"checksum mismatch for {url}: {remote.algo} {got}, expected {remote.digest}"
+                )
             os.replace(tmp, dest)
             if not remote.digest:
                 dest.with_name(dest.name + ".sha256").write_text(got + "\n")
@@ -116,14 +118,18 @@ def _verify_local(path: Path, remote: RemoteFile) -> None:
     if remote.digest:
         got = checksum(path, remote.algo)
         if got != remote.digest:
-            raise OSError(f"{path} is corrupt: {remote.algo} {got}, expected {remote.digest}; delete it and retry")
+            raise OSError(
+                f"{path} is corrupt: {remote.algo} {got}, expected {remote.digest}; delete it and retry"
+            )
         return
     side = path.with_name(path.name + ".sha256")
     if side.exists():
         want = side.read_text().strip()
         got = checksum(path, "sha256")
         if got != want:
-            raise OSError(f"{path} is corrupt: sha256 {got}, expected {want} (from {side.name}); delete it and retry")
+            raise OSError(
+                f"{path} is corrupt: sha256 {got}, expected {want} (from {side.name}); delete it and retry"
+            )
 
 
 def require(
@@ -154,7 +160,9 @@ def require(
         reason = "download disabled"
     url = remote.urls[0] if remote.urls else "its publisher"
     extra = f" ({hint})" if hint else ""
-    raise DataNotFoundError(f"{what} not found: put {remote.name} (from {url}) in {directory}/{extra} — {reason}")
+    raise DataNotFoundError(
+        f"{what} not found: put {remote.name} (from {url}) in {directory}/{extra} — {reason}"
+    )
 
 
 # Only these globals may appear in the dataset pickles we read (MNIST pkl.gz, CIFAR batches):
@@ -180,7 +188,9 @@ _NUMPY2 = importlib.util.find_spec("numpy._core") is not None
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: dataset pickles may only hold arrays")
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle {module}.{name}: dataset pickles may only hold arrays"
+            )
         if module.startswith("numpy.core") and _NUMPY2:
             module = module.replace("numpy.core", "numpy._core", 1)
         elif module == "copy_reg":

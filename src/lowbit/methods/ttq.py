@@ -386,7 +386,8 @@ def _layer_weights(model: nn.Module) -> dict[str, tuple[TTQWeight, torch.Tensor]
             h = module.hidden_size  # type: ignore[attr-defined]
             for key, blocks in wq.items():
                 w = getattr(module, f"weight_{key}")
-                for j, q in enumerate(blocks):
+                q: nn.Module
+                for j, q in enumerate(blocks.children()):
                     if isinstance(q, TTQWeight):
                         out[f"{name}.{key}.{'ifgo'[j]}"] = (q, w[j * h : (j + 1) * h])
     return out

@@ -22,7 +22,12 @@ class AlexNet(nn.Module):
     on both sides instead of bottom/right). ``width`` scales every layer (1.0 = the paper's).
     """
 
-    def __init__(self, input_shape: tuple[int, ...] = (3, 224, 224), num_classes: int = 1000, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (3, 224, 224),
+        num_classes: int = 1000,
+        width: float = 1.0,
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
@@ -75,4 +80,9 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-register("alexnet", "DoReFa/TTQ ImageNet AlexNet (224x224, no dropout, BN; option width)", (3, 224, 224), 1000)(AlexNet)
+register(
+    "alexnet",
+    "DoReFa/TTQ ImageNet AlexNet (224x224, no dropout, BN; option width)",
+    (3, 224, 224),
+    1000,
+)(AlexNet)

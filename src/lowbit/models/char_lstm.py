@@ -19,10 +19,18 @@ class CharLSTM(nn.Module):
     ``num_classes`` is the vocabulary size; ``input_shape`` is ``(seq_len,)``.
     """
 
-    def __init__(self, input_shape: tuple[int, ...] = (100,), num_classes: int = 128, hidden: int = 512, layers: int = 1) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (100,),
+        num_classes: int = 128,
+        hidden: int = 512,
+        layers: int = 1,
+    ) -> None:
         super().__init__()
         if len(tuple(input_shape)) != 1:
-            raise ValueError(f"char_lstm takes sequences of character ids, input shape (T,); got {tuple(input_shape)}")
+            raise ValueError(
+                f"char_lstm takes sequences of character ids, input shape (T,); got {tuple(input_shape)}"
+            )
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.lstm = nn.LSTM(num_classes, hidden, layers, batch_first=True)
@@ -41,9 +49,17 @@ class CharLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype.is_floating_point:
-            raise TypeError(f"char_lstm expects integer character ids of shape (B, T), got {x.dtype} {tuple(x.shape)}")
+            raise TypeError(
+                f"char_lstm expects integer character ids of shape (B, T), got {x.dtype} {tuple(x.shape)}"
+            )
         out, _ = self.lstm(F.one_hot(x.long(), self.num_classes).float())
         return self.fc(out)
 
 
-register("char_lstm", "character LSTM 1x512, one-hot input, FP softmax output (§3.7)", (100,), 128, task="sequence")(CharLSTM)
+register(
+    "char_lstm",
+    "character LSTM 1x512, one-hot input, FP softmax output (§3.7)",
+    (100,),
+    128,
+    task="sequence",
+)(CharLSTM)

@@ -62,4 +62,8 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-register("convnet", "BinaryConnect/BNN/LAQ net 2xKC3-MP2-2x2KC3-MP2-2x4KC3-MP2-2x1024FC (width=K: 128 CIFAR, 64 SVHN)", (3, 32, 32))(ConvNet)
+register(
+    "convnet",
+    "BinaryConnect/BNN/LAQ net 2xKC3-MP2-2x2KC3-MP2-2x4KC3-MP2-2x1024FC (width=K: 128 CIFAR, 64 SVHN)",
+    (3, 32, 32),
+)(ConvNet)

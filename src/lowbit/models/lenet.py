@@ -36,7 +36,9 @@ class LeNet5(nn.Module):
         feats: OrderedDict[str, nn.Module] = OrderedDict()
         c_in = self.input_shape[0]
         for i, c in enumerate(channels):
-            feats[f"conv{i + 1}"] = nn.Conv2d(c_in, c, 5, padding=pad if i == 0 else 0, bias=not batchnorm)
+            feats[f"conv{i + 1}"] = nn.Conv2d(
+                c_in, c, 5, padding=pad if i == 0 else 0, bias=not batchnorm
+            )
             if batchnorm:
                 feats[f"bn{i + 1}"] = nn.BatchNorm2d(c)
             feats[f"act{i + 1}"] = activation(act)
@@ -58,4 +60,6 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
-register("lenet5", "LeNet-5: 6C5-MP2-16C5-MP2-120-84 (options: channels, fc, batchnorm)", (1, 28, 28))(LeNet5)
+register(
+    "lenet5", "LeNet-5: 6C5-MP2-16C5-MP2-120-84 (options: channels, fc, batchnorm)", (1, 28, 28)
+)(LeNet5)

@@ -66,7 +66,11 @@ def _mlp(**kw: object) -> MLP:
     return MLP(**kw)  # type: ignore[arg-type]
 
 
-register("mlp", "MLP, default 2x1024 BN-ReLU (options: widths, batchnorm, bn_output, act, dropout_in, dropout)", (1, 28, 28))(_mlp)
+register(
+    "mlp",
+    "MLP, default 2x1024 BN-ReLU (options: widths, batchnorm, bn_output, act, dropout_in, dropout)",
+    (1, 28, 28),
+)(_mlp)
 register(
     "mlp_laq",
     "LAQ/LAB MNIST net: 3x2048 FC-BN-ReLU, FC-BN output for squared hinge (§3.7)",

@@ -43,7 +43,9 @@ def register(
     def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelSpec(name, builder, description, tuple(input_shape), num_classes, task, dict(defaults))
+        _REGISTRY[name] = ModelSpec(
+            name, builder, description, tuple(input_shape), num_classes, task, dict(defaults)
+        )
         return builder
 
     return deco
@@ -61,7 +63,12 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+def create(
+    name: str,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build model ``name`` for ``input_shape`` (one sample) and ``num_classes`` (defaults: the
     model's reference dataset). ``kwargs`` are the model's own options."""
     spec = get_spec(name)

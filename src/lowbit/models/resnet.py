@@ -51,7 +51,13 @@ class PreActBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """Pre-activation ResNet for 32x32 images; ``depth = 6n + 2`` (20, 32, 44, 56, 110)."""
 
-    def __init__(self, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (3, 32, 32),
+        num_classes: int = 10,
+        depth: int = 20,
+        width: int = 16,
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"resnet_cifar depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -62,8 +68,12 @@ class ResNetCifar(nn.Module):
         self.conv0 = _conv(self.input_shape[0], width)
         self.bn0 = nn.BatchNorm2d(width)
         self.res1 = nn.Sequential(*[PreActBlock(width, first=(k == 0)) for k in range(n)])
-        self.res2 = nn.Sequential(*[PreActBlock(width * (2 if k else 1), increase_dim=(k == 0)) for k in range(n)])
-        self.res3 = nn.Sequential(*[PreActBlock(width * (4 if k else 2), increase_dim=(k == 0)) for k in range(n)])
+        self.res2 = nn.Sequential(
+            *[PreActBlock(width * (2 if k else 1), increase_dim=(k == 0)) for k in range(n)]
+        )
+        self.res3 = nn.Sequential(
+            *[PreActBlock(width * (4 if k else 2), increase_dim=(k == 0)) for k in range(n)]
+        )
         self.bnlast = nn.BatchNorm2d(4 * width)
         self.linear = nn.Linear(4 * width, num_classes)
 
@@ -74,4 +84,8 @@ class ResNetCifar(nn.Module):
         return self.linear(x.mean(dim=(2, 3)))
 
 
-register("resnet_cifar", "pre-activation CIFAR ResNet, option-A shortcuts (depth 20/32/44/56), as TTQ", (3, 32, 32))(ResNetCifar)
+register(
+    "resnet_cifar",
+    "pre-activation CIFAR ResNet, option-A shortcuts (depth 20/32/44/56), as TTQ",
+    (3, 32, 32),
+)(ResNetCifar)

@@ -15,7 +15,13 @@ from lowbit.train import losses
 from lowbit.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lowbit.train.config import TrainConfig, load_recipe, lr_factor
 from lowbit.train.losses import cross_entropy, squared_hinge
-from lowbit.train.trainer import ShapeMismatchError, Trainer, TrainingDiverged, check_compatible, resolve_method
+from lowbit.train.trainer import (
+    ShapeMismatchError,
+    Trainer,
+    TrainingDiverged,
+    check_compatible,
+    resolve_method,
+)
 
 __all__ = [
     "CheckpointError",

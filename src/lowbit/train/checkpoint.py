@@ -73,10 +73,18 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{p} is corrupt ({exc}); the checkpoints next to it cannot be trusted") from exc
+        raise CheckpointError(
+            f"{p} is corrupt ({exc}); the checkpoints next to it cannot be trusted"
+        ) from exc
 
 
-def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any], epoch: int, kind: str = "last", keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    state: dict[str, Any],
+    epoch: int,
+    kind: str = "last",
+    keep: int = 2,
+) -> Path:
     """Save ``state`` (tensors and plain containers) as ``epoch-NNNN.pt`` (or ``best-NNNN.pt`` for
     ``kind="best"``) and point the manifest's ``kind`` entry at it. Older ``last`` checkpoints
     beyond ``keep`` are removed after the manifest is updated. Returns the file path."""
@@ -90,10 +98,19 @@ def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any], ep
     atomic_write_bytes(path, data)
     manifest = read_manifest(directory)
     previous = manifest.get(kind)
-    history = [h for h in manifest.get("history", []) if h != name] if kind == "last" else manifest.get("history", [])
+    history = (
+        [h for h in manifest.get("history", []) if h != name]
+        if kind == "last"
+        else manifest.get("history", [])
+    )
     if kind == "last":
         history.append(name)
-    manifest[kind] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "epoch": epoch, "bytes": len(data)}
+    manifest[kind] = {
+        "file": name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "epoch": epoch,
+        "bytes": len(data),
+    }
     manifest["history"] = history
     atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
     # Only now is it safe to delete what the manifest no longer references.
@@ -104,7 +121,12 @@ def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any], ep
                 (directory / old).unlink()
         manifest["history"] = history[-keep:]
         atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
-    elif previous and previous["file"] != name and previous["file"] not in referenced and (directory / previous["file"]).exists():
+    elif (
+        previous
+        and previous["file"] != name
+        and previous["file"] not in referenced
+        and (directory / previous["file"]).exists()
+    ):
         (directory / previous["file"]).unlink()
     return path
 
@@ -115,7 +137,9 @@ def latest(directory: str | os.PathLike[str], kind: str = "last") -> Path | None
     return Path(directory) / entry["file"] if entry else None
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Load a checkpoint file with ``torch.load(weights_only=True)`` after checking its sha256
     against the manifest next to it (when there is one). Truncated or corrupt files raise
     :class:`CheckpointError`."""
@@ -127,13 +151,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     for key, entry in manifest.items():
         if isinstance(entry, dict) and entry.get("file") == path.name:
             if len(data) != entry["bytes"]:
-                raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes, the manifest says {entry['bytes']}")
+                raise CheckpointError(
+                    f"checkpoint {path} is truncated: {len(data)} bytes, the manifest says {entry['bytes']}"
+                )
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 differs from the manifest ({key})")
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: its sha256 differs from the manifest ({key})"
+                )
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and was refused: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated and was refused: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict")
     return state

@@ -81,11 +81,15 @@ class TrainConfig:
         self.loss = _LOSS_ALIASES.get(self.loss, self.loss)
         self.init_from = self.init_from or None
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be positive (got {self.epochs}, {self.batch_size})")
+            raise ValueError(
+                f"epochs and batch_size must be positive (got {self.epochs}, {self.batch_size})"
+            )
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.milestones = [int(m) for m in self.milestones]
         self.weight_decay_rules = [(str(r), float(v)) for r, v in self.weight_decay_rules]
@@ -101,7 +105,9 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            )
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +153,9 @@ def find_recipe(name_or_path: str) -> Path:
     if candidate.exists():
         return candidate
     known = sorted(q.stem for q in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
-    raise ValueError(f"unknown recipe {name_or_path!r}; valid: {', '.join(known) or '(none installed)'} or a path to a .toml file")
+    raise ValueError(
+        f"unknown recipe {name_or_path!r}; valid: {', '.join(known) or '(none installed)'} or a path to a .toml file"
+    )
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
@@ -162,7 +170,9 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     tables = ("recipe", "paper", "model", "data", "method", "train")
     unknown = sorted(k for k, v in raw.items() if isinstance(v, dict) and k not in tables)
     if unknown:
-        raise ValueError(f"{path}: unknown table(s) {', '.join(unknown)}; valid: {', '.join(tables)}")
+        raise ValueError(
+            f"{path}: unknown table(s) {', '.join(unknown)}; valid: {', '.join(tables)}"
+        )
     out = {t: dict(raw.get(t, {})) for t in tables}
     # Top-level keys (name = ..., description = ...) belong to [recipe].
     out["recipe"].update({k: v for k, v in raw.items() if not isinstance(v, dict)})

@@ -68,7 +68,13 @@ class Progress:
     on a pipe or file (nohup) a plain line every ``log_every`` seconds. Always prints one summary
     line per epoch. Silent when ``enabled`` is False (non-zero DDP ranks)."""
 
-    def __init__(self, enabled: bool = True, live: bool | None = None, log_every: float = 30.0, stream: Any = None) -> None:
+    def __init__(
+        self,
+        enabled: bool = True,
+        live: bool | None = None,
+        log_every: float = 30.0,
+        stream: Any = None,
+    ) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.live = enabled and (self.stream.isatty() if live is None else live)
@@ -82,13 +88,16 @@ class Progress:
         if not self.live:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
             TextColumn(f"epoch {epoch}/{epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:6.2%}  {task.fields[rate]:,.0f} samples/s"),
+            TextColumn(
+                "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:6.2%}  {task.fields[rate]:,.0f} samples/s"
+            ),
             TimeRemainingColumn(),
             console=Console(file=self.stream),
             transient=True,
@@ -106,7 +115,11 @@ class Progress:
         elif now - self._last >= self.log_every:
             self._last = now
             eta = (now - self.t0) / max(step, 1) * (self.steps - step)
-            print(f"  epoch {self.epoch}/{self.epochs} step {step}/{self.steps} loss {loss:.4f} acc {acc:.2%} {rate:,.0f} samples/s ETA {_fmt_time(eta)}", file=self.stream, flush=True)
+            print(
+                f"  epoch {self.epoch}/{self.epochs} step {step}/{self.steps} loss {loss:.4f} acc {acc:.2%} {rate:,.0f} samples/s ETA {_fmt_time(eta)}",
+                file=self.stream,
+                flush=True,
+            )
 
     def end_epoch(self, record: dict[str, Any], remaining_epochs: int) -> None:
         if self._bar is not None:

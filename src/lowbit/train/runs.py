@@ -41,7 +41,11 @@ def make_spec(
     train: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A spec from an optional recipe (name or .toml path) with explicit values on top."""
-    spec: dict[str, Any] = load_recipe(recipe) if recipe else {t: {} for t in ("recipe", "paper", "model", "data", "method", "train")}
+    spec: dict[str, Any] = (
+        load_recipe(recipe)
+        if recipe
+        else {t: {} for t in ("recipe", "paper", "model", "data", "method", "train")}
+    )
     if model:
         if spec["model"].get("name") not in (None, model):
             spec["model"] = {}
@@ -65,11 +69,17 @@ def make_spec(
     spec["method"].setdefault("name", "fp")
     missing = [t for t in ("model", "data") if "name" not in spec[t]]
     if missing:
-        raise ValueError(f"no {' and no '.join(missing)} given: pass --{missing[0] if missing[0] == 'model' else 'dataset'} or a --recipe")
+        raise ValueError(
+            f"no {' and no '.join(missing)} given: pass --{missing[0] if missing[0] == 'model' else 'dataset'} or a --recipe"
+        )
     if spec["model"]["name"] not in models.available():
-        raise ValueError(f"unknown model {spec['model']['name']!r}; valid: {', '.join(models.available())}")
+        raise ValueError(
+            f"unknown model {spec['model']['name']!r}; valid: {', '.join(models.available())}"
+        )
     if spec["data"]["name"] not in data_mod.available():
-        raise ValueError(f"unknown dataset {spec['data']['name']!r}; valid: {', '.join(data_mod.available())}")
+        raise ValueError(
+            f"unknown dataset {spec['data']['name']!r}; valid: {', '.join(data_mod.available())}"
+        )
     TrainConfig.from_dict(spec["train"])  # validate early
     return spec
 
@@ -126,14 +136,26 @@ def train_spec(
         stored = read_run_spec(run_dir)
         for table in ("model", "data", "method"):
             if stored.get(table) != spec.get(table):
-                raise ValueError(f"cannot resume {run_dir}: its {table} is {stored.get(table)} but this command asks for {spec.get(table)}")
+                raise ValueError(
+                    f"cannot resume {run_dir}: its {table} is {stored.get(table)} but this command asks for {spec.get(table)}"
+                )
     cfg = TrainConfig.from_dict(spec["train"])
     torch.manual_seed(cfg.seed)
     splits = build_data(spec["data"], data_dir)
     model = build_model(spec["model"], splits)
     method, options = _method_parts(spec["method"])
     info = {k: spec.get(k, {}) for k in ("recipe", "paper", "model", "data", "method")}
-    trainer = Trainer(model, splits, cfg, method=method, method_options=options, run_dir=run_dir, progress=progress, run_info=info, model_name=spec["model"]["name"])
+    trainer = Trainer(
+        model,
+        splits,
+        cfg,
+        method=method,
+        method_options=options,
+        run_dir=run_dir,
+        progress=progress,
+        run_info=info,
+        model_name=spec["model"]["name"],
+    )
     try:
         return trainer.fit(resume=resume, stop_after_epochs=stop_after_epochs)
     finally:

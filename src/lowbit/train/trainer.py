@@ -33,7 +33,13 @@ from lowbit.train.config import TrainConfig, json_safe, lr_factor
 from lowbit.train.losses import get as get_loss
 from lowbit.train.metrics import MetricsLog, Progress, accuracy_counts, write_summary
 
-__all__ = ["ShapeMismatchError", "Trainer", "TrainingDiverged", "check_compatible", "resolve_method"]
+__all__ = [
+    "ShapeMismatchError",
+    "Trainer",
+    "TrainingDiverged",
+    "check_compatible",
+    "resolve_method",
+]
 
 CHECKPOINT_FORMAT = 1
 
@@ -109,21 +115,30 @@ def load_initial_weights(model: nn.Module, source: str | Path) -> None:
         ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         path = latest(ckpt_dir, "best") or latest(ckpt_dir, "last")
         if path is None:
-            raise CheckpointError(f"init_from={source}: no checkpoint found (checkpoints/manifest.json)")
+            raise CheckpointError(
+                f"init_from={source}: no checkpoint found (checkpoints/manifest.json)"
+            )
         p = path
     state = load_checkpoint(p)
     weights = state["model"] if isinstance(state.get("model"), dict) else state
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith(("num_batches_tracked",))]:
-        raise CheckpointError(f"init_from={source}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"init_from={source}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - user code may use the legacy global RNG
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -135,7 +150,8 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    legacy = ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(legacy)  # noqa: NPY002
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
@@ -174,12 +190,16 @@ class Trainer:
         device = cfg.device
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False on this machine")
+                raise RuntimeError(
+                    "--device cuda was asked for but torch.cuda.is_available() is False on this machine"
+                )
             if self.dist.enabled and device == "cuda":
                 device = f"cuda:{self.dist.local_rank}"
         self.device = torch.device(device)
         self.data = data
-        self.method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+        self.method_name = (
+            method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+        )
         self.method = resolve_method(method)
         self.method_options = dict(method_options or {})
         if cfg.init_from:
@@ -187,7 +207,11 @@ class Trainer:
         if self.method is not None and quantize and not _is_quantized(model):
             import lowbit
 
-            model = lowbit.quantize(model, self.method_name if isinstance(method, str) else self.method, **self.method_options)
+            model = lowbit.quantize(
+                model,
+                self.method_name if isinstance(method, str) else self.method,
+                **self.method_options,
+            )
         self.model = model.to(self.device)
         self.model_name = model_name or type(model).__name__
         check_compatible(self.model, data, self.model_name)
@@ -209,7 +233,9 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.dist.rank)  # different dropout masks per rank
         self.base_optimizer = self._build_optimizer()
         wrap = getattr(self.method, "wrap_optimizer", None) if self.method is not None else None
-        self.optimizer = wrap(self.model, self.base_optimizer) if wrap is not None else self.base_optimizer
+        self.optimizer = (
+            wrap(self.model, self.base_optimizer) if wrap is not None else self.base_optimizer
+        )
         self.ddp: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -286,11 +312,17 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+            raise CheckpointError(
+                f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}"
+            )
         self.model.load_state_dict(state["model"])
         opt = self.optimizer if hasattr(self.optimizer, "load_state_dict") else self.base_optimizer
         opt.load_state_dict(state["optimizer"])
-        self.epoch, self.step, self.elapsed = int(state["epoch"]), int(state["step"]), float(state["elapsed"])
+        self.epoch, self.step, self.elapsed = (
+            int(state["epoch"]),
+            int(state["step"]),
+            float(state["elapsed"]),
+        )
         self.best = dict(state["best"])
         _set_rng_state(state["rng"], self.generator)
         if self.dist.enabled:
@@ -365,8 +397,16 @@ class Trainer:
             lv = float(value) / self.dist.world_size
             if not math.isfinite(lv):
                 good = latest(self.checkpoint_dir) if self.checkpoint_dir is not None else None
-                where = f"; the last good checkpoint is {good} (epoch {self.epoch})" if good else "; no checkpoint was written yet"
-                raise TrainingDiverged(f"loss is {lv} at step {self.step + 1} (epoch {epoch + 1}, batch {i + 1}){where}", self.step + 1, good)
+                where = (
+                    f"; the last good checkpoint is {good} (epoch {self.epoch})"
+                    if good
+                    else "; no checkpoint was written yet"
+                )
+                raise TrainingDiverged(
+                    f"loss is {lv} at step {self.step + 1} (epoch {epoch + 1}, batch {i + 1}){where}",
+                    self.step + 1,
+                    good,
+                )
             loss.backward()
             if cfg.grad_clip_norm:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
@@ -389,9 +429,19 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, no cleanup
         secs = time.perf_counter() - t0
         # Training accuracy is the local rank's (cheap); the loss is the global mean.
-        return {"train_loss": loss_sum / max(samples, 1), "train_acc": correct / max(count, 1), "epoch_seconds": secs, "samples_per_s": samples / max(secs, 1e-9)}
+        return {
+            "train_loss": loss_sum / max(samples, 1),
+            "train_acc": correct / max(count, 1),
+            "epoch_seconds": secs,
+            "samples_per_s": samples / max(secs, 1e-9),
+        }
 
-    def fit(self, resume: bool = False, stop_after_epochs: int | None = None, _kill_at_step: int | None = None) -> dict[str, Any]:
+    def fit(
+        self,
+        resume: bool = False,
+        stop_after_epochs: int | None = None,
+        _kill_at_step: int | None = None,
+    ) -> dict[str, Any]:
         """Train to ``config.epochs``; returns the run summary (also written to ``summary.json``).
 
         ``resume=True`` continues from the run directory's latest checkpoint. ``stop_after_epochs``
@@ -404,7 +454,11 @@ class Trainer:
         if self.run_dir is not None and main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir is not None and main else None
+        metrics = (
+            MetricsLog(self.run_dir / "metrics.jsonl")
+            if self.run_dir is not None and main
+            else None
+        )
         status, epochs_this_call = "finished", 0
         wall0 = time.perf_counter()
         while self.epoch < cfg.epochs:
@@ -418,7 +472,10 @@ class Trainer:
                 record.update(self._train_epoch(epoch, _kill_at_step))
             except TrainingDiverged as exc:
                 if main and self.run_dir is not None:
-                    write_summary(self.run_dir / "summary.json", self._summary("diverged", error=str(exc), diverged_step=exc.step))
+                    write_summary(
+                        self.run_dir / "summary.json",
+                        self._summary("diverged", error=str(exc), diverged_step=exc.step),
+                    )
                 raise
             self.epoch = epoch + 1
             self.elapsed += record["epoch_seconds"]
@@ -436,7 +493,17 @@ class Trainer:
             improved = self._update_best(record)
             if main and self.checkpoint_dir is not None:
                 if improved:
-                    save_checkpoint(self.checkpoint_dir, {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "model": self.model.state_dict(), "record": _floats(record)}, self.epoch, kind="best")
+                    save_checkpoint(
+                        self.checkpoint_dir,
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "epoch": self.epoch,
+                            "model": self.model.state_dict(),
+                            "record": _floats(record),
+                        },
+                        self.epoch,
+                        kind="best",
+                    )
                 save_checkpoint(self.checkpoint_dir, self.state_dict(), self.epoch)
             if metrics is not None:
                 metrics.append(record)
@@ -451,7 +518,9 @@ class Trainer:
     # ------------------------------------------------------------------ bookkeeping
     def _update_best(self, record: dict[str, Any]) -> bool:
         key = self.select_on
-        value = record[key] if key is not None else -float(record["epoch"])  # no valid split: last epoch
+        value = (
+            record[key] if key is not None else -float(record["epoch"])
+        )  # no valid split: last epoch
         if not self.best or value < self.best["metric"]:
             self.best = {"epoch": record["epoch"], "metric": value, "record": _floats(record)}
             return True
@@ -468,7 +537,9 @@ class Trainer:
             "epochs": self.config.epochs,
             "steps": self.step,
             "train_seconds": round(self.elapsed, 2),
-            "selection": f"best {self.select_on} epoch" if self.select_on else "last epoch (no validation split)",
+            "selection": f"best {self.select_on} epoch"
+            if self.select_on
+            else "last epoch (no validation split)",
             "best_epoch": self.best.get("epoch"),
         }
         for k in ("valid_error", "valid_loss", "test_error", "test_acc", "test_loss"):
@@ -490,8 +561,16 @@ class Trainer:
         info = {
             **self.run_info,
             "train": self.config.to_dict(),
-            "method": self.run_info.get("method", {"name": self.method_name, "options": self.method_options}),
-            "data": self.run_info.get("data", {"name": self.data.name, **{k: v for k, v in self.data.info.items() if k != "vocab"}}),
+            "method": self.run_info.get(
+                "method", {"name": self.method_name, "options": self.method_options}
+            ),
+            "data": self.run_info.get(
+                "data",
+                {
+                    "name": self.data.name,
+                    **{k: v for k, v in self.data.info.items() if k != "vocab"},
+                },
+            ),
             "world_size": self.dist.world_size,
         }
         path.write_text(json.dumps(json_safe(info), indent=2) + "\n")

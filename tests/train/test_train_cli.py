@@ -1,0 +1,205 @@
+"""`lowbit train / eval / datasets / models` end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+
+TINY = [
+    "-D",
+    "n_train=96",
+    "-D",
+    "n_valid=32",
+    "-D",
+    "n_test=32",
+    "-D",
+    "shape=[1,6,6]",
+    "-M",
+    "widths=[16]",
+]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "run"
+    res = _invoke(
+        "train",
+        "--model",
+        "mlp",
+        "--dataset",
+        "synthetic",
+        *TINY,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.02",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    )
+    assert res.exit_code == 0, res.output
+    assert "best epoch" in res.output and "test error" in res.output
+    return run
+
+
+def test_train_writes_the_run_directory(run_dir: Path) -> None:
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/manifest.json"):
+        assert (run_dir / name).exists(), name
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["model"] == {"name": "mlp", "widths": [16]}
+    assert cfg["data"]["name"] == "synthetic" and cfg["method"] == {"name": "fp"}
+    assert cfg["train"]["epochs"] == 2 and cfg["train"]["schedule"] == "cosine"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_reproduces_the_summary(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    res = _invoke("eval", str(run_dir), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["epoch"] == summary["best_epoch"]
+    assert out["test"]["error"] == pytest.approx(summary["test_error_at_best"])
+    last = _invoke("eval", str(run_dir), "--which", "last", "--split", "test")
+    assert last.exit_code == 0 and "epoch-0002.pt" in last.output and "test" in last.output
+
+
+def test_eval_refuses_a_corrupt_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "checkpoints" / "manifest.json").read_text())
+    best = copy / "checkpoints" / manifest["best"]["file"]
+    best.write_bytes(best.read_bytes()[:-10])
+    res = _invoke("eval", str(copy))
+    assert res.exit_code == 2 and "truncated" in res.output
+
+
+def test_resume_with_only_the_run_dir_continues_the_run(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "more"
+    shutil.copytree(run_dir, copy)
+    res = _invoke("train", "--run-dir", str(copy), "--resume", "--epochs", "3", "--no-progress")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    res = _invoke("train", "--model", "vgg16", "--dataset", "mnist")
+    assert res.exit_code == 2 and "unknown model 'vgg16'; valid: mlp" in res.output
+    res = _invoke("train", "--model", "mlp", "--dataset", "imagenet")
+    assert res.exit_code == 2 and "valid: mnist, cifar10" in res.output
+    res = _invoke(
+        "train",
+        "--model",
+        "mlp",
+        "--dataset",
+        "synthetic",
+        *TINY,
+        "--method",
+        "nope",
+        "--run-dir",
+        "/tmp/never",
+    )
+    assert res.exit_code == 2 and "unknown method 'nope'; valid: fp" in res.output
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path: Path) -> None:
+    res = _invoke(
+        "train",
+        "--model",
+        "char_lstm",
+        "--dataset",
+        "synthetic",
+        "-D",
+        "n_train=8",
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
+    assert res.exit_code == 2
+    assert "(1, 28, 28)" in res.output and "char_lstm" in res.output
+    res = _invoke(
+        "train",
+        "--model",
+        "mlp",
+        "-M",
+        "input_shape=[3,32,32]",
+        "--dataset",
+        "synthetic",
+        "-D",
+        "n_train=8",
+        "--run-dir",
+        str(tmp_path / "r2"),
+    )
+    assert res.exit_code == 2 and "(3, 32, 32)" in res.output and "(1, 28, 28)" in res.output
+
+
+def test_cifar10_offline_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LOWBIT_OFFLINE", "1")
+    res = _invoke(
+        "train", "--model", "resnet_cifar", "--dataset", "cifar10", "--run-dir", str(tmp_path / "r")
+    )
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert (
+        len(lines) == 1
+        and "cifar-10-python.tar.gz" in lines[0]
+        and str(tmp_path / "cifar10") in lines[0]
+    )
+
+
+def test_recipe_file_with_flags_on_top(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        'name = "tiny"\ndescription = "a test recipe"\n'
+        '[paper]\nmetric = "test_error_percent"\nvalue = 1.0\n'
+        '[model]\nname = "mlp"\nwidths = [8]\nbn_output = true\n'
+        '[data]\ndataset = "synthetic"\nn_train = 64\nn_valid = 16\nn_test = 16\nshape = [1, 6, 6]\nbatch_size = 16\n'
+        '[method]\nname = "fp"\n'
+        '[train]\nepochs = 3\nloss = "squared_hinge"\nschedule = "step"\nmilestones = [1]\n'
+    )
+    run = tmp_path / "run"
+    res = _invoke(
+        "train", "--recipe", str(recipe), "--epochs", "1", "--run-dir", str(run), "--no-progress"
+    )
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["recipe"]["name"] == "tiny" and cfg["paper"]["value"] == 1.0
+    assert (
+        cfg["train"]["epochs"] == 1
+        and cfg["train"]["batch_size"] == 16
+        and cfg["train"]["loss"] == "squared_hinge"
+    )
+    assert cfg["model"]["bn_output"] is True and cfg["data"]["name"] == "synthetic"
+    res = _invoke("train", "--recipe", "no-such-recipe", "--run-dir", str(run))
+    assert res.exit_code == 2 and "unknown recipe" in res.output
+
+
+def test_datasets_and_models_listings() -> None:
+    res = _invoke("datasets", "--json")
+    assert res.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert (
+        rows["mnist"]["available"]
+        and "cifar10" in rows
+        and rows["svhn"]["default_split"] == "small"
+    )
+    res = _invoke("models", "--json")
+    assert res.exit_code == 0
+    assert [r["name"] for r in json.loads(res.output)][:2] == ["mlp", "mlp_laq"]
+    table = _invoke("models")
+    assert table.exit_code == 0 and "resnet_cifar" in table.output
