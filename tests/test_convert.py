@@ -291,3 +291,27 @@ def test_state_dict_round_trip_weights_only(factory, method, kw, shape) -> None:
     # A float checkpoint loads into the quantized model too (same parameter names).
     float_state = factory().state_dict()
     fresh.load_state_dict(float_state)
+
+
+def test_transformer_encoder_layer_fast_path_cannot_bypass_quantized_weights() -> None:
+    # In eval mode under no_grad, nn.TransformerEncoderLayer has a fused path that reads
+    # linear1/linear2 weights directly; after quantize() the output must use the quantized ones.
+    import lowbit
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(3, 5, 16)
+    lowbit.quantize(model, "twn", keep=())
+    with torch.no_grad():
+        fused = model(x)
+    # Reference: the same block with the dequantized weights written into a float copy.
+    ref_layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    ref_layer.load_state_dict({k: v for k, v in layer.state_dict().items() if "quantizer" not in k}, strict=False)
+    with torch.no_grad():
+        ref_layer.linear1.weight.copy_(layer.linear1.quantized_weight().dequantize())
+        ref_layer.linear2.weight.copy_(layer.linear2.quantized_weight().dequantize())
+    ref_layer.eval()
+    with torch.enable_grad():  # the module path, not the fused one
+        expected = ref_layer(x)
+    torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5)

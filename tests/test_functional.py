@@ -507,3 +507,12 @@ def test_functional_ttq_is_the_ttq_method_function() -> None:
     assert F.ttq is ttq_module.ttq
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = F.nope  # type: ignore[attr-defined]
+
+
+def test_binarize_maps_nan_to_plus_one_in_forward() -> None:
+    # The lowbit sign rule (NaN -> +1) must hold for the STE's forward value, not only for export.
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], requires_grad=True)
+    from lowbit import functional as F
+
+    y = F.binarize(x, gate=False)
+    assert y.tolist() == [1.0, 1.0, -1.0, 1.0, 1.0]

@@ -8,6 +8,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.pack import PackedLinear, packable
+from lowbit.pack import pack as pack_model
 from lowbit.qtypes import QuantizedWeight
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -157,3 +158,40 @@ def test_packed_model_exports_and_compiles() -> None:
     assert torch.allclose(program.module()(x), eager, rtol=0, atol=1e-6)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     assert torch.allclose(compiled(x), eager, rtol=0, atol=1e-6)
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(K, N), torch.nn.ReLU(), torch.nn.Linear(N, 10))
+
+
+def test_pack_model_with_float_inputs_int8_and_float_paths() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    quant = lowbit.quantize(_mlp(), "ttq", keep=())
+    x = torch.randn(6, K)
+    with torch.no_grad():
+        simulated = quant(x)
+    exact = pack_model(quant, activations="float")
+    assert all(isinstance(exact[i], PackedLinear) for i in (0, 2))
+    assert all(r.startswith("packed") for r in exact.packing_report.values())
+    assert torch.allclose(exact(x), simulated, rtol=1e-4, atol=1e-5)
+    int8 = pack_model(quant)
+    # Per-token int8 activations: close to the float-activation model, not equal.
+    y = int8(x)
+    assert not torch.equal(y, simulated)
+    assert torch.allclose(y, simulated, rtol=0.05, atol=0.05 * float(simulated.abs().max()))
+    assert type(quant[0]).__name__ == "QuantLinear"  # the input model is untouched
+
+
+def test_pack_model_keeps_dfp_inputs_and_skips_what_it_cannot_pack() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    quant = lowbit.quantize(_mlp(), "fgq", keep=())
+    x = torch.randn(6, K)
+    with torch.no_grad():
+        simulated = quant(x)  # first batch decides signed (layer 0) / unsigned (after the ReLU)
+    packed = pack_model(quant)
+    assert isinstance(packed[0], PackedLinear) and packed[0].activations == "dfp"
+    assert type(packed[2]).__name__ == "QuantLinear"
+    assert "unsigned" in packed.packing_report["2"]
+    # Same DFP codes and the same ternary weights: only fp32 rounding differs.
+    assert torch.allclose(packed(x), simulated, rtol=1e-4, atol=1e-4)

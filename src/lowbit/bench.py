@@ -85,8 +85,8 @@ def median_ms(
     return statistics.median(times) / 1e6
 
 
-def _layers_for(bytes_per_layer: int, cold: bool) -> int:
-    return max(2, -(-COLD_BYTES // bytes_per_layer) + 1) if cold else 1
+def _layers_for(bytes_per_layer: int, cold_bytes: int) -> int:
+    return max(2, -(-cold_bytes // bytes_per_layer) + 1)
 
 
 def _int8_linear(weight: torch.Tensor) -> torch.nn.Module:
@@ -159,6 +159,7 @@ def bench_kernels(
     variants: bool = True,
     clock: str = "wall",
     log: Callable[[str], None] = print,
+    cold_bytes: int = COLD_BYTES,
 ) -> list[Row]:
     """Run every case and return the rows (also printed through ``log`` as they finish)."""
     if reps < 20:
@@ -177,9 +178,9 @@ def bench_kernels(
     x1 = torch.randn(1, k, generator=rng)
     xb = torch.randn(batch, k, generator=rng)
     n_cold = {
-        "fp32": _layers_for(n * k * 4, True),
-        "int8": _layers_for(n * k, True),
-        "t2": _layers_for(n * k // 4, True),
+        "fp32": _layers_for(n * k * 4, cold_bytes),
+        "int8": _layers_for(n * k, cold_bytes),
+        "t2": _layers_for(n * k // 4, cold_bytes),
     }
     # Build the layers once (packing is not timed); cold sets are distinct weights.
     fp32_w = [torch.randn(n, k, generator=rng) * 0.02 for _ in range(n_cold["fp32"])]
@@ -197,7 +198,7 @@ def bench_kernels(
         f"lowbit bench kernels: {n}x{k}, batch 1 and {batch}, medians of {reps} calls ({clock} clock); "
         f"isa={kernels.active_isa()}; "
         f"torch {torch.__version__}; cold = cycling {n_cold['fp32']} fp32 / {n_cold['int8']} int8 / "
-        f"{n_cold['t2']} ternary layers (>= 64 MiB each round)"
+        f"{n_cold['t2']} ternary layers (>= {cold_bytes >> 20} MiB each round)"
     )
     # Other processes on a 2-core VM distort every number: say how busy the machine was.
     log(

@@ -327,7 +327,6 @@ def ptq_cmd(
     import time
     from pathlib import Path
 
-    from lowbit import data as lb_data
     from lowbit import ptq
 
     if method != "fgq":
@@ -337,16 +336,25 @@ def ptq_cmd(
         fail(f"--group-size must be an int, 'layer' or 'channel', got {group_size!r}")
     keep_t: tuple[str, ...] = () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
     try:
-        net, info = ptq.load_float_model(source, model=model)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        run = ptq.float_run_info(source)
+    except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    ds_name = dataset or info.get("dataset")
-    if ds_name is None:
+    table = dict(run["data"])
+    if dataset is not None and dataset != table.get("name"):
+        table = {"name": dataset}
+    if not table.get("name"):
         fail("no dataset to calibrate on: pass --dataset NAME (see `lowbit datasets`)")
+    ds_name = table["name"]
     try:
-        splits = lb_data.load(ds_name, data_dir=data_dir)
+        splits = ptq.load_data(table, data_dir)
     except Exception as exc:  # DataNotFoundError and friends: one line
         fail(f"cannot load dataset {ds_name!r}: {exc}")
+    try:
+        net, info = ptq.load_float_model(
+            source, model=model, input_shape=splits.input_shape, num_classes=splits.num_classes
+        )
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        fail(str(exc))
     calib = splits.train.x[:calib_samples]
     result: dict = {"source": info["checkpoint"], "model": info["model"]["name"], "dataset": ds_name}
     if evaluate:

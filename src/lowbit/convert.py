@@ -218,6 +218,7 @@ def quantize(
         for parent, attr in places.get(id(module), []):
             setattr(parent, attr, new)
         done[id(module)] = new
+    _disable_transformer_fastpath(model)
     model.__dict__["_lowbit_quantization"] = {
         "method": m.name,
         "options": base_options,
@@ -225,6 +226,21 @@ def quantize(
         "kept": sorted(set(names) - set(selected)),
     }
     return model
+
+
+def _disable_transformer_fastpath(model: nn.Module) -> None:
+    """Keep nn.TransformerEncoder(Layer)s on the module path once their Linear layers are quantized.
+
+    In eval mode under ``no_grad`` PyTorch's fused "fast path" reads ``linear1.weight`` and
+    ``linear2.weight`` directly, which would silently run the latent float weights. The fast path
+    is only taken when ``activation_relu_or_gelu`` is truthy, so clearing it (it is read nowhere
+    else) forces the ordinary forward, which calls the quantized layers.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+            isinstance(child, QuantModule) for child in (module.linear1, module.linear2)
+        ):
+            module.activation_relu_or_gelu = 0
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -90,9 +90,10 @@ def ste(x: torch.Tensor, x_q: torch.Tensor, mask: torch.Tensor | None = None) ->
     ``mask`` is a per-element factor for the gradient reaching ``x`` (a 0/1 saturation gate,
     TTQ's ``Wp / 1 / Wn`` scaling, ...); ``None`` means identity. Gradients into ``x_q``'s own
     graph (learned scales) flow unchanged, so callers build ``x_q`` from ``x.detach()``.
-    ``x_q + 0`` is exact, so the forward value is bit-identical to ``x_q`` for finite ``x``.
+    ``x_q + 0`` is exact, so the forward value is bit-identical to ``x_q``; for non-finite ``x``
+    (NaN, inf) ``x - x`` is NaN, so it is zeroed to keep the lowbit sign rule (NaN -> +1).
     """
-    delta = x - x.detach()
+    delta = torch.nan_to_num(x - x.detach(), nan=0.0)
     if mask is not None:
         delta = delta * mask
     return x_q + delta

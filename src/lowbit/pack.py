@@ -24,13 +24,15 @@ order).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from lowbit import kernels
 from lowbit.qtypes import QuantizedWeight
 
-__all__ = ["ACTIVATIONS", "PackedLinear", "packable"]
+__all__ = ["ACTIVATIONS", "PackedLinear", "pack", "packable"]
 
 ACTIVATIONS = ("int8", "dfp", "float")
 
@@ -201,3 +203,57 @@ class PackedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weight_format} "
             f"({kind} kernel{extra}), activations={self.activations}, bias={self.bias is not None}"
         )
+
+
+def _packed_from(layer: nn.Module, activations: str) -> tuple[PackedLinear | None, str]:
+    """A PackedLinear for a QuantLinear, or ``(None, why not)``."""
+    qw = layer.quantized_weight()  # type: ignore[operator]
+    if not packable(qw):
+        return None, f"no packed kernel for {qw!r}"
+    iq = getattr(layer, "input_quantizer", None)
+    spec = iq.spec() if iq is not None else None
+    bias = layer.bias if isinstance(layer.bias, torch.Tensor) else None
+    if spec is None or spec.kind == "float":
+        return PackedLinear(qw, bias, activations=activations), ""
+    if spec.kind == "dfp" and spec.bits == 8 and spec.signed:
+        return PackedLinear(qw, bias, activations="dfp", exponent=spec.exponent), ""
+    return (
+        None,
+        f"its {spec.kind} {spec.bits}-bit {'signed' if spec.signed else 'unsigned'} inputs have no packed kernel yet",
+    )
+
+
+def pack(model: nn.Module, activations: str = "int8", *, inplace: bool = False) -> nn.Module:
+    """Inference model with every packable ``QuantLinear`` replaced by a :class:`PackedLinear`.
+
+    ``activations`` applies to layers trained with float inputs (TTQ, LAT, TWN, ...): ``"int8"``
+    (per-token absmax int8, the BitNet inference recipe; lossy) or ``"float"`` (the exact path).
+    Layers that quantize their own inputs keep that format: signed 8-bit DFP (FGQ) runs the DFP
+    kernels with the layer's calibrated exponent, or one exponent per batch when it has none.
+    Layers with no packed kernel yet (binary / unsigned / k-bit activations, convolutions, LSTMs)
+    stay as they are; ``model.packing_report`` lists what was packed and what was not, and why.
+    The result is in eval mode; the input model is left untouched unless ``inplace``.
+    """
+    if activations not in ("int8", "float"):
+        raise ValueError(f"activations must be 'int8' or 'float'; got {activations!r}")
+    from lowbit.nn import QuantLinear
+
+    target = model if inplace else copy.deepcopy(model)
+    report: dict[str, str] = {}
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}{name}"
+            if isinstance(child, QuantLinear):
+                packed, why = _packed_from(child, activations)
+                if packed is None:
+                    report[path] = f"kept as {type(child).__name__}: {why}"
+                else:
+                    setattr(parent, name, packed)
+                    report[path] = f"packed: {packed.extra_repr()}"
+            else:
+                visit(child, f"{path}.")
+
+    visit(target, "")
+    target.packing_report = report  # type: ignore[assignment]
+    return target.eval()

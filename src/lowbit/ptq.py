@@ -73,6 +73,8 @@ __all__ = [
     "format_report",
     "integer_forward",
     "integer_layer",
+    "float_run_info",
+    "load_data",
     "load_float_model",
     "load_quantized",
     "report",
@@ -828,13 +830,49 @@ def load_float_model(
     sd = state.get("model", state) if isinstance(state.get("model"), dict) else state
     net.load_state_dict(sd)
     net.eval()
-    ds = config.get("dataset")
-    dataset = ds.get("name") if isinstance(ds, dict) else ds
     return net, {
         "model": {"name": name, "options": opts},
-        "dataset": dataset,
+        "dataset": _data_table(config).get("name"),
+        "data": _data_table(config),
         "checkpoint": str(path),
     }
+
+
+def _data_table(config: dict[str, Any]) -> dict[str, Any]:
+    # `lowbit train` stores the spec's ``data`` table (name, split, preprocess, ...); older or
+    # hand-written configs may only name a ``dataset``.
+    table = config.get("data")
+    if isinstance(table, dict) and table.get("name"):
+        return dict(table)
+    ds = config.get("dataset")
+    if isinstance(ds, dict) and ds.get("name"):
+        return {"name": ds["name"]}
+    return {"name": ds} if isinstance(ds, str) else {}
+
+
+def float_run_info(source: str | Path) -> dict[str, Any]:
+    """What :func:`load_float_model` would load: ``checkpoint`` path, ``model`` name and options,
+    and the run's ``data`` table (``{}`` when the checkpoint has no ``config.json``)."""
+    path, config = _resolve_checkpoint(Path(source))
+    name, opts = _model_spec(config)
+    return {
+        "checkpoint": str(path),
+        "model": {"name": name, "options": opts},
+        "data": _data_table(config),
+    }
+
+
+def load_data(table: dict[str, Any], data_dir: str | Path | None = None) -> Any:
+    """The ``lowbit.data`` splits a run's ``data`` table names (same split and preprocessing as
+    training, augmentation off)."""
+    from lowbit import data as data_mod
+
+    t = dict(table)
+    name = t.pop("name")
+    kw = {k: t.pop(k) for k in ("split", "preprocess") if k in t}
+    t.pop("augment", None)
+    t.pop("data_dir", None)
+    return data_mod.load(name, data_dir=data_dir, **kw, **t)
 
 
 def _plain(value: Any) -> Any:

@@ -231,7 +231,7 @@ class BinaryWeight(SignWeight, _Latent):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.stochastic and self.training:
-            self.__dict__["_last_weight"] = w
+            self.__dict__["_last_weight"] = w.detach()
             out = F.binarize(w, stochastic=True, gate=False)
         else:
             out = super().forward(w)
