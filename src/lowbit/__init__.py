@@ -9,7 +9,21 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from lowbit import functional, kernels, methods, nn, qtypes
+import os as _os
+import sys as _sys
+
+from lowbit.errors import SetupError
+
+try:
+    from lowbit import kernels
+except SetupError as _exc:
+    # From the `lowbit` command, a setup problem is one line that says what to do, not a traceback.
+    if _os.path.basename(_sys.argv[0]) == "lowbit":
+        print(f"error: {_exc}", file=_sys.stderr)
+        raise SystemExit(2) from None
+    raise
+
+from lowbit import functional, methods, nn, ptq, qtypes
 from lowbit.convert import quantize
 from lowbit.summary import Summary, summary
 
@@ -20,6 +34,7 @@ __all__ = [
     "kernels",
     "methods",
     "nn",
+    "ptq",
     "qtypes",
     "quantize",
     "summary",
