@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,15 @@ def test_state_dict_round_trip_and_batch_dims() -> None:
     assert torch.equal(dst(x), src(x))
     assert torch.equal(src(x).reshape(10, N), src(x.reshape(10, K)))
     assert set(src.state_dict()) == {"tiles", "scale", "bias"}
+    # A deep copy runs on its own buffers (not on copies of the original's cached views), so
+    # in-place updates of the copy's buffers are seen.
+    clone = copy.deepcopy(src)
+    before = clone(x)
+    assert torch.equal(before, src(x))
+    with torch.no_grad():
+        clone.scale.mul_(2.0)
+    assert not torch.equal(clone(x), before)
+    assert torch.equal(src(x), before)
 
 
 def test_unsupported_formats_are_refused() -> None:

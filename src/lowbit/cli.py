@@ -141,6 +141,10 @@ def train_cmd(
         fail(str(exc), code=1)
     except (ValueError, TypeError, FileNotFoundError, DataNotFoundError, CheckpointError, ShapeMismatchError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    import os as _os
+
+    if _os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     if summary.get("test_error_at_best") is not None:
         typer.echo(
             f"best epoch {summary['best_epoch']}: test error {summary['test_error_at_best']:.2f}% "

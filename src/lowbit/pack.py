@@ -146,6 +146,12 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", kernels.pad_bias(bias, n))
         self._kernel = None
 
+    def __getstate__(self) -> dict[str, object]:
+        # The cached kernel holds NumPy views of the buffers; a copy must view its own buffers.
+        state = self.__dict__.copy()
+        state["_kernel"] = None
+        return state
+
     def _get_kernel(self) -> kernels.LinearKernel:
         # Rebuilt when a buffer object is replaced (e.g. .float()); in-place loads keep it valid.
         current = (self.tiles, self.scale, self.scale2, self.bias)

@@ -268,7 +268,11 @@ void gemv_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
 #pragma GCC unroll 16
         for (int r = 0; r < RB; ++r) {
             const uint8_t* wt = w + r * rbs + t * 64;
-            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            // Two-level software prefetch for weights streamed from DRAM: into L2 4 KiB ahead
+            // (more lines in flight than the L1 fill buffers allow) and into L1 512 B ahead.
+            // Measured cold (17 layers cycled): 0.26 ms vs 0.31 ms with one L1 prefetch 1 KiB ahead.
+            _mm_prefetch((const char*)(wt + 4096), _MM_HINT_T1);
+            _mm_prefetch((const char*)(wt + 512), _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512(wt);
 #pragma GCC unroll 4
             for (int pl = 0; pl < F::planes; ++pl) {

@@ -93,7 +93,7 @@ def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
         try:
             h = hashlib.new(remote.algo if remote.digest else "sha256")
             with os.fdopen(fd, "wb") as out, _opener(url, timeout=timeout) as resp:
-                for chunk in iter(lambda resp=resp: resp.read(1 << 20), b""):
+                while chunk := resp.read(1 << 20):
                     out.write(chunk)
                     h.update(chunk)
                 out.flush()
@@ -200,7 +200,7 @@ class _SafeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def safe_pickle_load(f: IO[bytes] | bytes, encoding: str = "latin1") -> Any:
+def safe_pickle_load(f: IO[bytes] | Any, encoding: str = "latin1") -> Any:
     """Unpickle a dataset file allowing only NumPy arrays, lists, dicts, tuples, numbers, bytes, str."""
     if isinstance(f, bytes):
         f = io.BytesIO(f)

@@ -96,7 +96,7 @@ def load(data_dir: Path, split: str = "small", download: bool = True) -> DataSpl
     def ds(x: np.ndarray, y: np.ndarray) -> ArrayDataset:
         return ArrayDataset(torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y))
 
-    valid = ds(xva, yva) if xva is not None else None
+    valid = ds(xva, yva) if xva is not None and yva is not None else None
     return DataSplits(
         "svhn", ds(xtr, ytr), valid, ds(xte, yte), 10, info={"source": str(d), "split": split}
     )

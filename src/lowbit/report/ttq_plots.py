@@ -84,6 +84,31 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _figure(plt: Any, n: int) -> tuple[Any, Any]:
+    rows, cols = _grid(n)
+    # Fixed margins in inches (tight_layout is slow with many panels).
+    width, height = 3.4 * cols + 0.4, 2.5 * rows + 0.6
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(
+        left=0.75 / width,
+        right=1 - 0.15 / width,
+        bottom=0.45 / height,
+        top=1 - 0.75 / height,
+        hspace=0.8,
+        wspace=0.35,
+    )
+    return fig, axes
+
+
+def _finish(plt: Any, fig: Any, title: str, path: str | Path) -> Path:
+    fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _need(series: Series) -> None:
     if not series:
         raise ValueError(
@@ -96,8 +121,7 @@ def plot_scales(series: Series, path: str | Path, title: str = "TTQ scaling fact
     """One panel per layer: ``Wp`` (solid) and ``Wn`` (dashed) against the epoch."""
     _need(series)
     plt = _pyplot()
-    rows, cols = _grid(len(series))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = _figure(plt, len(series))
     for ax, (layer, stats) in zip(axes.flat, series.items(), strict=False):
         for stat, style in (("wp", "-"), ("wn", "--")):
             if stat in stats:
@@ -109,13 +133,7 @@ def plot_scales(series: Series, path: str | Path, title: str = "TTQ scaling fact
     for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.86, hspace=0.75, wspace=0.3)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, title, path)
 
 
 def plot_sparsity(
@@ -124,8 +142,7 @@ def plot_sparsity(
     """One panel per layer: stacked shares of -Wn / 0 / +Wp weights against the epoch."""
     _need(series)
     plt = _pyplot()
-    rows, cols = _grid(len(series))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = _figure(plt, len(series))
     for ax, (layer, stats) in zip(axes.flat, series.items(), strict=False):
         if not all(k in stats for k in ("neg", "sparsity", "pos")):
             ax.axis("off")
@@ -142,13 +159,7 @@ def plot_sparsity(
     for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.86, hspace=0.75, wspace=0.3)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, title, path)
 
 
 def latent_weights(
@@ -186,8 +197,7 @@ def plot_histograms(
     from lowbit.methods.ttq import ttq_threshold
 
     plt = _pyplot()
-    rows, cols = _grid(len(weights))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = _figure(plt, len(weights))
     for ax, (layer, (w, wp, wn)) in zip(axes.flat, weights.items(), strict=False):
         delta = float(ttq_threshold(w, t, sparsity).reshape(()))
         ax.hist(w.reshape(-1).numpy(), bins=100, color="0.55")
@@ -198,13 +208,7 @@ def plot_histograms(
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(weights) :]:
         ax.axis("off")
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.86, hspace=0.75, wspace=0.3)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, title, path)
 
 
 def _method_options(run_dir: Path) -> dict[str, Any]:

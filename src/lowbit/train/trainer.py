@@ -129,7 +129,7 @@ def load_initial_weights(model: nn.Module, source: str | Path) -> None:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()  # noqa: NPY002 - user code may use the legacy global RNG
+    np_state: Any = np.random.get_state()  # noqa: NPY002 - user code may use the legacy global RNG
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
@@ -336,7 +336,7 @@ class Trainer:
         if path is None:
             return False
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
-        if self.dist.is_main:
+        if self.dist.is_main and self.run_dir is not None:
             MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(self.epoch)
         return True
 
