@@ -194,15 +194,15 @@ def test_pack_model_with_float_inputs_int8_and_float_paths() -> None:
     assert type(quant[0]).__name__ == "QuantLinear"  # the input model is untouched
 
 
-def test_pack_model_keeps_dfp_inputs_and_skips_what_it_cannot_pack() -> None:
+def test_pack_model_keeps_dfp_inputs_signed_and_unsigned() -> None:
     lowbit = pytest.importorskip("lowbit")
     quant = lowbit.quantize(_mlp(), "fgq", keep=())
     x = torch.randn(6, K)
     with torch.no_grad():
         simulated = quant(x)  # first batch decides signed (layer 0) / unsigned (after the ReLU)
-    packed = pack_model(quant)
+    packed = pack_model(quant, strict=True)
     assert isinstance(packed[0], PackedLinear) and packed[0].activations == "dfp"
-    assert type(packed[2]).__name__ == "QuantLinear"
-    assert "unsigned" in packed.packing_report["2"]
+    assert packed[0].act_signed and not packed[2].act_signed and packed[2].shift is not None
+    assert "udfp8" in packed.packing_report["2"]
     # Same DFP codes and the same ternary weights: only fp32 rounding differs.
     assert torch.allclose(packed(x), simulated, rtol=1e-4, atol=1e-4)

@@ -25,6 +25,8 @@ except SetupError as _exc:
 
 from lowbit import functional, methods, nn, ptq, qtypes
 from lowbit.convert import quantize
+from lowbit.pack import pack
+from lowbit.saveload import load, save
 from lowbit.summary import Summary, summary
 
 __all__ = [
@@ -32,10 +34,13 @@ __all__ = [
     "__version__",
     "functional",
     "kernels",
+    "load",
     "methods",
     "nn",
+    "pack",
     "ptq",
     "qtypes",
     "quantize",
+    "save",
     "summary",
 ]

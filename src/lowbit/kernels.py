@@ -565,9 +565,17 @@ class LinearKernel:
         self.act_mode, self.exponent = _act_mode(act, exponent)
         self._np = tuple(None if t is None else _as_numpy(t) for t in self.tensors)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, exponent: int | None = None) -> torch.Tensor:
+        """Run the layer; ``exponent=E`` overrides the activation mode with a fixed DFP exponent
+        for this call (packed layers that compute integer codes themselves pass ``codes * 2**E``,
+        which the kernel re-quantizes exactly)."""
         tiles, scale, scale2, bias = self._np
         assert tiles is not None and scale is not None
+        mode, e = (
+            (self.act_mode, self.exponent)
+            if exponent is None
+            else (ACT_MODES["dfp_fixed"], int(exponent))
+        )
         return _run_linear(
             x,
             tiles,
@@ -576,8 +584,8 @@ class LinearKernel:
             bias,
             self.out_features,
             self.group_size,
-            self.act_mode,
-            self.exponent,
+            mode,
+            e,
             self.relu,
             self.bits,
         )

@@ -15,26 +15,39 @@ QuantizedWeight                             kernel                          weig
 Scales: per tensor and per output channel become per-row scales; groups along the output axis
 (DFP's filter clusters) are expanded to rows; groups along K (FGQ) must have a size that is a
 multiple of 4 and run the grouped kernel. Activations: ``"int8"`` (per-token absmax, the BitNet
-inference recipe), ``"dfp"`` (8-bit dynamic fixed point, one exponent per batch exactly like
-``lowbit.functional.dfp_quantize``, or a calibrated ``exponent``) or ``"float"`` (the exact
-path for layers trained with float activations: fp32 activations times the packed weights,
+inference recipe), ``"dfp"`` (k-bit dynamic fixed point, k <= 8, signed or unsigned, one exponent
+per batch exactly like ``lowbit.functional.dfp_quantize``, or a calibrated ``exponent``),
+``"sign"`` (BNN's ±1 inputs), ``"kbit"`` (QNN's uniform codes ``* step``) or ``"float"`` (the
+exact path for layers trained with float activations: fp32 activations times the packed weights,
 fp32 accumulation; it differs from ``F.linear`` with the dequantized weight only by summation
 order).
+
+Signed 8-bit DFP runs the fused C++ quantizer. Every other integer input format computes its
+codes ``q`` in PyTorch exactly as the Quant layer's simulation does and hands the kernel
+``q * 2**E`` with the fixed exponent ``E``, which it re-quantizes without error. Unsigned 8-bit
+codes (0..255, FGQ's inputs after a ReLU) do not fit int8: the kernel gets ``q - 128`` and the
+output gets ``128 * 2**E * sum_k w[n, k]`` back (a per-row constant, the "zero point" term), so
+the integer accumulation stays exact.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
+import torch.nn.functional as TF
 from torch import nn
 
+from lowbit import functional as F
 from lowbit import kernels
 from lowbit.qtypes import QuantizedWeight
 
-__all__ = ["ACTIVATIONS", "PackedLinear", "pack", "packable"]
+__all__ = ["ACTIVATIONS", "PackedConv2d", "PackedLinear", "PackingError", "pack", "packable"]
 
-ACTIVATIONS = ("int8", "dfp", "float")
+# "int8": per-token absmax; "float": exact fp32 path; "dfp": dynamic fixed point (any bits <= 8,
+# signed or unsigned); "sign": ±1 (BNN inputs); "kbit": uniform k-bit codes * step (QNN inputs).
+ACTIVATIONS = ("int8", "dfp", "float", "sign", "kbit")
 
 
 def _kernel_codes(qw: QuantizedWeight) -> tuple[torch.Tensor, int, float]:
@@ -94,31 +107,133 @@ def _row_or_group_scales(qw: QuantizedWeight) -> tuple[torch.Tensor, int]:
     raise ValueError(f"unsupported granularity {qw.granularity_spec.describe()}")
 
 
+def _conv_scale_rows(qw: QuantizedWeight) -> QuantizedWeight:
+    """A conv weight ``(out, in/g, kh, kw)`` viewed as the ``(out, K)`` matrix the GEMM runs."""
+    if len(qw.shape) == 2:
+        return qw
+    n = qw.shape[0]
+    k = 1
+    for d in qw.shape[1:]:
+        k *= d
+    return QuantizedWeight(
+        qw.codes.reshape(n, k),
+        qw.scales,
+        qw.format,
+        qw.bits,
+        qw.granularity,
+        qw.group_size,
+        qw.group_axis,
+        (n, k),
+    )
+
+
+def _expected_buffers(cfg: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of every buffer a PackedLinear with this config holds (file validation)."""
+    n, k, bits, gs = cfg["out_features"], cfg["in_features"], cfg["bits"], cfg["group_size"]
+    np_ = (n + 15) // 16 * 16
+    tiles = kernels.ternary_tiles_shape(n, k) if bits == 2 else kernels.int4_tiles_shape(n, k)
+    if gs:
+        kp = (k + 15) // 16 * 16
+        scale: tuple[int, ...] = (np_ * ((kp + gs - 1) // gs),)
+    else:
+        scale = (np_,)
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        "tiles": (torch.uint8, tuple(tiles)),
+        "scale": (torch.float32, scale),
+    }
+    if cfg["asym"]:
+        out["scale2"] = (torch.float32, (np_,))
+    if cfg["has_bias"]:
+        out["bias"] = (torch.float32, (np_,))
+    if cfg["has_shift"]:
+        out["shift"] = (torch.float32, (n,))
+    return out
+
+
+def _check_config(cfg: dict[str, Any]) -> None:
+    ints = ("in_features", "out_features", "bits", "group_size", "act_bits")
+    for key in ints:
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 0:
+            raise ValueError(
+                f"packed layer config: {key} must be a non-negative int, got {cfg.get(key)!r}"
+            )
+    if cfg["bits"] not in (2, 4):
+        raise ValueError(f"packed layer config: bits must be 2 or 4, got {cfg['bits']}")
+    if cfg["group_size"] % 4:
+        raise ValueError(
+            f"packed layer config: group_size must be a multiple of 4, got {cfg['group_size']}"
+        )
+    if cfg.get("weight_format") not in (
+        "binary",
+        "ternary",
+        "ternary_asym",
+        "kbit_linear",
+        "kbit_log",
+    ):
+        raise ValueError(f"packed layer config: unknown weight_format {cfg.get('weight_format')!r}")
+    if not isinstance(cfg.get("act_step", 1.0), (int, float)):
+        raise ValueError("packed layer config: act_step must be a number")
+    if cfg.get("activations") not in ACTIVATIONS:
+        raise ValueError(f"packed layer config: unknown activations {cfg['activations']!r}")
+    if cfg["in_features"] * cfg["out_features"] > 1 << 40:
+        raise ValueError("packed layer config: layer too large")
+    for key in ("asym", "has_bias", "has_shift", "act_signed"):
+        if not isinstance(cfg.get(key), bool):
+            raise ValueError(f"packed layer config: {key} must be a bool")
+    e = cfg.get("exponent")
+    if e is not None and (not isinstance(e, int) or not -126 <= e <= 127):
+        raise ValueError(f"packed layer config: exponent must be an int in [-126, 127], got {e!r}")
+    if cfg["act_bits"] > 8:
+        raise ValueError("packed layer config: integer activations have at most 8 bits")
+
+
 class PackedLinear(nn.Module):
     """Inference-only ``nn.Linear`` replacement on packed low-bit weights (C++ kernels).
 
     Buffers (all saved in ``state_dict``): ``tiles`` (uint8, docs/format.md), ``scale`` and, for
-    asymmetric ternary, ``scale2`` (fp32, kernel layout), ``bias`` (fp32 padded, optional).
+    asymmetric ternary, ``scale2`` (fp32, kernel layout), ``bias`` (fp32 padded, optional) and,
+    for unsigned 8-bit inputs, ``shift`` (fp32 ``(N,)``: ``128 * sum_k w[n, k]``).
     ``forward`` accepts ``(..., in_features)`` float tensors and returns fp32
     ``(..., out_features)``. In eager mode it calls the kernel directly; under torch.compile /
     torch.export it goes through the ``torch.ops.lowbit`` custom ops (with fake implementations).
+
+    ``activations`` (see the module docstring): ``"int8"``, ``"float"``, ``"dfp"`` (``act_bits``,
+    ``act_signed``, calibrated ``exponent`` or None for one per batch), ``"sign"``, ``"kbit"``
+    (``act_bits``, ``act_signed``, ``act_step``: value = code * step).
     """
 
     tiles: torch.Tensor
     scale: torch.Tensor
     scale2: torch.Tensor | None
     bias: torch.Tensor | None
+    shift: torch.Tensor | None
     _kernel: kernels.LinearKernel | None
 
     def __init__(
         self,
-        qweight: QuantizedWeight,
+        qweight: QuantizedWeight | None,
         bias: torch.Tensor | None = None,
         *,
         activations: str = "int8",
         exponent: int | None = None,
+        act_bits: int = 8,
+        act_signed: bool = True,
+        act_step: float = 1.0,
+        _config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self._kernel = None
+        if qweight is None:
+            # Rebuilt from a file: empty buffers of the validated shapes, filled by the loader.
+            assert _config is not None
+            _check_config(_config)
+            self._set_config(_config)
+            for name, (dtype, shape) in _expected_buffers(_config).items():
+                self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+            for name in ("scale2", "bias", "shift"):
+                if name not in self._buffers:
+                    self.register_buffer(name, None)
+            return
         if len(qweight.shape) != 2:
             raise ValueError(
                 f"PackedLinear needs a 2-D (out, in) weight; got shape {qweight.shape}"
@@ -127,30 +242,111 @@ class PackedLinear(nn.Module):
             raise ValueError(
                 f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}"
             )
-        self.out_features, self.in_features = qweight.shape
-        self.activations, self.exponent = activations, exponent
-        self.weight_format = qweight.format
         n, k = qweight.shape
-        codes, self.bits, factor = _kernel_codes(qweight)
-        scales, self.group_size = _row_or_group_scales(qweight)
+        if activations in ("dfp", "kbit") and not 1 <= act_bits <= 8:
+            raise ValueError(f"integer activations need 1..8 bits; got {act_bits}")
+        _, hi = self._code_range(activations, act_bits, act_signed)
+        codes, bits, factor = _kernel_codes(qweight)
+        scales, group_size = _row_or_group_scales(qweight)
         if factor != 1.0:
             scales = scales * factor  # a power of two: exact
+        step = float(act_step) if activations == "kbit" else 1.0
+        if step != 1.0:
+            # QNN's activation step is a per-layer constant: fold it into the weight scales.
+            scales = scales.double() * step
         asym = qweight.format == "ternary_asym"
-        tiles = kernels.pack_ternary(codes) if self.bits == 2 else kernels.pack_int4(codes)
-        scale, scale2 = kernels.pack_ternary_scales(
-            scales, n, k, group_size=self.group_size, asym=asym
+        has_shift = hi > 127
+        self._set_config(
+            {
+                "in_features": int(k),
+                "out_features": int(n),
+                "bits": bits,
+                "group_size": int(group_size),
+                "weight_format": qweight.format,
+                "asym": asym,
+                "has_bias": bias is not None,
+                "has_shift": has_shift,
+                "activations": activations,
+                "exponent": None if exponent is None else int(exponent),
+                "act_bits": int(act_bits) if activations in ("dfp", "kbit") else 8,
+                "act_signed": bool(act_signed) if activations in ("dfp", "kbit") else True,
+                "act_step": step,
+            }
         )
+        _check_config(self.config())
+        tiles = kernels.pack_ternary(codes) if bits == 2 else kernels.pack_int4(codes)
+        scale, scale2 = kernels.pack_ternary_scales(scales, n, k, group_size=group_size, asym=asym)
         self.register_buffer("tiles", tiles)
         self.register_buffer("scale", scale)
         self.register_buffer("scale2", scale2)
         self.register_buffer("bias", kernels.pad_bias(bias, n))
-        self._kernel = None
+        shift = None
+        if has_shift:
+            # Codes 0..255 enter the kernel as q - 128; this row constant adds the 128s back.
+            w = qweight.dequantize().to(torch.float64) * step
+            shift = (128.0 * w.sum(dim=1)).to(torch.float32)
+        self.register_buffer("shift", shift)
+
+    # -- configuration (what a .lowbit manifest stores for this layer) ------------------------
+    def _set_config(self, cfg: dict[str, Any]) -> None:
+        self.in_features, self.out_features = cfg["in_features"], cfg["out_features"]
+        self.bits, self.group_size = cfg["bits"], cfg["group_size"]
+        self.weight_format, self.asym = cfg["weight_format"], cfg["asym"]
+        self.activations, self.exponent = cfg["activations"], cfg["exponent"]
+        self.act_bits, self.act_signed = cfg["act_bits"], cfg["act_signed"]
+        self.act_step = float(cfg.get("act_step", 1.0))
+        self.has_bias, self.has_shift = cfg["has_bias"], cfg["has_shift"]
+
+    def config(self) -> dict[str, Any]:
+        """Everything but the buffers, as JSON-serialisable values."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "weight_format": self.weight_format,
+            "asym": self.asym,
+            "has_bias": self.has_bias,
+            "has_shift": self.has_shift,
+            "activations": self.activations,
+            "exponent": self.exponent,
+            "act_bits": self.act_bits,
+            "act_signed": self.act_signed,
+            "act_step": self.act_step,
+        }
+
+    @staticmethod
+    def expected_buffers(cfg: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        _check_config(cfg)
+        return _expected_buffers(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> PackedLinear:
+        """An empty layer (zero buffers) for ``cfg``; ``load_state_dict`` fills it."""
+        return cls(None, _config=dict(cfg))
+
+    @staticmethod
+    def _code_range(activations: str, bits: int, signed: bool) -> tuple[int, int]:
+        if activations == "sign":
+            return -1, 1
+        if activations == "dfp":
+            return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        if activations == "kbit":
+            hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+            return (-hi if signed else 0), hi
+        return -127, 127
 
     def __getstate__(self) -> dict[str, object]:
         # The cached kernel holds NumPy views of the buffers; a copy must view its own buffers.
         state = self.__dict__.copy()
         state["_kernel"] = None
         return state
+
+    def _fused(self) -> bool:
+        """Whether the C++ side quantizes the inputs itself (int8 absmax, float, signed dfp8)."""
+        return self.activations in ("int8", "float") or (
+            self.activations == "dfp" and self.act_bits == 8 and self.act_signed
+        )
 
     def _get_kernel(self) -> kernels.LinearKernel:
         # Rebuilt when a buffer object is replaced (e.g. .float()); in-place loads keep it valid.
@@ -166,26 +362,71 @@ class PackedLinear(nn.Module):
                 bits=self.bits,
                 group_size=self.group_size,
                 act=self._act_name(),
-                exponent=self.exponent if self.activations == "dfp" else None,
+                exponent=self._fused_exponent(),
             )
             self._kernel = kernel
         return kernel
 
+    def _fused_exponent(self) -> int | None:
+        return self.exponent if self.activations == "dfp" and self._fused() else None
+
     def _act_name(self) -> str:
         if self.activations in ("int8", "float"):
             return "absmax" if self.activations == "int8" else "float"
+        if not self._fused():
+            return "dfp"  # placeholder: every call passes its own fixed exponent
         # DFP: a calibrated exponent, or one exponent per batch like functional.dfp_quantize.
         return "dfp" if self.exponent is not None else "dfp_tensor"
+
+    # -- integer input codes computed in PyTorch (the Quant layer's own rules) -------------------
+    def input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(q, E)``: integer codes of ``x`` as floats (``x_q = q * 2**E``, times ``act_step``
+        for ``"kbit"``), bit-identical to what the Quant layer's input quantizer produced."""
+        x = x.detach().to(torch.float32)
+        if self.activations == "sign":
+            return torch.where(x < 0, -1.0, 1.0), 0
+        lo, hi = self._code_range(self.activations, self.act_bits, self.act_signed)
+        if self.activations == "kbit":
+            # act_step is LinearAct's own float64 step clip / qmax: the same division, same codes.
+            return torch.round(x / self.act_step).clamp(lo, hi), 0
+        e = self.exponent
+        if e is None:
+            e = F.dfp_exponent(x, self.act_bits, self.act_signed)
+        v = torch.round(torch.ldexp(x, torch.tensor(-e, dtype=x.dtype)))
+        return v.clamp(lo, hi), int(e)
+
+    def gemm_codes(self, q: torch.Tensor, e: int) -> torch.Tensor:
+        """The layer's output for integer codes ``q`` (float tensor, ``(..., K)``) at exponent E."""
+        if self.has_shift:
+            q = q - 128.0
+        xs = torch.ldexp(q, torch.tensor(e, dtype=q.dtype)) if e else q
+        if _tracing(xs):
+            y = kernels.LinearKernel.call_op(
+                xs,
+                self.tiles,
+                self.scale,
+                self.scale2,
+                self.bias,
+                out_features=self.out_features,
+                bits=self.bits,
+                group_size=self.group_size,
+                act="dfp",
+                exponent=e,
+            )
+        else:
+            y = self._get_kernel()(xs, exponent=e)
+        if self.shift is not None:
+            y = y + self.shift * (2.0**e)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"PackedLinear expects inputs (..., {self.in_features}); got {tuple(x.shape)}"
             )
-        tracing = (
-            torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-        )
-        if tracing or type(x) is not torch.Tensor:
+        if not self._fused():
+            return self.gemm_codes(*self.input_codes(x))
+        if _tracing(x):
             # Traced (fake) tensors cannot reach NumPy: go through the custom op, which has a
             # fake implementation, and cache nothing built from traced buffers.
             return kernels.LinearKernel.call_op(
@@ -198,51 +439,244 @@ class PackedLinear(nn.Module):
                 bits=self.bits,
                 group_size=self.group_size,
                 act=self._act_name(),
-                exponent=self.exponent if self.activations == "dfp" else None,
+                exponent=self._fused_exponent(),
             )
         return self._get_kernel()(x)
 
     def extra_repr(self) -> str:
         kind = {2: "ternary", 4: "int4"}[self.bits]
         extra = f", group_size={self.group_size}" if self.group_size else ""
+        act = self.activations
+        if act in ("dfp", "kbit"):
+            act = f"{'' if self.act_signed else 'u'}{act}{self.act_bits}"
+            if self.activations == "dfp":
+                act += f" E={self.exponent}" if self.exponent is not None else " dynamic"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weight_format} "
-            f"({kind} kernel{extra}), activations={self.activations}, bias={self.bias is not None}"
+            f"({kind} kernel{extra}), activations={act}, bias={self.has_bias}"
         )
 
 
-def _packed_from(layer: nn.Module, activations: str) -> tuple[PackedLinear | None, str]:
-    """A PackedLinear for a QuantLinear, or ``(None, why not)``."""
-    qw = layer.quantized_weight()  # type: ignore[operator]
-    if not packable(qw):
-        return None, f"no packed kernel for {qw!r}"
-    iq = getattr(layer, "input_quantizer", None)
-    spec = iq.spec() if iq is not None else None
-    bias = layer.bias if isinstance(layer.bias, torch.Tensor) else None
-    if spec is None or spec.kind == "float":
-        return PackedLinear(qw, bias, activations=activations), ""
-    if spec.kind == "dfp" and spec.bits == 8 and spec.signed:
-        return PackedLinear(qw, bias, activations="dfp", exponent=spec.exponent), ""
+def _tracing(x: torch.Tensor) -> bool:
     return (
-        None,
-        f"its {spec.kind} {spec.bits}-bit {'signed' if spec.signed else 'unsigned'} inputs have no packed kernel yet",
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or type(x) is not torch.Tensor
     )
 
 
-def pack(model: nn.Module, activations: str = "int8", *, inplace: bool = False) -> nn.Module:
-    """Inference model with every packable ``QuantLinear`` replaced by a :class:`PackedLinear`.
+class PackedConv2d(nn.Module):
+    """Inference-only ``nn.Conv2d`` (groups=1, zero padding) on a :class:`PackedLinear` GEMM.
+
+    ``unfold`` (im2col) turns the input into one row of ``K = in * kh * kw`` values per output
+    pixel (in the ``(in, kh, kw)`` order of ``weight.reshape(out, K)``), the packed kernel
+    multiplies, and the result is folded back to ``(B, out, H', W')``. Integer input formats are
+    quantized on the whole input *before* unfolding, so padding is the code 0 (the value the
+    Quant layer's zero padding of its quantized input gives, also for ±1 inputs) and DFP's one
+    exponent per batch is taken over the input itself. ``"int8"`` quantizes each output pixel's
+    patch separately (per token).
+    """
+
+    def __init__(
+        self,
+        gemm: PackedLinear,
+        *,
+        in_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.gemm = gemm
+        self.in_channels, self.out_channels = int(in_channels), gemm.out_features
+        self.kernel_size = tuple(int(v) for v in kernel_size)
+        self.stride = tuple(int(v) for v in stride)
+        self.padding = tuple(int(v) for v in padding)
+        self.dilation = tuple(int(v) for v in dilation)
+        if self.in_channels * self.kernel_size[0] * self.kernel_size[1] != gemm.in_features:
+            raise ValueError(
+                f"PackedConv2d: in_channels * kh * kw = {self.in_channels}*{self.kernel_size} "
+                f"does not match the GEMM's K = {gemm.in_features}"
+            )
+
+    @classmethod
+    def from_quant(cls, layer: nn.Conv2d, gemm: PackedLinear) -> PackedConv2d:
+        return cls(
+            gemm,
+            in_channels=layer.in_channels,
+            kernel_size=layer.kernel_size,  # type: ignore[arg-type]
+            stride=layer.stride,  # type: ignore[arg-type]
+            padding=layer.padding,  # type: ignore[arg-type]
+            dilation=layer.dilation,  # type: ignore[arg-type]
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "gemm": self.gemm.config(),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> PackedConv2d:
+        def pair(key: str) -> tuple[int, int]:
+            v = cfg.get(key)
+            if (
+                not isinstance(v, list)
+                or len(v) != 2
+                or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 16 for i in v
+                )
+            ):
+                raise ValueError(
+                    f"packed conv config: {key} must be two small non-negative ints, got {v!r}"
+                )
+            return (v[0], v[1])
+
+        if not isinstance(cfg.get("in_channels"), int) or not isinstance(cfg.get("gemm"), dict):
+            raise ValueError("packed conv config: needs in_channels (int) and gemm (dict)")
+        ks, st, dl = pair("kernel_size"), pair("stride"), pair("dilation")
+        if min(ks) < 1 or min(st) < 1 or min(dl) < 1:
+            raise ValueError("packed conv config: kernel_size, stride and dilation must be >= 1")
+        return cls(
+            PackedLinear.from_config(cfg["gemm"]),
+            in_channels=cfg["in_channels"],
+            kernel_size=ks,
+            stride=st,
+            padding=pair("padding"),
+            dilation=dl,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"PackedConv2d expects (B, {self.in_channels}, H, W); got {tuple(x.shape)}"
+            )
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        geometry = {
+            "kernel_size": self.kernel_size,
+            "dilation": self.dilation,
+            "padding": self.padding,
+            "stride": self.stride,
+        }
+        if self.gemm._fused() and not (
+            self.gemm.activations == "dfp" and self.gemm.exponent is None
+        ):
+            cols = TF.unfold(x.float(), **geometry).transpose(1, 2)  # (B, L, K)
+            y = self.gemm(cols)
+        else:
+            # Codes of the whole input (for DFP: one exponent over x itself, not the patches).
+            q, e = self.gemm.input_codes(x)
+            cols = TF.unfold(q, **geometry).transpose(1, 2)
+            y = self.gemm.gemm_codes(cols, e)
+        return y.transpose(1, 2).reshape(b, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# pack(): Quant* layers -> Packed* layers
+
+
+def _input_mode(layer: nn.Module, activations: str) -> tuple[dict[str, Any] | None, str]:
+    """PackedLinear activation options for the layer's input quantizer, or ``(None, why not)``."""
+    iq = getattr(layer, "input_quantizer", None)
+    if iq is None:
+        return {"activations": activations}, ""
+    if getattr(iq, "signed", True) is None:
+        return None, (
+            "its DFP input signedness is still undecided ('auto' before any batch): run one "
+            "calibration batch (lowbit.ptq.calibrate) or a forward pass first"
+        )
+    spec = iq.spec()
+    if spec.kind == "float":
+        return {"activations": activations}, ""
+    if spec.kind == "binary":
+        return {"activations": "sign"}, ""
+    if spec.kind == "dfp" and spec.bits <= 8:
+        return {
+            "activations": "dfp",
+            "exponent": spec.exponent,
+            "act_bits": spec.bits,
+            "act_signed": spec.signed,
+        }, ""
+    if spec.kind == "kbit_linear" and spec.bits <= 8 and spec.clip is not None:
+        lo, hi = F.linear_qrange(spec.bits, spec.signed)
+        clip = getattr(iq, "clip", spec.clip)
+        return {
+            "activations": "kbit",
+            "act_bits": spec.bits,
+            "act_signed": spec.signed,
+            "act_step": float(clip) / hi,
+        }, ""
+    return None, (
+        f"its {spec.describe()} inputs ({spec.kind}, {spec.bits} bits) have no packed kernel "
+        "(supported: float, sign, dfp and uniform k-bit up to 8 bits)"
+    )
+
+
+def _packed_from(layer: nn.Module, activations: str) -> tuple[nn.Module | None, str]:
+    """A PackedLinear / PackedConv2d for a QuantLinear / QuantConv2d, or ``(None, why not)``."""
+    from lowbit.nn import QuantConv2d
+
+    qw = layer.quantized_weight()  # type: ignore[operator]
+    is_conv = isinstance(layer, QuantConv2d)
+    if is_conv:
+        if layer.groups != 1:
+            return None, f"grouped convolutions (groups={layer.groups}) have no packed kernel"
+        if layer.padding_mode != "zeros":
+            return None, f"padding_mode={layer.padding_mode!r} is not supported (only zeros)"
+        if isinstance(layer.padding, str):
+            return None, f"padding={layer.padding!r} is not supported (give explicit sizes)"
+        qw = _conv_scale_rows(qw)
+    if not packable(qw):
+        return None, f"no packed kernel for {qw!r}"
+    mode, why = _input_mode(layer, activations)
+    if mode is None:
+        return None, why
+    bias = layer.bias if isinstance(layer.bias, torch.Tensor) else None
+    gemm = PackedLinear(qw, bias, **mode)
+    if is_conv:
+        return PackedConv2d.from_quant(layer, gemm), ""  # type: ignore[arg-type]
+    return gemm, ""
+
+
+class PackingError(ValueError):
+    """``pack(..., strict=True)`` found layers it cannot pack (the message lists them and why)."""
+
+
+def pack(
+    model: nn.Module, activations: str = "int8", *, inplace: bool = False, strict: bool = False
+) -> nn.Module:
+    """Inference model with every packable ``QuantLinear`` / ``QuantConv2d`` replaced by a
+    :class:`PackedLinear` / :class:`PackedConv2d`.
 
     ``activations`` applies to layers trained with float inputs (TTQ, LAT, TWN, ...): ``"int8"``
     (per-token absmax int8, the BitNet inference recipe; lossy) or ``"float"`` (the exact path).
-    Layers that quantize their own inputs keep that format: signed 8-bit DFP (FGQ) runs the DFP
-    kernels with the layer's calibrated exponent, or one exponent per batch when it has none.
-    Layers with no packed kernel yet (binary / unsigned / k-bit activations, convolutions, LSTMs)
-    stay as they are; ``model.packing_report`` lists what was packed and what was not, and why.
+    Layers that quantize their own inputs keep that format: DFP (FGQ; signed or unsigned, with
+    the layer's calibrated exponent or one per batch), ±1 (BNN) and uniform k-bit (QNN) inputs
+    run the integer kernels on exactly the codes the Quant layer computes.
+    Layers with no packed kernel (k-bit weights above 4 bits, log activations, grouped
+    convolutions, LSTMs) stay as they are; ``model.packing_report`` maps every quantized layer
+    to ``"packed: ..."`` or ``"kept as ...: why"``. With ``strict=True`` such layers raise
+    :class:`PackingError` naming each one instead.
     The result is in eval mode; the input model is left untouched unless ``inplace``.
     """
     if activations not in ("int8", "float"):
         raise ValueError(f"activations must be 'int8' or 'float'; got {activations!r}")
-    from lowbit.nn import QuantLinear
+    from lowbit.nn import QuantConv2d, QuantLinear, QuantModule
 
     target = model if inplace else copy.deepcopy(model)
     report: dict[str, str] = {}
@@ -250,16 +684,26 @@ def pack(model: nn.Module, activations: str = "int8", *, inplace: bool = False) 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             path = f"{prefix}{name}"
-            if isinstance(child, QuantLinear):
+            if isinstance(child, (QuantLinear, QuantConv2d)):
                 packed, why = _packed_from(child, activations)
                 if packed is None:
                     report[path] = f"kept as {type(child).__name__}: {why}"
                 else:
                     setattr(parent, name, packed)
-                    report[path] = f"packed: {packed.extra_repr()}"
+                    report[path] = f"packed: {type(packed).__name__}({packed.extra_repr()})"
+            elif isinstance(child, QuantModule):
+                report[path] = (
+                    f"kept as {type(child).__name__}: no packed {type(child).__name__} yet"
+                )
             else:
                 visit(child, f"{path}.")
 
     visit(target, "")
+    if strict:
+        bad = {p: r for p, r in report.items() if not r.startswith("packed")}
+        if bad:
+            raise PackingError(
+                "cannot pack: " + "; ".join(f"layer {p!r} {r}" for p, r in bad.items())
+            )
     target.packing_report = report  # type: ignore[assignment]
     return target.eval()

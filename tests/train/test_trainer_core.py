@@ -370,3 +370,42 @@ def test_cuda_device_is_refused_clearly_without_a_gpu() -> None:
     splits = _tiny()
     with pytest.raises(RuntimeError, match="cuda"):
         Trainer(_mlp(splits), splits, TrainConfig(device="cuda"), progress=False)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_live_bar_and_plain_lines() -> None:
+    import io
+
+    from lowbit.train.metrics import Progress
+
+    record = {
+        "epoch": 1,
+        "train_loss": 0.5,
+        "valid_acc": 0.9,
+        "samples_per_s": 100.0,
+        "epoch_seconds": 2.0,
+    }
+    live = io.StringIO()
+    p = Progress(live=True, stream=live)
+    p.start_epoch(1, 3, 10)
+    p.update(5, 0.5, 0.9, 500)
+    p.end_epoch(record, remaining_epochs=2)
+    assert (
+        "epoch 1/3" in live.getvalue()
+        and "valid acc 90.00%" in live.getvalue()
+        and "ETA 00:04" in live.getvalue()
+    )
+    plain = io.StringIO()
+    q = Progress(live=False, stream=plain, log_every=0.0)
+    q.start_epoch(1, 3, 10)
+    q.update(5, 0.25, 0.5, 500)
+    line = plain.getvalue()
+    assert "step 5/10" in line and "loss 0.2500" in line and "samples/s" in line and "ETA" in line
+    quiet = io.StringIO()
+    r = Progress(enabled=False, stream=quiet)
+    r.start_epoch(1, 3, 10)
+    r.update(5, 0.25, 0.5, 500)
+    r.end_epoch(record, 2)
+    assert quiet.getvalue() == ""

@@ -312,8 +312,11 @@ void ternary_linear_float(Matrix<const float> x, Tiles w, int64_t n, Vector<cons
 
 }  // namespace
 
+void register_binary(nb::module_& m);  // bindings_binary.cpp
+
 NB_MODULE(_kernels, mod) {
     mod.doc() = "lowbit C++ kernels (plain CPython extension; see lowbit.kernels for the API)";
+    register_binary(mod);
     mod.def("cpu_flags", &lowbit::cpu_flags, "CPU feature flags seen by __builtin_cpu_supports.");
     mod.def("compiled_isas", &lowbit::compiled_isas);
     mod.def("supported_isas", &lowbit::supported_isas);

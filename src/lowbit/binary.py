@@ -1,0 +1,933 @@
+"""Binary networks at bit speed: XNOR-popcount GEMM and convolution, fused epilogues, packed BNNs.
+
+Everything here runs ±1 weights against ±1 activations packed as sign bits (the convention of
+:mod:`lowbit.kernels`): element ``j`` of a row is bit ``j % 64`` of little-endian 64-bit word
+``j // 64``, the bit is 1 exactly when ``x < 0`` (``sign(0) = sign(-0.0) = +1``, NaN -> +1), and
+bits past ``K`` are 0 in both operands so they cancel. Then ``dot(a, w) = K - 2*popcount(a ^ w)``
+(BNN, arXiv 1602.02830 §2; kernels.md §2.4).
+
+Layers:
+
+* :func:`binary_linear` — popcount GEMM with a fused epilogue: ``"int32"`` dots, ``"float"``
+  (``d * scale + bias``: a bias or a folded batch norm), ``"int8"`` (the same, rounded half to even
+  and saturated) or ``"bits"`` (a per-channel integer threshold that writes the *packed* input
+  of the next binary layer, so a binary stack never leaves the integer domain).
+* :func:`binary_conv2d` — NHWC with channels packed (``ceil(C/64)`` words per pixel), im2col on
+  packed words, any stride / padding / dilation. Zero padding is exact: padding taps enter the
+  popcount as +1 and a per-output-channel int32 correction (:func:`zero_padding_correction`)
+  removes them, so a model trained with ordinary zero padding gives identical results.
+* :func:`binary_maxpool2d` — max-pool on packed bits (max of ±1 is +1 when any input is +1, the
+  AND of the sign bits; OR for channels whose threshold was flipped).
+* :func:`bitplane_linear` — an 8-bit first layer against binary weights through the bit-plane
+  decomposition ``x = sum_n 2^n x_n`` (QNN §2.5), every plane a binary GEMM.
+
+Models: :func:`pack_bnn` turns a BNN-trained sequential model (``lowbit.quantize(model, "bnn")``,
+e.g. ``lowbit.models`` MLP / ConvNet) into :class:`PackedBinaryLinear` / :class:`PackedBinaryConv2d`
+stages whose batch norms and sign activations are folded into thresholds. Because the
+threshold is read off the *same* float modules evaluated at every reachable integer dot
+product (a monotone step function), the packed model's predictions equal the simulated model's.
+
+Every kernel has an int64 / float64 reference here (``*_reference``) used by tests/test_binary*.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as TF
+
+from lowbit import kernels
+
+__all__ = [
+    "OUT_KINDS",
+    "BinaryMaxPool2d",
+    "FlattenBits",
+    "NotMonotoneError",
+    "PackedBinaryConv2d",
+    "PackedBinaryLinear",
+    "binary_conv2d",
+    "binary_conv2d_reference",
+    "binary_linear",
+    "binary_linear_reference",
+    "binary_maxpool2d",
+    "bitplane_linear",
+    "conv_output_size",
+    "fold_threshold",
+    "is_binary_layer",
+    "pack_bits",
+    "pack_bnn",
+    "pack_conv_input",
+    "pack_conv_weight",
+    "packed_bytes",
+    "signs",
+    "unpack_bits",
+    "zero_padding_correction",
+]
+
+_ext = kernels._ext
+OUT_KINDS = ("int32", "float", "int8", "bits")
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _threads() -> int:
+    return max(1, int(torch.get_num_threads()))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise ValueError(f"lowbit binary kernels run on the CPU; got a tensor on {t.device}")
+    t = t.detach()
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+
+
+def _opt(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else _np(t)
+
+
+def packed_bytes(k: int) -> int:
+    """Bytes of one packed row of ``k`` signs: whole 64-bit words."""
+    return 8 * ((int(k) + 63) // 64)
+
+
+def signs(x: torch.Tensor) -> torch.Tensor:
+    """The ±1 values the packing stores: ``-1`` where ``x < 0``, else ``+1`` (NaN and -0.0 -> +1)."""
+    return torch.where(x < 0, -1, 1).to(torch.int64)
+
+
+def pack_bits(x: torch.Tensor) -> torch.Tensor:
+    """Pack the signs of ``x (..., K)`` into uint8 ``(..., packed_bytes(K))`` (the C++ packer)."""
+    if x.dim() == 0:
+        raise ValueError("pack_bits needs at least one dimension (the one packed)")
+    flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    out = kernels.pack_signs(flat.float())
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """±1 int64 ``(..., k)`` of packed rows (inverse of :func:`pack_bits` up to the sign rule)."""
+    raw = np.unpackbits(_np(bits.to(torch.uint8)), axis=-1, bitorder="little")[..., :k]
+    return torch.from_numpy(1 - 2 * raw.astype(np.int64))
+
+
+def _out_tensor(kind: str, m: int, n: int) -> torch.Tensor:
+    if kind == "int32":
+        return torch.empty((m, n), dtype=torch.int32)
+    if kind == "float":
+        return torch.empty((m, n), dtype=torch.float32)
+    if kind == "int8":
+        return torch.empty((m, n), dtype=torch.int8)
+    if kind == "bits":
+        return torch.empty((m, packed_bytes(n)), dtype=torch.uint8)
+    raise ValueError(f"out must be one of {', '.join(OUT_KINDS)}; got {kind!r}")
+
+
+def _linear_impl(
+    a_bits: torch.Tensor,
+    w_bits: torch.Tensor,
+    k: int,
+    corr: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    thr: torch.Tensor | None,
+    flip: torch.Tensor | None,
+    kind: str,
+) -> torch.Tensor:
+    out = _out_tensor(kind, a_bits.shape[0], w_bits.shape[0])
+    outs: dict[str, np.ndarray | None] = dict.fromkeys(OUT_KINDS)
+    outs[kind] = out.numpy()
+    _ext.binary_linear(
+        _np(a_bits),
+        _np(w_bits),
+        int(k),
+        _opt(corr),
+        _opt(scale),
+        _opt(bias),
+        _opt(thr),
+        _opt(flip),
+        outs["int32"],
+        outs["float"],
+        outs["int8"],
+        outs["bits"],
+        _threads(),
+    )
+    return out
+
+
+def binary_linear(
+    a_bits: torch.Tensor,
+    w_bits: torch.Tensor,
+    k: int,
+    *,
+    out: str = "int32",
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    threshold: tuple[torch.Tensor, torch.Tensor] | None = None,
+    corr: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary GEMM ``(M, bytes) x (N, bytes) -> (M, N)`` with a fused epilogue (one C++ call, GIL released).
+
+    With ``d = K - 2*popcount(a ^ w) + corr[m % P, n]`` (``corr`` int32 ``(P, N)``, optional):
+    ``out="int32"`` gives ``d``; ``"float"`` ``float(d) * scale + bias`` (fp32, each optional,
+    per output); ``"int8"`` that value rounded half to even and saturated to [-128, 127];
+    ``"bits"`` the packed signs ``(M, packed_bytes(N))`` of the next layer's input:
+    bit ``n`` is 1 (-1) when ``d < thr[n]``, or ``d > thr[n]`` where ``flip[n]``
+    (``threshold=(thr int32, flip bool)`` from :func:`fold_threshold`).
+    """
+    if a_bits.dtype != torch.uint8 or w_bits.dtype != torch.uint8:
+        raise TypeError("binary_linear expects packed uint8 operands (pack_bits)")
+    thr = flip = None
+    if out == "bits":
+        if threshold is None:
+            raise ValueError('out="bits" needs threshold=(thr, flip) (see fold_threshold)')
+        thr, flip = threshold[0].to(torch.int32), threshold[1].to(torch.uint8)
+    f32 = (lambda t: None if t is None else t.detach().float().reshape(-1))  # noqa: E731
+    return _linear_impl(
+        a_bits,
+        w_bits,
+        k,
+        None if corr is None else corr.to(torch.int32),
+        f32(scale),
+        f32(bias),
+        thr,
+        flip,
+        out,
+    )
+
+
+def binary_linear_reference(
+    a_signs: torch.Tensor,
+    w_signs: torch.Tensor,
+    *,
+    out: str = "int32",
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    threshold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """int64 / fp32 reference of :func:`binary_linear` from ±1 matrices (bits returned as ±1 int64)."""
+    d = a_signs.to(torch.int64) @ w_signs.to(torch.int64).T
+    if out == "int32":
+        return d
+    if out == "bits":
+        assert threshold is not None
+        thr, flip = threshold[0].to(torch.int64), threshold[1].to(torch.bool)
+        neg = torch.where(flip, d > thr, d < thr)
+        return torch.where(neg, -1, 1).to(torch.int64)
+    y = d.to(torch.float32)
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    if out == "int8":
+        return torch.round(y).clamp(-128, 127).to(torch.int8)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Thresholds: batch norm / bias / sign folded into one integer compare per channel
+
+
+class NotMonotoneError(ValueError):
+    """The float function between two binary layers is not monotone in the dot product."""
+
+
+def fold_threshold(
+    fn: Callable[[torch.Tensor], torch.Tensor], k: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(thr int32 (n,), flip bool (n,))`` with ``fn(d) < 0  <=>  (d > thr if flip else d < thr)``.
+
+    ``fn`` maps float dot products ``(R, n)`` (every channel sees the same column of values) to
+    the pre-sign activations, e.g. ``lambda y: hardtanh(bn(y + bias))``. It is evaluated at
+    *every* integer in ``[-k, k]``: exact for whatever rounding ``fn`` does, because float
+    ``+``, ``*`` by a constant and clamps are monotone, so ``fn(d) < 0`` is a prefix (rising
+    channel: ``d < thr``) or a suffix (falling channel, e.g. a negative BN scale: ``d > thr``)
+    of the integers. Raises :class:`NotMonotoneError` otherwise. The sign rule is lowbit's:
+    ``fn(d) = -0.0`` or NaN counts as +1.
+    """
+    grid = torch.arange(-k, k + 1, dtype=torch.float32)[:, None].expand(2 * k + 1, n).contiguous()
+    with torch.no_grad():
+        neg = (fn(grid) < 0).T.numpy()  # (n, 2k+1)
+    thr = np.empty(n, dtype=np.int64)
+    flip = np.zeros(n, dtype=bool)
+    for c in range(n):
+        row = neg[c]
+        count = int(row.sum())
+        if count == 0:
+            thr[c] = _INT32_MIN  # never negative
+        elif count == row.size:
+            thr[c] = _INT32_MAX  # always negative
+        elif row[:count].all():  # prefix: negative below the first non-negative d
+            thr[c] = count - k
+        elif row[row.size - count :].all():  # suffix: negative above the last non-negative d
+            thr[c] = (row.size - count - 1) - k
+            flip[c] = True
+        else:
+            raise NotMonotoneError(
+                f"channel {c}: the activation between the binary layers is not monotone in the "
+                "dot product, so it cannot be folded into a threshold"
+            )
+    return torch.from_numpy(thr.astype(np.int32)), torch.from_numpy(flip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution: NHWC, channels packed
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def conv_output_size(
+    h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int] = (1, 1),
+) -> tuple[int, int]:
+    """``(OH, OW)`` of a convolution / pool (floor mode, as ``nn.Conv2d``)."""
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def pack_conv_input(x: torch.Tensor) -> torch.Tensor:
+    """NCHW float -> packed NHWC ``(B, H, W, packed_bytes(C))`` uint8 (channels along the bits)."""
+    if x.dim() != 4:
+        raise ValueError(f"pack_conv_input expects NCHW; got shape {tuple(x.shape)}")
+    return pack_bits(x.permute(0, 2, 3, 1))
+
+
+def pack_conv_weight(w: torch.Tensor) -> torch.Tensor:
+    """``(N, C, KH, KW)`` weights (any sign-carrying dtype) -> ``(N, KH*KW*packed_bytes(C))`` uint8.
+
+    Tap-major with the channel words of each tap contiguous, the row layout of
+    :func:`binary_conv2d`'s im2col; channel padding bits are 0 (they cancel).
+    """
+    n, c, kh, kw = w.shape
+    bits = pack_bits(w.float().permute(0, 2, 3, 1).reshape(n * kh * kw, c))
+    return bits.reshape(n, kh * kw * bits.shape[-1]).contiguous()
+
+
+def zero_padding_correction(
+    w_signs: torch.Tensor,
+    h: int,
+    w: int,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> torch.Tensor | None:
+    """int32 ``(OH*OW, N)`` to add to the popcount dots of a binary conv so zero padding is exact.
+
+    The rule: im2col stores padding taps as bit 0, i.e. +1 inputs, so the kernel computes
+    ``d_plus = d_zero + sum over out-of-bounds taps t of S[n, t]`` with ``S[n, t] = sum_c w[n, c, t]``
+    (the ±1 filter summed over channels at tap ``t``). The correction ``-sum_oob S`` depends only
+    on the filter and the output pixel (which taps fall outside), so it is computed once per
+    input size: a float64 convolution (exact for these small integers) of the padding-ring
+    indicator with ``S``. ``None`` when there is no padding. Interior pixels get 0.
+    """
+    ph, pw = _pair(padding)
+    if ph == 0 and pw == 0:
+        return None
+    s = w_signs.to(torch.float64).sum(1, keepdim=True)  # (N, 1, KH, KW)
+    ring = torch.ones((1, 1, h + 2 * ph, w + 2 * pw), dtype=torch.float64)
+    ring[:, :, ph : ph + h, pw : pw + w] = 0
+    c = TF.conv2d(ring, s, stride=_pair(stride), dilation=_pair(dilation))  # (1, N, OH, OW)
+    return (-c[0]).permute(1, 2, 0).reshape(-1, s.shape[0]).round().to(torch.int32).contiguous()
+
+
+def _im2col(
+    x_bits: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    b, h, w, cb = x_bits.shape
+    oh, ow = conv_output_size(h, w, kernel, stride, padding, dilation)
+    cols = torch.empty((b * oh * ow, kernel[0] * kernel[1] * cb), dtype=torch.uint8)
+    _ext.binary_im2col(
+        _np(x_bits), *kernel, *stride, *padding, *dilation, cols.numpy(), _threads()
+    )
+    return cols
+
+
+def binary_conv2d(
+    x_bits: torch.Tensor,
+    w_bits: torch.Tensor,
+    in_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    *,
+    corr: torch.Tensor | None = None,
+    out: str = "int32",
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    threshold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Binary convolution on packed NHWC input ``(B, H, W, packed_bytes(C))`` -> NHWC output.
+
+    ``w_bits`` from :func:`pack_conv_weight`; ``corr`` from :func:`zero_padding_correction`
+    (without it, padding acts as +1: "same-one" padding). Output ``(B, OH, OW, N)`` of the
+    ``out`` kind (see :func:`binary_linear`), or packed bits ``(B, OH, OW, packed_bytes(N))``.
+    """
+    kernel, st, pad, dil = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
+    b, h, w, _ = x_bits.shape
+    oh, ow = conv_output_size(h, w, kernel, st, pad, dil)
+    cols = _im2col(x_bits, kernel, st, pad, dil)
+    k = in_channels * kernel[0] * kernel[1]
+    y = binary_linear(
+        cols, w_bits, k, out=out, scale=scale, bias=bias, threshold=threshold, corr=corr
+    )
+    return y.reshape(b, oh, ow, y.shape[-1])
+
+
+def binary_conv2d_reference(
+    x_signs: torch.Tensor,
+    w_signs: torch.Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> torch.Tensor:
+    """float64 ``conv2d`` of ±1 NCHW tensors with ordinary zero padding (exact integers), as int64."""
+    y = TF.conv2d(
+        x_signs.to(torch.float64), w_signs.to(torch.float64), stride=stride, padding=padding,
+        dilation=dilation,
+    )
+    return y.round().to(torch.int64)
+
+
+def binary_maxpool2d(
+    x_bits: torch.Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    or_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Max-pool of a packed ±1 NHWC map (``max`` = AND of the sign bits), as ``nn.MaxPool2d``.
+
+    ``or_mask`` (uint8, one byte per channel byte, bit per channel) selects channels pooled with
+    OR instead (min of ±1): what a max-pool *before* a falling threshold becomes.
+    """
+    kernel = _pair(kernel_size)
+    st = kernel if stride is None else _pair(stride)
+    pad = _pair(padding)
+    b, h, w, cb = x_bits.shape
+    oh, ow = conv_output_size(h, w, kernel, st, pad)
+    mask = torch.zeros(cb, dtype=torch.uint8) if or_mask is None else or_mask.to(torch.uint8)
+    out = torch.empty((b, oh, ow, cb), dtype=torch.uint8)
+    _ext.binary_maxpool(_np(x_bits), *kernel, *st, *pad, _np(mask), out.numpy(), _threads())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit first layer: bit-plane decomposition (QNN §2.5)
+
+
+def bitplane_linear(
+    x: torch.Tensor, w_bits: torch.Tensor, k: int, *, bits: int = 8, signed: bool = False
+) -> torch.Tensor:
+    """Exact int64 ``x @ w.T`` for integer inputs ``x (M, k)`` and packed ±1 weights, on the binary GEMM.
+
+    ``x = sum_n 2^n x_n`` with bit-planes ``x_n`` in {0, 1} (two's complement when ``signed``: the
+    top plane weighs ``-2^(bits-1)``). For a plane, ``x_n . w = (s_n . w + sum(w)) / 2`` with
+    ``s_n = 2 x_n - 1`` in ±1, and ``s_n . w`` is one popcount GEMM (all planes in one call).
+    Matches :func:`lowbit.methods.bnn.bitplane_linear`.
+    """
+    if x.dtype.is_floating_point:
+        raise TypeError("bitplane_linear needs integer inputs (uint8 pixels or int8)")
+    m = x.shape[0]
+    xi = x.to(torch.int64) & ((1 << bits) - 1)
+    planes = torch.stack([(xi >> p) & 1 for p in range(bits)])  # (bits, M, k)
+    # Plane bit 1 (input +1) must pack as +1: pack -0.5 for 0 and +0.5 for 1.
+    s_bits = pack_bits((planes.to(torch.float32) - 0.5).reshape(bits * m, k))
+    d = binary_linear(s_bits, w_bits, k).to(torch.int64).reshape(bits, m, -1)
+    wsum = binary_linear(pack_bits(torch.ones(1, k)), w_bits, k).to(torch.int64)  # sum_k w
+    out = torch.zeros((m, w_bits.shape[0]), dtype=torch.int64)
+    for p in range(bits):
+        weight = -(1 << (bits - 1)) if (signed and p == bits - 1) else (1 << p)
+        out += weight * ((d[p] + wsum) // 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops: the packed modules call these under torch.compile / torch.export
+
+
+_KIND_CODE = {kind: i for i, kind in enumerate(OUT_KINDS)}
+
+
+@torch.library.custom_op("lowbit::binary_linear", mutates_args=(), device_types="cpu")
+def _binary_linear_op(
+    a_bits: torch.Tensor,
+    w_bits: torch.Tensor,
+    k: int,
+    corr: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    thr: torch.Tensor | None,
+    flip: torch.Tensor | None,
+    kind: int,
+) -> torch.Tensor:
+    return _linear_impl(a_bits, w_bits, k, corr, scale, bias, thr, flip, OUT_KINDS[kind])
+
+
+@_binary_linear_op.register_fake
+def _(a_bits, w_bits, k, corr, scale, bias, thr, flip, kind):  # type: ignore[no-untyped-def]
+    m, n = a_bits.shape[0], w_bits.shape[0]
+    dtype = {0: torch.int32, 1: torch.float32, 2: torch.int8, 3: torch.uint8}[kind]
+    cols = (n + 63) // 64 * 8 if kind == 3 else n
+    return a_bits.new_empty((m, cols), dtype=dtype)
+
+
+@torch.library.custom_op("lowbit::binary_pack", mutates_args=(), device_types="cpu")
+def _binary_pack_op(x: torch.Tensor) -> torch.Tensor:
+    return pack_bits(x)
+
+
+@_binary_pack_op.register_fake
+def _(x):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], (x.shape[-1] + 63) // 64 * 8), dtype=torch.uint8)
+
+
+@torch.library.custom_op("lowbit::binary_im2col", mutates_args=(), device_types="cpu")
+def _binary_im2col_op(x_bits: torch.Tensor, geometry: list[int]) -> torch.Tensor:
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    return _im2col(x_bits, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+
+
+@_binary_im2col_op.register_fake
+def _(x_bits, geometry):  # type: ignore[no-untyped-def]
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    b, h, w, cb = x_bits.shape
+    oh, ow = conv_output_size(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    return x_bits.new_empty((b * oh * ow, kh * kw * cb), dtype=torch.uint8)
+
+
+@torch.library.custom_op("lowbit::binary_maxpool2d", mutates_args=(), device_types="cpu")
+def _binary_maxpool_op(x_bits: torch.Tensor, geometry: list[int], or_mask: torch.Tensor) -> torch.Tensor:
+    kh, kw, sh, sw, ph, pw = geometry
+    return binary_maxpool2d(x_bits, (kh, kw), (sh, sw), (ph, pw), or_mask)
+
+
+@_binary_maxpool_op.register_fake
+def _(x_bits, geometry, or_mask):  # type: ignore[no-untyped-def]
+    kh, kw, sh, sw, ph, pw = geometry
+    b, h, w, cb = x_bits.shape
+    oh, ow = conv_output_size(h, w, (kh, kw), (sh, sw), (ph, pw))
+    return x_bits.new_empty((b, oh, ow, cb), dtype=torch.uint8)
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or type(x) is not torch.Tensor
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed modules
+
+
+class _PackedBinaryBase(nn.Module):
+    """Shared epilogue state: ``bias``/``scale`` (float outputs) or ``thr``/``flip`` (bit outputs)."""
+
+    w_bits: torch.Tensor
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
+    thr: torch.Tensor | None
+    flip: torch.Tensor | None
+
+    def _init_epilogue(
+        self,
+        n: int,
+        out: str,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        threshold: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        if out not in OUT_KINDS:
+            raise ValueError(f"out must be one of {', '.join(OUT_KINDS)}; got {out!r}")
+        if out == "bits" and threshold is None:
+            raise ValueError('out="bits" needs threshold=(thr, flip) (see fold_threshold)')
+        self.out_kind = out
+
+        def vec(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if t is None else t.detach().reshape(-1).to(dtype).expand(n).contiguous()
+
+        self.register_buffer("scale", vec(scale, torch.float32))
+        self.register_buffer("bias", vec(bias, torch.float32))
+        self.register_buffer("thr", None if threshold is None else vec(threshold[0], torch.int32))
+        self.register_buffer("flip", None if threshold is None else vec(threshold[1], torch.uint8))
+
+    def _gemm(self, a_bits: torch.Tensor, k: int, corr: torch.Tensor | None) -> torch.Tensor:
+        args = (self.w_bits, k, corr, self.scale, self.bias, self.thr, self.flip)
+        if _tracing(a_bits):
+            return torch.ops.lowbit.binary_linear(a_bits, *args, _KIND_CODE[self.out_kind])
+        return _linear_impl(a_bits, *args, self.out_kind)
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lowbit.binary_pack(x) if _tracing(x) else pack_bits(x)
+
+
+class PackedBinaryLinear(_PackedBinaryBase):
+    """Inference ``Linear`` with ±1 weights and ±1 inputs on the popcount kernels.
+
+    ``input="float"``: takes float ``(..., in_features)`` and binarizes it (sign, lowbit's rule);
+    ``input="bits"``: takes packed rows ``(B, row_bytes)`` from a previous bit-output layer.
+    ``out``: ``"float"`` (``d * scale + bias``), ``"int32"``, ``"int8"`` or ``"bits"`` (packed
+    ``(B, packed_bytes(out_features))`` for the next binary layer, thresholds from
+    :func:`fold_threshold`). ``weight`` is ±1 ``(out, in)`` (anything whose sign is the weight).
+    ``input_layout`` ``(H, W, C)`` says the packed input is a flattened NHWC map with channels
+    padded to words (a conv before it): the weight columns (PyTorch's C, H, W order) are
+    permuted to match, so ``nn.Flatten`` needs no data movement.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        threshold: tuple[torch.Tensor, torch.Tensor] | None = None,
+        input: str = "float",
+        out: str = "float",
+        input_layout: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if input not in ("float", "bits"):
+            raise ValueError(f"input must be 'float' or 'bits'; got {input!r}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.input_kind, self.input_layout = input, input_layout
+        w = weight.detach().float()
+        if input_layout is not None:
+            h, wd, c = input_layout
+            if c * h * wd != self.in_features:
+                raise ValueError(f"input_layout {input_layout} does not match in_features={self.in_features}")
+            wb = pack_bits(w.reshape(-1, c, h, wd).permute(0, 2, 3, 1).reshape(-1, c))
+            wb = wb.reshape(self.out_features, -1).contiguous()
+        else:
+            wb = pack_bits(w)
+        self.register_buffer("w_bits", wb)
+        self._init_epilogue(self.out_features, out, scale, bias, threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_kind == "float":
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"expected inputs (..., {self.in_features}); got {tuple(x.shape)}")
+            lead = x.shape[:-1]
+            a = self._pack(x.reshape(-1, self.in_features))
+        else:
+            lead = x.shape[:1]
+            a = x.reshape(x.shape[0], -1)
+        y = self._gemm(a, self.in_features, None)
+        return y.reshape(*lead, y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"input={self.input_kind}, out={self.out_kind}"
+        )
+
+
+class PackedBinaryConv2d(_PackedBinaryBase):
+    """Inference ``Conv2d`` (groups=1, zero padding) with ±1 weights and inputs on packed NHWC maps.
+
+    ``input="float"``: NCHW float, binarized and packed here; ``input="bits"``: packed NHWC
+    ``(B, H, W, packed_bytes(C))``. ``out="bits"`` returns packed NHWC (for the next binary
+    layer); the other kinds return NCHW tensors, as ``nn.Conv2d`` would. Zero padding is exact
+    (:func:`zero_padding_correction`, cached per input size).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        *,
+        bias: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        threshold: tuple[torch.Tensor, torch.Tensor] | None = None,
+        input: str = "float",
+        out: str = "float",
+    ) -> None:
+        super().__init__()
+        if input not in ("float", "bits"):
+            raise ValueError(f"input must be 'float' or 'bits'; got {input!r}")
+        n, c, kh, kw = (int(s) for s in weight.shape)
+        self.out_channels, self.in_channels, self.kernel_size = n, c, (kh, kw)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.input_kind = input
+        self.register_buffer("w_bits", pack_conv_weight(weight.detach()))
+        self.register_buffer("tap_sums", signs(weight.detach()).sum(1).to(torch.int32))
+        self._init_epilogue(n, out, scale, bias, threshold)
+        self._corr: dict[tuple[int, int], torch.Tensor | None] = {}
+
+    def correction(self, h: int, w: int) -> torch.Tensor | None:
+        """The zero-padding correction for an ``h x w`` input (cached)."""
+        if (h, w) not in self._corr:
+            s = self.tap_sums.to(torch.float64)[:, None]  # (N, 1, KH, KW): one channel of sums
+            self._corr[(h, w)] = zero_padding_correction(
+                s, h, w, self.stride, self.padding, self.dilation
+            )
+        return self._corr[(h, w)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = self._pack(x.permute(0, 2, 3, 1)) if self.input_kind == "float" else x
+        b, h, w, _ = xb.shape
+        oh, ow = conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+        geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
+        if _tracing(xb):
+            cols = torch.ops.lowbit.binary_im2col(xb, geometry)
+        else:
+            cols = _im2col(xb, self.kernel_size, self.stride, self.padding, self.dilation)
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        y = self._gemm(cols, k, self.correction(h, w)).reshape(b, oh, ow, -1)
+        return y if self.out_kind == "bits" else y.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, input={self.input_kind}, out={self.out_kind}"
+        )
+
+
+class BinaryMaxPool2d(nn.Module):
+    """``nn.MaxPool2d`` on packed NHWC bits (see :func:`binary_maxpool2d`)."""
+
+    or_mask: torch.Tensor
+
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        or_mask: torch.Tensor | None = None,
+        channels: int = 0,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = self.kernel_size if stride is None else _pair(stride)
+        self.padding = _pair(padding)
+        mask = or_mask if or_mask is not None else torch.zeros(packed_bytes(channels), dtype=torch.uint8)
+        self.register_buffer("or_mask", mask.to(torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tracing(x):
+            geometry = [*self.kernel_size, *self.stride, *self.padding]
+            return torch.ops.lowbit.binary_maxpool2d(x, geometry, self.or_mask)
+        return binary_maxpool2d(x, self.kernel_size, self.stride, self.padding, self.or_mask)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, packed bits"
+
+
+class FlattenBits(nn.Module):
+    """``nn.Flatten`` for packed NHWC bits: a view (the next layer's weights are permuted instead)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models
+
+
+def is_binary_layer(module: nn.Module) -> bool:
+    """A ``QuantLinear`` / ``QuantConv2d`` with binary weights and a binarizing input quantizer."""
+    from lowbit.nn import QuantConv2d, QuantLinear
+
+    if not isinstance(module, (QuantLinear, QuantConv2d)):
+        return False
+    iq = getattr(module, "input_quantizer", None)
+    if iq is None or not hasattr(iq, "spec") or iq.spec().kind != "binary":
+        return False
+    if getattr(iq, "stochastic", False) and iq.training:
+        return False
+    qw = module.quantized_weight()
+    if qw.format != "binary":
+        return False
+    if isinstance(module, QuantConv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return True
+
+
+_ELEMENTWISE = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+)
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, nn.Sequential):
+        out: list[nn.Module] = []
+        for child in model:
+            out.extend(_leaves(child))
+        return out
+    children = list(model.children())
+    if not children or not hasattr(model, "input_shape"):
+        return [model]
+    # lowbit.models' MLP / ConvNet: forward is the composition of their Sequential children.
+    out = []
+    for child in children:
+        out.extend(_leaves(child))
+    return out
+
+
+def _layer_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(±1 codes as float, per-output scale or None when it is exactly 1)``."""
+    qw = layer.quantized_weight()  # type: ignore[operator]
+    codes = qw.codes.to(torch.float32)
+    scales = qw.scales.detach().float()
+    n = qw.shape[0]
+    if bool((scales == 1).all()):
+        return codes, None
+    if scales.numel() == 1:
+        return codes, scales.reshape(1).expand(n).contiguous()
+    if qw.granularity == "channel":
+        return codes, scales.reshape(n)
+    raise ValueError(f"binary weights with {qw.granularity} scales have no packed binary layer")
+
+
+def pack_bnn(
+    model: nn.Module, input_shape: Sequence[int] | None = None, *, verify: bool = True
+) -> nn.Sequential:
+    """A fully packed inference model of a BNN-trained sequential model.
+
+    ``model``: an ``nn.Sequential`` or a model whose forward is the composition of its
+    (Sequential) children, such as ``lowbit.models`` MLP and ConvNet, quantized with
+    ``lowbit.quantize(model, "bnn")``. Every binary layer (:func:`is_binary_layer`) becomes a
+    :class:`PackedBinaryLinear` / :class:`PackedBinaryConv2d`:
+
+    * if the next binary layer follows through only batch norms, Hardtanh/Tanh, dropout
+      (eval), max-pools and a flatten, those are folded into a per-channel threshold
+      (:func:`fold_threshold`: evaluated with the model's own modules, so exact) and the layer
+      writes packed bits; max-pools become :class:`BinaryMaxPool2d` on bits, a flatten after a
+      conv becomes :class:`FlattenBits` (the next layer's weight columns are permuted);
+    * otherwise it outputs ``float(d) + bias`` and the following modules run as they are.
+
+    Float layers (the kept first / last layer) stay as they are. ``input_shape`` (without the
+    batch) defaults to ``model.input_shape``; it is needed for conv -> linear flattening and,
+    with ``verify``, to check on a random batch that the leaves compose to ``model``.
+    """
+    model = copy.deepcopy(model).eval()
+    leaves = _leaves(model)
+    shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
+    in_shapes: list[tuple[int, ...] | None] = [None] * len(leaves)
+    if shape is not None:
+        with torch.no_grad():
+            x = torch.randn(2, *shape)
+            ref = model(x)
+            y = x
+            for i, leaf in enumerate(leaves):
+                in_shapes[i] = tuple(y.shape[1:])
+                y = leaf(y)
+            if verify and not torch.equal(y, ref):
+                raise ValueError(
+                    "pack_bnn: the model's forward is not the composition of its child modules; "
+                    "pass an nn.Sequential"
+                )
+    from lowbit.nn import QuantConv2d
+
+    stages: list[nn.Module] = []
+    bits_in = False  # does the current activation arrive as packed bits?
+    layout: tuple[int, int, int] | None = None  # NHWC layout of flattened packed bits
+    i = 0
+    while i < len(leaves):
+        layer = leaves[i]
+        if not is_binary_layer(layer):
+            stages.append(layer)
+            i += 1
+            continue
+        weight, wscale = _layer_weight(layer)
+        bias = layer.bias.detach().float() if getattr(layer, "bias", None) is not None else None  # type: ignore[union-attr]
+        is_conv = isinstance(layer, QuantConv2d)
+        # Look ahead for a foldable chain ending at the next binary layer.
+        j, chain = i + 1, []
+        while j < len(leaves) and isinstance(leaves[j], (*_ELEMENTWISE, nn.MaxPool2d, nn.Flatten)):
+            chain.append(leaves[j])
+            j += 1
+        fold = j < len(leaves) and is_binary_layer(leaves[j])
+        pools = [m for m in chain if isinstance(m, nn.MaxPool2d)]
+        flat = [m for m in chain if isinstance(m, nn.Flatten)]
+        if fold and (len(pools) > 1 or (pools and not is_conv) or any(p.ceil_mode or p.dilation not in (1, (1, 1)) or p.return_indices for p in pools)):  # type: ignore[attr-defined]
+            fold = False
+        n = weight.shape[0]
+        common: dict[str, Any] = {"input": "bits" if bits_in else "float"}
+        threshold = None
+        or_mask = None
+        if fold:
+            funcs = [m for m in chain if isinstance(m, _ELEMENTWISE)]
+            before_pool = [m for m in chain[: chain.index(pools[0])] if isinstance(m, _ELEMENTWISE)] if pools else []
+
+            def pre(d: torch.Tensor, mods: Sequence[nn.Module] = funcs) -> torch.Tensor:
+                y = d * wscale if wscale is not None else d
+                y = y + bias if bias is not None else y
+                for mod in mods:
+                    y = mod(y)
+                return y
+
+            k = int(math.prod(weight.shape[1:]))
+            try:
+                threshold = fold_threshold(pre, k, n)
+            except NotMonotoneError:
+                fold = False
+            if fold and pools:
+                # Pool on d is a max where the ops before the pool rise, a min where they fall;
+                # the pooled sign is then an AND or an OR of sign bits (docs/binary.md).
+                ends = pre(torch.tensor([[-float(k)], [float(k)]]).expand(2, n).contiguous(), before_pool)
+                falling = (ends[1] < ends[0]).numpy()
+                use_or = np.logical_xor(threshold[1].numpy(), falling)
+                or_bits = np.zeros(packed_bytes(n) * 8, dtype=np.uint8)
+                or_bits[:n] = use_or
+                or_mask = torch.from_numpy(np.packbits(or_bits, bitorder="little"))
+        out = "bits" if fold else "float"
+        packed: nn.Module
+        if is_conv:
+            conv = layer
+            packed = PackedBinaryConv2d(
+                weight, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
+                bias=None if fold else bias, scale=None if fold else wscale,
+                threshold=threshold, out=out, **common,
+            )
+        else:
+            packed = PackedBinaryLinear(
+                weight, bias=None if fold else bias, scale=None if fold else wscale,
+                threshold=threshold, out=out, input_layout=layout if bits_in else None, **common,
+            )
+        stages.append(packed)
+        layout = None
+        if fold:
+            for m in chain:
+                if isinstance(m, nn.MaxPool2d):
+                    stages.append(BinaryMaxPool2d(m.kernel_size, m.stride, m.padding, or_mask))  # type: ignore[arg-type]
+                elif isinstance(m, nn.Flatten):
+                    pos = chain.index(m)
+                    s = in_shapes[i + 1 + pos]
+                    if is_conv:
+                        if s is None:
+                            raise ValueError("pack_bnn needs input_shape to flatten a binary conv's bits")
+                        c, h, w = s
+                        layout = (h, w, c)
+                        stages.append(FlattenBits())
+            bits_in = True
+            i = j
+            if flat and not is_conv:
+                layout = None
+        else:
+            bits_in = False
+            i += 1
+    return nn.Sequential(*stages).eval()

@@ -1,0 +1,301 @@
+// Python bindings and baseline drivers of the binary (XNOR-popcount) kernels; see binary.h.
+//
+// A layer call is: popcount GEMM (ISA table) into a small per-thread int32 tile, then an
+// epilogue per output row that turns popcounts into the layer's output type:
+//   d = K - 2 * popcount + corr[m % P, n]      (corr: exact zero-padding correction of convs)
+//   int32:  d
+//   float:  float(d) * scale[n] + bias[n]      (scale/bias fold a bias or a batch norm)
+//   int8:   clamp(round_half_even(float(d) * scale[n] + bias[n]), -128, 127)
+//   bits:   bit = flip[n] ? d > thr[n] : d < thr[n]   (bit 1 = -1: the next binary layer's input)
+// The tile keeps the GEMM register-blocked over all of K while the epilogue stays O(outputs).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "binary.h"
+#include "dispatch.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+template <typename T>
+using Dense = nb::ndarray<T, nb::ndim<2>, nb::device::cpu, nb::c_contig>;
+template <typename T>
+using Vector = nb::ndarray<T, nb::ndim<1>, nb::device::cpu, nb::c_contig>;
+using Image = nb::ndarray<const uint8_t, nb::ndim<4>, nb::device::cpu, nb::c_contig>;
+using ImageOut = nb::ndarray<uint8_t, nb::ndim<4>, nb::device::cpu, nb::c_contig>;
+
+// The binary table of the ISA path lowbit::active() runs, so LOWBIT_ISA / use_isa() switch
+// both kernel families together.
+const lowbit_binary_table& binary_active() {
+    const std::string name = lowbit::active().name;
+    if (name == "avx512") return *lowbit_binary_avx512();
+    if (name == "avx2") return *lowbit_binary_avx2();
+    return *lowbit_binary_scalar();
+}
+
+enum Mode { kInt32 = 0, kFloat = 1, kInt8 = 2, kBits = 3 };
+
+struct Job {
+    const uint8_t* a;
+    int64_t a_stride;
+    const uint8_t* w;
+    int64_t w_stride;
+    int64_t words, k, m, n;
+    const int32_t* corr = nullptr;
+    int64_t corr_period = 0;
+    const float* scale = nullptr;
+    const float* bias = nullptr;
+    const int32_t* thr = nullptr;
+    const uint8_t* flip = nullptr;
+    Mode mode = kInt32;
+    void* out = nullptr;
+    int64_t out_stride = 0;  // elements (bytes for kBits)
+};
+
+void epilogue(const Job& j, int64_t m, int64_t n0, int64_t len, const int32_t* pop) {
+    const int32_t* corr = j.corr ? j.corr + (m % j.corr_period) * j.n + n0 : nullptr;
+    const int32_t k = (int32_t)j.k;
+    switch (j.mode) {
+        case kInt32: {
+            int32_t* o = (int32_t*)j.out + m * j.out_stride + n0;
+            for (int64_t i = 0; i < len; ++i) o[i] = k - 2 * pop[i] + (corr ? corr[i] : 0);
+            break;
+        }
+        case kFloat: {
+            float* o = (float*)j.out + m * j.out_stride + n0;
+            for (int64_t i = 0; i < len; ++i) {
+                const float d = (float)(k - 2 * pop[i] + (corr ? corr[i] : 0));
+                o[i] = d * (j.scale ? j.scale[n0 + i] : 1.0f) + (j.bias ? j.bias[n0 + i] : 0.0f);
+            }
+            break;
+        }
+        case kInt8: {
+            int8_t* o = (int8_t*)j.out + m * j.out_stride + n0;
+            for (int64_t i = 0; i < len; ++i) {
+                const float d = (float)(k - 2 * pop[i] + (corr ? corr[i] : 0));
+                float v = std::nearbyint(d * (j.scale ? j.scale[n0 + i] : 1.0f) + (j.bias ? j.bias[n0 + i] : 0.0f));
+                v = std::min(127.0f, std::max(-128.0f, v));
+                o[i] = (int8_t)v;
+            }
+            break;
+        }
+        case kBits: {
+            // n0 is a multiple of 64 (tiles and thread chunks are), so whole words are written.
+            uint8_t* o = (uint8_t*)j.out + m * j.out_stride + n0 / 8;
+            for (int64_t w0 = 0; w0 < len; w0 += 64) {
+                uint64_t word = 0;
+                const int64_t e = std::min<int64_t>(len, w0 + 64);
+                for (int64_t i = w0; i < e; ++i) {
+                    const int32_t d = k - 2 * pop[i] + (corr ? corr[i] : 0);
+                    const int32_t t = j.thr[n0 + i];
+                    const bool neg = j.flip[n0 + i] ? d > t : d < t;
+                    word |= (uint64_t)neg << (i - w0);
+                }
+                std::memcpy(o + w0 / 8, &word, 8);
+            }
+            break;
+        }
+    }
+}
+
+constexpr int64_t kTileN = 256;  // multiple of 64: bit outputs are written in whole words
+constexpr int64_t kTileM = 48;   // multiple of the AVX-512 microkernel's 6 tokens
+
+void run_block(const lowbit_binary_table& t, const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    std::vector<int32_t> pop((size_t)(kTileM * kTileN));
+    for (int64_t nb = n0; nb < n1; nb += kTileN) {
+        const int64_t nl = std::min(kTileN, n1 - nb);
+        for (int64_t mb = m0; mb < m1; mb += kTileM) {
+            const int64_t ml = std::min(kTileM, m1 - mb);
+            t.popcount_gemm(j.a + mb * j.a_stride, j.a_stride, j.w + nb * j.w_stride, j.w_stride, j.words, ml, nl,
+                            pop.data(), nl);
+            for (int64_t i = 0; i < ml; ++i) epilogue(j, mb + i, nb, nl, pop.data() + i * nl);
+        }
+    }
+}
+
+void run(const Job& j, int n_threads) {
+    const lowbit_binary_table& t = binary_active();
+    // Below ~1M binary MACs a second thread costs more than it saves.
+    if (j.m * j.n * 64 * j.words < ((int64_t)1 << 20)) n_threads = 1;
+    // Big weight matrices are split by rows so each thread streams only its share (GEMV and
+    // big GEMMs); small ones (convolutions: few filters, many pixels) are split by tokens.
+    const bool split_n = j.n * j.w_stride > (512 << 10) || j.m < 12;
+    if (split_n)
+        lowbit::parallel_for(j.n, n_threads, 64, [&](int64_t b, int64_t e) { run_block(t, j, 0, j.m, b, e); });
+    else
+        lowbit::parallel_for(j.m, n_threads, 6, [&](int64_t b, int64_t e) { run_block(t, j, b, e, 0, j.n); });
+}
+
+int64_t stride0(int64_t rows, int64_t stride, int64_t cols) { return rows > 1 ? stride : cols; }
+
+void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t k,
+                   std::optional<Dense<const int32_t>> corr, std::optional<Vector<const float>> scale,
+                   std::optional<Vector<const float>> bias, std::optional<Vector<const int32_t>> thr,
+                   std::optional<Vector<const uint8_t>> flip, std::optional<Dense<int32_t>> out_i32,
+                   std::optional<Dense<float>> out_f32, std::optional<Dense<int8_t>> out_i8,
+                   std::optional<Dense<uint8_t>> out_bits, int n_threads) {
+    Job j{};
+    j.m = (int64_t)a.shape(0);
+    j.n = (int64_t)w.shape(0);
+    const int64_t row_bytes = (int64_t)a.shape(1);
+    if ((int64_t)w.shape(1) != row_bytes)
+        throw std::invalid_argument("packed activations have " + std::to_string(row_bytes) +
+                                    " bytes per row but the packed weights " + std::to_string(w.shape(1)));
+    if (row_bytes % 8) throw std::invalid_argument("packed rows must be whole 64-bit words (a multiple of 8 bytes)");
+    j.words = row_bytes / 8;
+    if (k < 0 || k > 64 * j.words) throw std::invalid_argument("k does not fit the packed rows");
+    j.k = k;
+    j.a = a.data();
+    j.a_stride = row_bytes;
+    j.w = w.data();
+    j.w_stride = row_bytes;
+    auto check_vec = [&](int64_t len, const char* name) {
+        if (len != j.n) throw std::invalid_argument(std::string(name) + " must have one entry per output (" + std::to_string(j.n) + ")");
+    };
+    if (corr) {
+        if ((int64_t)corr->shape(1) != j.n || corr->shape(0) == 0)
+            throw std::invalid_argument("corr must be (P, N) int32 (row m % P corrects token m)");
+        j.corr = corr->data();
+        j.corr_period = (int64_t)corr->shape(0);
+    }
+    if (scale) { check_vec((int64_t)scale->shape(0), "scale"); j.scale = scale->data(); }
+    if (bias) { check_vec((int64_t)bias->shape(0), "bias"); j.bias = bias->data(); }
+    int outs = (out_i32 ? 1 : 0) + (out_f32 ? 1 : 0) + (out_i8 ? 1 : 0) + (out_bits ? 1 : 0);
+    if (outs != 1) throw std::invalid_argument("give exactly one output array");
+    auto check_out = [&](int64_t r, int64_t c, int64_t cols) {
+        if (r != j.m || c != cols) throw std::invalid_argument("output has the wrong shape");
+    };
+    if (out_i32) { check_out((int64_t)out_i32->shape(0), (int64_t)out_i32->shape(1), j.n); j.mode = kInt32; j.out = out_i32->data(); j.out_stride = j.n; }
+    if (out_f32) { check_out((int64_t)out_f32->shape(0), (int64_t)out_f32->shape(1), j.n); j.mode = kFloat; j.out = out_f32->data(); j.out_stride = j.n; }
+    if (out_i8) { check_out((int64_t)out_i8->shape(0), (int64_t)out_i8->shape(1), j.n); j.mode = kInt8; j.out = out_i8->data(); j.out_stride = j.n; }
+    if (out_bits) {
+        const int64_t ob = 8 * ((j.n + 63) / 64);
+        check_out((int64_t)out_bits->shape(0), (int64_t)out_bits->shape(1), ob);
+        if (!thr || !flip) throw std::invalid_argument("bit outputs need thr and flip");
+        check_vec((int64_t)thr->shape(0), "thr");
+        check_vec((int64_t)flip->shape(0), "flip");
+        j.thr = thr->data();
+        j.flip = flip->data();
+        j.mode = kBits;
+        j.out = out_bits->data();
+        j.out_stride = ob;
+    }
+    if (j.m == 0 || j.n == 0) return;
+    nb::gil_scoped_release release;
+    run(j, n_threads);
+}
+
+struct ConvGeom {
+    int64_t b, h, w, cb, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
+};
+
+ConvGeom geom(const Image& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+              int64_t dw) {
+    ConvGeom g{(int64_t)x.shape(0), (int64_t)x.shape(1), (int64_t)x.shape(2), (int64_t)x.shape(3), kh, kw, sh, sw,
+               ph, pw, dh, dw, 0, 0};
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0)
+        throw std::invalid_argument("kernel, stride and dilation must be >= 1 and padding >= 0");
+    g.oh = (g.h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    g.ow = (g.w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+    if (g.oh < 1 || g.ow < 1) throw std::invalid_argument("the kernel does not fit the padded input");
+    return g;
+}
+
+// im2col on packed words: row (b, oy, ox) holds the kh*kw taps' channel words; taps in the
+// padding are zero words (= +1 inputs; the exact zero-padding correction is added in the
+// epilogue through `corr`).
+void binary_im2col(Image x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                   int64_t dw, Dense<uint8_t> out, int n_threads) {
+    const ConvGeom g = geom(x, kh, kw, sh, sw, ph, pw, dh, dw);
+    if ((int64_t)out.shape(0) != g.b * g.oh * g.ow || (int64_t)out.shape(1) != kh * kw * g.cb)
+        throw std::invalid_argument("im2col output must be (B*OH*OW, KH*KW*channel bytes)");
+    const uint8_t* src = x.data();
+    uint8_t* dst = out.data();
+    nb::gil_scoped_release release;
+    lowbit::parallel_for(g.b * g.oh, n_threads, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t bi = r / g.oh, oy = r % g.oh;
+            for (int64_t ox = 0; ox < g.ow; ++ox) {
+                uint8_t* o = dst + ((r * g.ow) + ox) * kh * kw * g.cb;
+                for (int64_t ky = 0; ky < kh; ++ky) {
+                    const int64_t iy = oy * sh - ph + ky * dh;
+                    for (int64_t kx = 0; kx < kw; ++kx, o += g.cb) {
+                        const int64_t ix = ox * sw - pw + kx * dw;
+                        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) std::memset(o, 0, (size_t)g.cb);
+                        else std::memcpy(o, src + ((bi * g.h + iy) * g.w + ix) * g.cb, (size_t)g.cb);
+                    }
+                }
+            }
+        }
+    });
+}
+
+// Max-pool of ±1 maps on packed bits (bit 1 = -1): max(±1) is +1 when any input is +1, i.e. the
+// AND of the sign bits. Channels whose bit in or_mask is 1 take the OR instead (min-pool: the
+// layer before had a decreasing threshold, see lowbit.binary). Out-of-bounds taps are skipped
+// (max-pool padding is -inf).
+void binary_maxpool(Image x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                    Vector<const uint8_t> or_mask, ImageOut out, int n_threads) {
+    const ConvGeom g = geom(x, kh, kw, sh, sw, ph, pw, 1, 1);
+    if ((int64_t)or_mask.shape(0) != g.cb) throw std::invalid_argument("or_mask must have one byte per channel byte");
+    if ((int64_t)out.shape(0) != g.b || (int64_t)out.shape(1) != g.oh || (int64_t)out.shape(2) != g.ow ||
+        (int64_t)out.shape(3) != g.cb)
+        throw std::invalid_argument("max-pool output must be (B, OH, OW, channel bytes)");
+    const uint8_t* src = x.data();
+    const uint8_t* mask = or_mask.data();
+    uint8_t* dst = out.data();
+    nb::gil_scoped_release release;
+    lowbit::parallel_for(g.b * g.oh, n_threads, 1, [&](int64_t r0, int64_t r1) {
+        std::vector<uint8_t> a((size_t)g.cb), o((size_t)g.cb);
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t bi = r / g.oh, oy = r % g.oh;
+            for (int64_t ox = 0; ox < g.ow; ++ox) {
+                std::fill(a.begin(), a.end(), (uint8_t)0xFF);
+                std::fill(o.begin(), o.end(), (uint8_t)0);
+                for (int64_t ky = 0; ky < kh; ++ky) {
+                    const int64_t iy = oy * sh - ph + ky;
+                    if (iy < 0 || iy >= g.h) continue;
+                    for (int64_t kx = 0; kx < kw; ++kx) {
+                        const int64_t ix = ox * sw - pw + kx;
+                        if (ix < 0 || ix >= g.w) continue;
+                        const uint8_t* p = src + ((bi * g.h + iy) * g.w + ix) * g.cb;
+                        for (int64_t c = 0; c < g.cb; ++c) {
+                            a[(size_t)c] &= p[c];
+                            o[(size_t)c] |= p[c];
+                        }
+                    }
+                }
+                uint8_t* d = dst + ((r * g.ow) + ox) * g.cb;
+                for (int64_t c = 0; c < g.cb; ++c)
+                    d[c] = (uint8_t)((a[(size_t)c] & ~mask[c]) | (o[(size_t)c] & mask[c]));
+            }
+        }
+    });
+}
+
+}  // namespace
+
+void register_binary(nb::module_& m) {
+    m.def("binary_active", [] { return std::string(binary_active().name); });
+    m.def("binary_linear", &binary_linear, "a"_a, "w"_a, "k"_a, "corr"_a.none(), "scale"_a.none(), "bias"_a.none(),
+          "thr"_a.none(), "flip"_a.none(), "out_i32"_a.none(), "out_f32"_a.none(), "out_i8"_a.none(),
+          "out_bits"_a.none(), "n_threads"_a = 1);
+    m.def("binary_im2col", &binary_im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,
+          "out"_a, "n_threads"_a = 1);
+    m.def("binary_maxpool", &binary_maxpool, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "or_mask"_a,
+          "out"_a, "n_threads"_a = 1);
+}

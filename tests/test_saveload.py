@@ -1,0 +1,244 @@
+""".lowbit files: round trips (quantized, packed, registry, Sequential, skeleton), and refusal of
+corrupt, truncated, future-version and mismatched files before anything is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import models
+from lowbit.pack import PackedConv2d, PackedLinear
+from lowbit.saveload import LowbitFileError, read_manifest
+
+
+def _seq() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(20, 33),
+        nn.BatchNorm1d(33),
+        nn.ReLU(),
+        nn.Linear(33, 10),
+    ).eval()
+
+
+def _x(n: int = 7) -> torch.Tensor:
+    return torch.randn(n, 20, generator=torch.Generator().manual_seed(1))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("method", ["ttq", "twn", "bnn", "fgq", "qnn"])
+def test_quantized_and_packed_sequential_round_trip(tmp_path: Path, method: str) -> None:
+    model = lowbit.quantize(_seq(), method, keep=()).eval()
+    x = _x()
+    expected = _outputs(model, x)  # also decides FGQ's signed/unsigned inputs
+    lowbit.save(model, tmp_path / "q.lowbit")
+    loaded = lowbit.load(tmp_path / "q.lowbit")
+    # Stored codes replay the same weights bit for bit; same input quantizers.
+    assert torch.equal(_outputs(loaded, x), expected)
+    qw0, qw1 = model[1].quantized_weight(), loaded[1].quantized_weight()
+    assert torch.equal(qw0.codes, qw1.codes) and torch.equal(qw0.scales, qw1.scales)
+    packed = lowbit.pack(model)
+    info = lowbit.save(packed, tmp_path / "p.lowbit")
+    assert info["bytes"] == os.path.getsize(tmp_path / "p.lowbit")
+    loaded_packed = lowbit.load(tmp_path / "p.lowbit")
+    assert isinstance(loaded_packed[1], PackedLinear)
+    assert torch.equal(_outputs(loaded_packed, x), _outputs(packed, x))
+    assert loaded_packed.packing_report == packed.packing_report
+
+
+def test_file_is_plain_safetensors_and_needs_no_pickle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import safe_open
+
+    model = lowbit.pack(lowbit.quantize(_seq(), "ttq", keep=()))
+    path = tmp_path / "m.lowbit"
+    lowbit.save(model, path)
+    with safe_open(str(path), framework="pt") as f:  # any safetensors reader can open it
+        assert torch.equal(f.get_tensor("1.tiles"), model[1].tiles)
+        manifest = json.loads(f.metadata()["lowbit.manifest"])
+    assert manifest["format"] == "lowbit" and manifest["version"] == 1
+    assert manifest["architecture"]["kind"] == "modules"
+
+    def no_pickle(*_: object, **__: object) -> None:
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "Unpickler", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    lowbit.load(path)
+
+
+def test_registry_model_with_convolutions_loads_standalone(tmp_path: Path) -> None:
+    net = models.create("lenet5").eval()
+    quant = lowbit.quantize(net, "twn", keep=())
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    arch = {"name": "lenet5", "options": {}}
+    lowbit.save(quant, tmp_path / "q.lowbit", architecture=arch)
+    assert torch.equal(_outputs(lowbit.load(tmp_path / "q.lowbit"), x), _outputs(quant, x))
+    packed = lowbit.pack(quant, activations="float")
+    assert isinstance(packed.features.conv1, PackedConv2d)
+    info = lowbit.save(packed, tmp_path / "p.lowbit", architecture=arch)
+    loaded = lowbit.load(tmp_path / "p.lowbit")
+    assert type(loaded).__name__ == "LeNet5" and isinstance(loaded.features.conv2, PackedConv2d)
+    assert torch.equal(_outputs(loaded, x), _outputs(packed, x))
+    assert loaded.lowbit_architecture == arch
+    # Ternary conv + linear weights at 2 bits: the file is much smaller than float32.
+    assert info["compression"] > 5
+
+
+class Custom(nn.Module):
+    def __init__(self, hidden: int = 33) -> None:
+        super().__init__()
+        self.body = nn.Linear(20, hidden)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)) * 2)
+
+
+def test_custom_module_needs_and_uses_a_skeleton(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    quant = lowbit.quantize(Custom(), "twn", keep=())
+    packed = lowbit.pack(quant)
+    path = tmp_path / "c.lowbit"
+    lowbit.save(packed, path)
+    with pytest.raises(LowbitFileError, match="model=MyNet"):
+        lowbit.load(path)
+    loaded = lowbit.load(path, model=Custom())  # a fresh float skeleton
+    x = _x()
+    assert isinstance(loaded.body, PackedLinear)
+    assert torch.equal(_outputs(loaded, x), _outputs(packed, x))
+
+
+def test_mismatched_skeleton_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    path = tmp_path / "c.lowbit"
+    lowbit.save(lowbit.quantize(Custom(), "twn", keep=()), path)
+    other = Custom(hidden=34)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(LowbitFileError, match=r"does not fit the model at 'body'.*\(20, 33\)"):
+        lowbit.load(path, model=other)
+    assert isinstance(other.body, nn.Linear) and type(other.body) is nn.Linear
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(LowbitFileError, match="does not fit"):
+        lowbit.load(path, model=_seq())
+
+
+def _saved(tmp_path: Path) -> tuple[Path, nn.Module]:
+    model = lowbit.pack(lowbit.quantize(_seq(), "ttq", keep=()))
+    path = tmp_path / "m.lowbit"
+    lowbit.save(model, path)
+    return path, model
+
+
+def test_corrupted_tensor_byte_fails_its_checksum(tmp_path: Path) -> None:
+    path, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(LowbitFileError, match="SHA-256"):
+        lowbit.load(path)
+
+
+def test_any_flipped_byte_is_refused_or_harmless(tmp_path: Path) -> None:
+    path, model = _saved(tmp_path)
+    good = path.read_bytes()
+    x = _x()
+    expected = _outputs(model, x)
+    bad = tmp_path / "bad.lowbit"
+    refused = 0
+    positions = list(range(0, len(good), 13)) + list(range(8))
+    for pos in positions:
+        data = bytearray(good)
+        data[pos] ^= 0x04
+        bad.write_bytes(bytes(data))
+        try:
+            loaded = lowbit.load(bad)
+        except LowbitFileError:
+            refused += 1
+            continue
+        # The only harmless flips are in the header's padding spaces (0x20 -> 0x24 is '$'...
+        # which would break JSON) — so anything that loads must behave exactly like the original.
+        assert torch.equal(_outputs(loaded, x), expected), pos
+    assert refused >= len(positions) - 2
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -1])
+def test_truncated_files_are_refused(tmp_path: Path, keep: int) -> None:
+    path, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+    with pytest.raises(LowbitFileError, match="truncated|corrupt"):
+        lowbit.load(path)
+
+
+def _rewrite_manifest(path: Path, edit: object) -> None:
+    """Re-encode the manifest (with a valid manifest checksum) after ``edit(manifest)``."""
+    import hashlib
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    manifest = json.loads(header["__metadata__"]["lowbit.manifest"])
+    edit(manifest)  # type: ignore[operator]
+    text = json.dumps(manifest)
+    header["__metadata__"] = {
+        "lowbit.manifest": text,
+        "lowbit.manifest.sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_future_format_version_is_refused(tmp_path: Path) -> None:
+    path, _ = _saved(tmp_path)
+    _rewrite_manifest(path, lambda m: m.update(version=2))
+    with pytest.raises(LowbitFileError, match="version 2.*upgrade lowbit"):
+        lowbit.load(path)
+    _rewrite_manifest(path, lambda m: m.update(version=1))
+    lowbit.load(path)  # the rewrite itself is sound
+
+
+def test_layer_spec_that_disagrees_with_its_tensors_is_refused(tmp_path: Path) -> None:
+    path, _ = _saved(tmp_path)
+
+    def grow(m: dict) -> None:
+        m["layers"]["1"]["config"]["out_features"] = 50  # 4 row blocks: the 3 stored no longer fit
+
+    _rewrite_manifest(path, grow)
+    with pytest.raises(LowbitFileError, match="does not fit"):
+        lowbit.load(path)
+
+
+def test_failed_save_keeps_the_existing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, model = _saved(tmp_path)
+    before = path.read_bytes()
+
+    def broken_replace(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        lowbit.save(lowbit.quantize(_seq(), "twn", keep=()), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.lowbit"]  # no temp file left
+    assert read_manifest(path)["layers"]["1"]["type"] == "PackedLinear"
+    assert model is not None
