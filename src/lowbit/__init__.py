@@ -14,11 +14,18 @@ import sys as _sys
 
 from lowbit.errors import SetupError
 
+_RUNNING_CLI = _os.path.basename(_sys.argv[0]) == "lowbit"
+if _RUNNING_CLI and "torch" not in _sys.modules:
+    # The `lowbit` command on a small, shared machine: OpenMP threads that spin-wait for a busy
+    # core made one MNIST epoch 5x slower (344 s vs 72 s at load 7.5, docs/results.md). A user's
+    # own OMP_WAIT_POLICY wins; library users keep PyTorch's default.
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     from lowbit import kernels
 except SetupError as _exc:
     # From the `lowbit` command, a setup problem is one line that says what to do, not a traceback.
-    if _os.path.basename(_sys.argv[0]) == "lowbit":
+    if _RUNNING_CLI:
         print(f"error: {_exc}", file=_sys.stderr)
         raise SystemExit(2) from None
     raise
