@@ -206,3 +206,99 @@ def test_pack_model_keeps_dfp_inputs_signed_and_unsigned() -> None:
     assert "udfp8" in packed.packing_report["2"]
     # Same DFP codes and the same ternary weights: only fp32 rounding differs.
     assert torch.allclose(packed(x), simulated, rtol=1e-4, atol=1e-4)
+
+
+# ---- integer input formats: unsigned DFP, sign, k-bit -------------------------------------------
+
+
+def test_unsigned_dfp_inputs_are_integer_exact() -> None:
+    functional = pytest.importorskip("lowbit.functional")
+    g = torch.Generator().manual_seed(5)
+    k = 4097
+    # Worst case for the zero-point trick: every code 255 against all-+1 rows (and a -1 row).
+    codes = torch.ones(3, k, dtype=torch.int8)
+    codes[1] = -1
+    codes[2, ::2] = 0
+    qw = QuantizedWeight(codes, torch.ones(1), "ternary", 2)
+    layer = PackedLinear(qw, None, activations="dfp", act_signed=False, exponent=0)
+    x = torch.full((2, k), 1000.0)  # saturates at 255
+    x[1, :7] = -3.0  # negatives saturate at 0
+    ints, _ = functional.dfp_quantize(x, 8, signed=False, exponent=0)
+    exact = torch.from_numpy(kernels.ternary_matmul_reference(ints.numpy(), codes.numpy()))
+    assert torch.equal(layer(x), exact.float())  # all < 2^24: representable, so must be equal
+    # Random unsigned inputs, dynamic exponent, grouped scales: float64 reference on the codes.
+    qwg = _qweight("ternary", 2, "group", 8, "in")
+    bias = torch.randn(N)
+    xr = torch.relu(torch.randn(9, K, generator=g)) * 3
+    ints, e = functional.dfp_quantize(xr, 8, signed=False)
+    assert int(ints.max()) > 127  # the range int8 cannot hold
+    expected, tol = _reference(qwg, xr, bias, ints.double() * 2.0**e)
+    got = PackedLinear(qwg, bias, activations="dfp", act_signed=False)(xr)
+    assert (np.abs(got.double().numpy() - expected) <= tol).all()
+
+
+def _conv_net(in_ch: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_ch, 20, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(20, 17, 3, padding=2, dilation=2, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(17, 5, 1, stride=3),  # stride > kernel: some pixels are never read
+    ).eval()
+
+
+def test_packed_conv_float_path_matches_the_quant_model() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    quant = lowbit.quantize(_conv_net(), "ttq", keep=())
+    x = torch.randn(2, 3, 13, 11)
+    with torch.no_grad():
+        simulated = quant(x)
+    exact = pack_model(quant, activations="float", strict=True)
+    assert all(type(exact[i]).__name__ == "PackedConv2d" for i in (0, 2, 4))
+    got = exact(x)
+    assert got.shape == simulated.shape
+    assert torch.allclose(got, simulated, rtol=1e-4, atol=1e-5)
+    y8 = pack_model(quant)(x)  # per-patch int8: close, not equal
+    assert torch.allclose(y8, simulated, rtol=0.05, atol=0.05 * float(simulated.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["fgq", "bnn", "qnn"])
+def test_packed_conv_with_quantized_inputs_matches_the_quant_model(method: str) -> None:
+    lowbit = pytest.importorskip("lowbit")
+    quant = lowbit.quantize(_conv_net(), method, keep=())
+    x = torch.randn(2, 3, 13, 11) * 2
+    with torch.no_grad():
+        simulated = quant(x)  # FGQ: first batch fixes signed (conv0) / unsigned (after ReLUs)
+    packed = pack_model(quant, strict=True)
+    # Same integer codes (zero padding is code 0, also for ±1 inputs), same weights.
+    assert torch.allclose(packed(x), simulated, rtol=1e-5, atol=1e-4 * float(simulated.abs().max()))
+
+
+def test_sign_inputs_with_binary_weights_are_exact() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    quant = lowbit.quantize(_mlp(), "bnn", keep=())
+    x = torch.randn(6, K)
+    with torch.no_grad():
+        simulated = quant(x)
+    packed = pack_model(quant, strict=True)
+    assert packed[0].activations == "sign"
+    # ±1 x ±1 sums are integers: both sides compute them exactly, then add the same bias.
+    assert torch.equal(packed(x), simulated)
+
+
+def test_unpackable_layers_are_reported_or_refused_by_name() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 3)
+    )
+    quant = lowbit.quantize(net, "twn", keep=())
+    packed = pack_model(quant)
+    assert packed.packing_report["0"].startswith("kept as QuantConv2d: grouped convolutions")
+    assert packed.packing_report["2"].startswith("packed")
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(packed(x), quant(x), rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="layer '0' kept as QuantConv2d: grouped"):
+        pack_model(quant, strict=True)

@@ -263,3 +263,130 @@ def rows_as_dicts(rows: list[Row]) -> list[dict[str, object]]:
         {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(r).items()}
         for r in rows
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end model benchmark (``lowbit bench model``)
+
+
+def float_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a packed / quantized model with plain fp32 ``nn.Linear`` / ``nn.Conv2d`` layers
+    of the same shapes (random weights: only the speed of the float baseline matters)."""
+    import copy
+
+    from lowbit.nn import QuantConv2d, QuantLinear
+    from lowbit.pack import PackedConv2d, PackedLinear
+
+    twin = copy.deepcopy(model)
+
+    def visit(parent: torch.nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(parent, name, torch.nn.Linear(child.in_features, child.out_features))
+            elif isinstance(child, PackedConv2d):
+                conv = torch.nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,  # type: ignore[arg-type]
+                    stride=child.stride,  # type: ignore[arg-type]
+                    padding=child.padding,  # type: ignore[arg-type]
+                    dilation=child.dilation,  # type: ignore[arg-type]
+                )
+                setattr(parent, name, conv)
+            elif isinstance(child, QuantLinear):
+                setattr(parent, name, torch.nn.Linear(child.in_features, child.out_features))
+            elif isinstance(child, QuantConv2d):
+                setattr(
+                    parent,
+                    name,
+                    torch.nn.Conv2d(
+                        child.in_channels,
+                        child.out_channels,
+                        child.kernel_size,  # type: ignore[arg-type]
+                        stride=child.stride,  # type: ignore[arg-type]
+                        padding=child.padding,  # type: ignore[arg-type]
+                        dilation=child.dilation,  # type: ignore[arg-type]
+                        groups=child.groups,
+                    ),
+                )
+            else:
+                visit(child)
+
+    visit(twin)
+    return twin.eval()
+
+
+def default_mnist_model(widths: tuple[int, ...] = (1024, 1024)) -> torch.nn.Module:
+    """The MNIST MLP of the end-to-end target (``lowbit.models`` "mlp", 784-1024-1024-10 with BN),
+    ternary (TWN) on every layer, packed with int8 activations. Random weights: speed only."""
+    import lowbit
+    from lowbit import models
+
+    torch.manual_seed(0)
+    net = models.create("mlp", widths=widths).eval()
+    return lowbit.pack(lowbit.quantize(net, "twn", keep=()))
+
+
+@dataclass
+class ModelRow:
+    batch: int
+    threads: int
+    fp32_ms: float
+    lowbit_ms: float
+    speedup: float = field(init=False)
+    fp32_samples_s: float = field(init=False)
+    lowbit_samples_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.speedup = self.fp32_ms / self.lowbit_ms
+        self.fp32_samples_s = 1e3 * self.batch / self.fp32_ms
+        self.lowbit_samples_s = 1e3 * self.batch / self.lowbit_ms
+
+
+MODEL_TARGET = 5.0  # DESIGN.md: packed MNIST model >= 5x the fp32 PyTorch throughput at batch 256
+
+
+def bench_model(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batches: tuple[int, ...] = (256, 1),
+    threads: tuple[int, ...] = (1, 2),
+    reps: int = 30,
+    log: Callable[[str], None] = print,
+) -> list[ModelRow]:
+    """Median forward time of ``model`` (packed) against its fp32 twin, same inputs, same run."""
+    if reps < 20:
+        raise ValueError(
+            "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
+        )
+    baseline = float_twin(model)
+    model = model.eval()
+    rows: list[ModelRow] = []
+    previous = torch.get_num_threads()
+    log(
+        f"lowbit bench model: input {tuple(input_shape)}, medians of {reps} forward passes; "
+        f"isa={kernels.active_isa()}; torch {torch.__version__}"
+    )
+    log(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    try:
+        with torch.inference_mode():
+            for t in threads:
+                torch.set_num_threads(t)
+                for b in batches:
+                    x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))
+                    f_ms = median_ms([partial(baseline, x)], reps)
+                    l_ms = median_ms([partial(model, x)], reps)
+                    row = ModelRow(b, t, f_ms, l_ms)
+                    rows.append(row)
+                    target = ""
+                    if b == 256:
+                        ok = "ok" if row.speedup >= MODEL_TARGET else "MISSED"
+                        target = f"  >={MODEL_TARGET:g}x fp32 {ok}"
+                    log(
+                        f"batch {b:>4} threads {t}: fp32 {f_ms:8.3f} ms ({row.fp32_samples_s:9.0f}/s)  "
+                        f"lowbit {l_ms:8.3f} ms ({row.lowbit_samples_s:9.0f}/s)  {row.speedup:5.2f}x{target}"
+                    )
+    finally:
+        torch.set_num_threads(previous)
+    log(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return rows

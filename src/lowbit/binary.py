@@ -33,9 +33,10 @@ Every kernel has an int64 / float64 reference here (``*_reference``) used by tes
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ def binary_linear(
         if threshold is None:
             raise ValueError('out="bits" needs threshold=(thr, flip) (see fold_threshold)')
         thr, flip = threshold[0].to(torch.int32), threshold[1].to(torch.uint8)
-    f32 = (lambda t: None if t is None else t.detach().float().reshape(-1))  # noqa: E731
+    f32 = lambda t: None if t is None else t.detach().float().reshape(-1)  # noqa: E731
     return _linear_impl(
         a_bits,
         w_bits,
@@ -286,7 +287,11 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 def conv_output_size(
-    h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    h: int,
+    w: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
     dilation: tuple[int, int] = (1, 1),
 ) -> tuple[int, int]:
     """``(OH, OW)`` of a convolution / pool (floor mode, as ``nn.Conv2d``)."""
@@ -350,9 +355,7 @@ def _im2col(
     b, h, w, cb = x_bits.shape
     oh, ow = conv_output_size(h, w, kernel, stride, padding, dilation)
     cols = torch.empty((b * oh * ow, kernel[0] * kernel[1] * cb), dtype=torch.uint8)
-    _ext.binary_im2col(
-        _np(x_bits), *kernel, *stride, *padding, *dilation, cols.numpy(), _threads()
-    )
+    _ext.binary_im2col(_np(x_bits), *kernel, *stride, *padding, *dilation, cols.numpy(), _threads())
     return cols
 
 
@@ -397,7 +400,10 @@ def binary_conv2d_reference(
 ) -> torch.Tensor:
     """float64 ``conv2d`` of ±1 NCHW tensors with ordinary zero padding (exact integers), as int64."""
     y = TF.conv2d(
-        x_signs.to(torch.float64), w_signs.to(torch.float64), stride=stride, padding=padding,
+        x_signs.to(torch.float64),
+        w_signs.to(torch.float64),
+        stride=stride,
+        padding=padding,
         dilation=dilation,
     )
     return y.round().to(torch.int64)
@@ -511,7 +517,9 @@ def _(x_bits, geometry):  # type: ignore[no-untyped-def]
 
 
 @torch.library.custom_op("lowbit::binary_maxpool2d", mutates_args=(), device_types="cpu")
-def _binary_maxpool_op(x_bits: torch.Tensor, geometry: list[int], or_mask: torch.Tensor) -> torch.Tensor:
+def _binary_maxpool_op(
+    x_bits: torch.Tensor, geometry: list[int], or_mask: torch.Tensor
+) -> torch.Tensor:
     kh, kw, sh, sw, ph, pw = geometry
     return binary_maxpool2d(x_bits, (kh, kw), (sh, sw), (ph, pw), or_mask)
 
@@ -541,6 +549,7 @@ class _PackedBinaryBase(nn.Module):
     """Shared epilogue state: ``bias``/``scale`` (float outputs) or ``thr``/``flip`` (bit outputs)."""
 
     w_bits: torch.Tensor
+    tap_sums: torch.Tensor
     scale: torch.Tensor | None
     bias: torch.Tensor | None
     thr: torch.Tensor | None
@@ -611,7 +620,9 @@ class PackedBinaryLinear(_PackedBinaryBase):
         if input_layout is not None:
             h, wd, c = input_layout
             if c * h * wd != self.in_features:
-                raise ValueError(f"input_layout {input_layout} does not match in_features={self.in_features}")
+                raise ValueError(
+                    f"input_layout {input_layout} does not match in_features={self.in_features}"
+                )
             wb = pack_bits(w.reshape(-1, c, h, wd).permute(0, 2, 3, 1).reshape(-1, c))
             wb = wb.reshape(self.out_features, -1).contiguous()
         else:
@@ -718,7 +729,11 @@ class BinaryMaxPool2d(nn.Module):
         self.kernel_size = _pair(kernel_size)
         self.stride = self.kernel_size if stride is None else _pair(stride)
         self.padding = _pair(padding)
-        mask = or_mask if or_mask is not None else torch.zeros(packed_bytes(channels), dtype=torch.uint8)
+        mask = (
+            or_mask
+            if or_mask is not None
+            else torch.zeros(packed_bytes(channels), dtype=torch.uint8)
+        )
         self.register_buffer("or_mask", mask.to(torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -757,7 +772,11 @@ def is_binary_layer(module: nn.Module) -> bool:
     if qw.format != "binary":
         return False
     if isinstance(module, QuantConv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
     return True
 
 
@@ -800,6 +819,25 @@ def _layer_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if qw.granularity == "channel":
         return codes, scales.reshape(n)
     raise ValueError(f"binary weights with {qw.granularity} scales have no packed binary layer")
+
+
+def _chain_fn(
+    wscale: torch.Tensor | None, bias: torch.Tensor | None, is_conv: bool, n: int
+) -> Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor]:
+    """The float function a binary layer's dot products go through: scale, bias, then ``mods``."""
+
+    def run(d: torch.Tensor, mods: Sequence[nn.Module]) -> torch.Tensor:
+        y = d * wscale if wscale is not None else d
+        y = y + bias if bias is not None else y
+        if is_conv:
+            # The grid runs along the spatial axis of one NCHW image: the layout (and so the
+            # vectorized code path, hence the rounding) a conv's batch norm sees in the model.
+            y = y.T.contiguous().reshape(1, n, -1, 1)
+        for mod in mods:
+            y = mod(y)
+        return y.reshape(n, -1).T if is_conv else y
+
+    return run
 
 
 def pack_bnn(
@@ -853,7 +891,8 @@ def pack_bnn(
             i += 1
             continue
         weight, wscale = _layer_weight(layer)
-        bias = layer.bias.detach().float() if getattr(layer, "bias", None) is not None else None  # type: ignore[union-attr]
+        layer_bias = getattr(layer, "bias", None)
+        bias = layer_bias.detach().float() if isinstance(layer_bias, torch.Tensor) else None
         is_conv = isinstance(layer, QuantConv2d)
         # Look ahead for a foldable chain ending at the next binary layer.
         j, chain = i + 1, []
@@ -863,7 +902,11 @@ def pack_bnn(
         fold = j < len(leaves) and is_binary_layer(leaves[j])
         pools = [m for m in chain if isinstance(m, nn.MaxPool2d)]
         flat = [m for m in chain if isinstance(m, nn.Flatten)]
-        if fold and (len(pools) > 1 or (pools and not is_conv) or any(p.ceil_mode or p.dilation not in (1, (1, 1)) or p.return_indices for p in pools)):  # type: ignore[attr-defined]
+        if fold and (
+            len(pools) > 1
+            or (pools and not is_conv)
+            or any(p.ceil_mode or p.dilation not in (1, (1, 1)) or p.return_indices for p in pools)
+        ):  # type: ignore[attr-defined]
             fold = False
         n = weight.shape[0]
         common: dict[str, Any] = {"input": "bits" if bits_in else "float"}
@@ -871,24 +914,25 @@ def pack_bnn(
         or_mask = None
         if fold:
             funcs = [m for m in chain if isinstance(m, _ELEMENTWISE)]
-            before_pool = [m for m in chain[: chain.index(pools[0])] if isinstance(m, _ELEMENTWISE)] if pools else []
+            before_pool = (
+                [m for m in chain[: chain.index(pools[0])] if isinstance(m, _ELEMENTWISE)]
+                if pools
+                else []
+            )
 
-            def pre(d: torch.Tensor, mods: Sequence[nn.Module] = funcs) -> torch.Tensor:
-                y = d * wscale if wscale is not None else d
-                y = y + bias if bias is not None else y
-                for mod in mods:
-                    y = mod(y)
-                return y
+            pre = _chain_fn(wscale, bias, is_conv, n)
 
             k = int(math.prod(weight.shape[1:]))
             try:
-                threshold = fold_threshold(pre, k, n)
+                threshold = fold_threshold(functools.partial(pre, mods=funcs), k, n)
             except NotMonotoneError:
                 fold = False
-            if fold and pools:
+            if fold and pools and threshold is not None:
                 # Pool on d is a max where the ops before the pool rise, a min where they fall;
                 # the pooled sign is then an AND or an OR of sign bits (docs/binary.md).
-                ends = pre(torch.tensor([[-float(k)], [float(k)]]).expand(2, n).contiguous(), before_pool)
+                ends = pre(
+                    torch.tensor([[-float(k)], [float(k)]]).expand(2, n).contiguous(), before_pool
+                )
                 falling = (ends[1] < ends[0]).numpy()
                 use_or = np.logical_xor(threshold[1].numpy(), falling)
                 or_bits = np.zeros(packed_bytes(n) * 8, dtype=np.uint8)
@@ -897,16 +941,27 @@ def pack_bnn(
         out = "bits" if fold else "float"
         packed: nn.Module
         if is_conv:
-            conv = layer
+            conv = cast(QuantConv2d, layer)
             packed = PackedBinaryConv2d(
-                weight, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
-                bias=None if fold else bias, scale=None if fold else wscale,
-                threshold=threshold, out=out, **common,
+                weight,
+                conv.stride,
+                cast(tuple[int, int], conv.padding),
+                conv.dilation,
+                bias=None if fold else bias,
+                scale=None if fold else wscale,
+                threshold=threshold,
+                out=out,
+                **common,
             )
         else:
             packed = PackedBinaryLinear(
-                weight, bias=None if fold else bias, scale=None if fold else wscale,
-                threshold=threshold, out=out, input_layout=layout if bits_in else None, **common,
+                weight,
+                bias=None if fold else bias,
+                scale=None if fold else wscale,
+                threshold=threshold,
+                out=out,
+                input_layout=layout if bits_in else None,
+                **common,
             )
         stages.append(packed)
         layout = None
@@ -919,7 +974,9 @@ def pack_bnn(
                     s = in_shapes[i + 1 + pos]
                     if is_conv:
                         if s is None:
-                            raise ValueError("pack_bnn needs input_shape to flatten a binary conv's bits")
+                            raise ValueError(
+                                "pack_bnn needs input_shape to flatten a binary conv's bits"
+                            )
                         c, h, w = s
                         layout = (h, w, c)
                         stages.append(FlattenBits())

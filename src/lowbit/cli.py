@@ -406,20 +406,107 @@ def ptq_cmd(
 
 
 @app.command("pack")
-def pack_cmd() -> None:
-    """Pack a quantized model into a .lowbit file."""
-    _not_yet("pack", 9)
+def pack_cmd(
+    source: str = typer.Argument(..., help="A `lowbit train` run directory, a checkpoint inside one, or a `lowbit ptq` .pt file."),
+    out: str = typer.Option(..., "--out", "-o", help="The .lowbit file to write."),
+    method: str = typer.Option(None, "--method", help="For a float run: quantize with this method first (twn, fgq, ...)."),
+    keep: str = typer.Option("first,last", "--keep", help="For --method: layers kept float ('first,last', globs, or 'none')."),
+    activations: str = typer.Option("int8", "--activations", help="Inputs of float-activation layers: int8 (per token) or float (exact)."),
+    quantized: bool = typer.Option(False, "--quantized", help="Save the quantized (Quant*) model instead of packing it."),
+    evaluate: bool = typer.Option(False, "--eval", help="Also print test accuracy: simulated vs packed."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Pack a quantized model into a .lowbit file (prints its size and the compression vs float32).
+
+    Example: lowbit pack runs/mlp-ttq -o mlp.lowbit; lowbit pack runs/mlp-fp --method twn --keep none -o mlp.lowbit
+    """
+    from lowbit import deploy
+    from lowbit.saveload import save
+
+    keep_t: tuple[str, ...] = () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
+    try:
+        model, info, splits = deploy.quantized_from_source(source, method=method, keep=keep_t, data_dir=data_dir)
+        target = model if quantized else lowbit.pack(model, activations=activations)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    result: dict = {"source": info["checkpoint"], "method": info.get("method")}
+    if evaluate and splits is not None:
+        result["simulated_acc"] = deploy.accuracy(model, splits.test)
+        result["packed_acc"] = deploy.accuracy(target, splits.test)
+    saved = save(target, out, architecture=info["architecture"], metadata={"data": info["data"], "source": info["checkpoint"]})
+    result.update(saved)
+    result["packing_report"] = getattr(target, "packing_report", None)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    for layer, line in (result["packing_report"] or {}).items():
+        typer.echo(f"  {layer:<14} {line}")
+    typer.echo(
+        f"wrote {out}: {saved['bytes'] / 1024:.1f} KiB; float32 {saved['float32_bytes'] / 1024:.1f} KiB; "
+        f"compression {saved['compression']:.1f}x"
+    )
+    if "packed_acc" in result:
+        typer.echo(f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%")
 
 
 @app.command("run")
-def run_cmd() -> None:
-    """Run a packed model on a dataset or file."""
-    _not_yet("run", 9)
+def run_cmd(
+    file: str = typer.Argument(..., help="A .lowbit file (lowbit pack / lowbit.save)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset to evaluate on (default: the one stored in the file)."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Batch size (throughput is measured at this size)."),
+    threads: int = typer.Option(None, "--threads", help="torch / kernel threads (default: torch's)."),
+    reps: int = typer.Option(30, "--reps", help="Timed forward passes (medians)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Run a .lowbit model on a dataset: accuracy, throughput (batch) and latency (batch 1)."""
+    import os
+
+    from lowbit import deploy
+    from lowbit.saveload import LowbitFileError, load, read_manifest
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        manifest = read_manifest(file)
+        model = load(file)
+    except (FileNotFoundError, LowbitFileError) as exc:
+        fail(str(exc))
+    table = dict((manifest.get("metadata") or {}).get("data") or {})
+    if dataset is not None and dataset != table.get("name"):
+        table = {"name": dataset}
+    if not table.get("name"):
+        fail("no dataset stored in the file: pass --dataset NAME (see `lowbit datasets`)")
+    from lowbit.train.runs import build_data
+
+    try:
+        splits = build_data(table, data_dir)
+    except Exception as exc:  # DataNotFoundError and friends: one line
+        fail(f"cannot load dataset {table['name']!r}: {exc}")
+    data = getattr(splits, split, None)
+    if data is None:
+        fail(f"dataset {table['name']!r} has no {split!r} split")
+    result = {"file": file, "bytes": os.path.getsize(file), "dataset": table["name"], "split": split}
+    result["accuracy"] = deploy.accuracy(model, data, batch_size)
+    result.update(deploy.speed(model, data.x, batch_size, reps))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{file} ({result['bytes'] / 1024:.1f} KiB) on {table['name']} {split}: accuracy {result['accuracy']:.2f}%")
+    typer.echo(
+        f"throughput {result['throughput']:.0f} samples/s (batch {batch_size}, median {result['batch_ms']:.2f} ms); "
+        f"latency {result['latency_ms']:.3f} ms (batch 1, median)"
+    )
 
 
 @app.command("bench")
 def bench_cmd(
-    what: str = typer.Argument("kernels", help="What to benchmark: 'kernels' (4096x4096 layers)."),
+    what: str = typer.Argument("kernels", help="What to benchmark: 'kernels' (4096x4096 layers) or 'model' (a packed model vs its fp32 twin)."),
+    file: str = typer.Argument(None, help="For 'model': a .lowbit file (default: a ternary int8 MNIST MLP 784-1024-1024-10)."),
     threads: str = typer.Option("1,2", help="Comma-separated thread counts (each case runs at each)."),
     reps: int = typer.Option(30, help="Timed calls per case (median reported; at least 20)."),
     size: int = typer.Option(4096, help="Layer size N = K."),
@@ -433,12 +520,30 @@ def bench_cmd(
     """Benchmark the kernels against PyTorch fp32 F.linear and PyTorch dynamic int8, same run."""
     from lowbit import bench
 
-    if what != "kernels":
-        fail(f"unknown benchmark {what!r}: only 'kernels' exists so far (model benchmarks come with lowbit.pack)")
+    if what not in ("kernels", "model"):
+        fail(f"unknown benchmark {what!r}: use 'kernels' or 'model'")
     try:
         counts = tuple(int(t) for t in threads.split(",") if t.strip())
     except ValueError:
         fail(f"--threads must be comma-separated integers, got {threads!r}")
+    if what == "model":
+        from lowbit.saveload import LowbitFileError, load, read_manifest
+
+        shape: tuple[int, ...] = (1, 28, 28)
+        try:
+            if file:
+                net = load(file)
+                arch = read_manifest(file).get("architecture", {})
+                shape = tuple((arch.get("options") or {}).get("input_shape") or getattr(net, "input_shape", shape))
+            else:
+                net = bench.default_mnist_model()
+            rows_m = bench.bench_model(net, shape, batches=(256, 1), threads=counts, reps=reps, log=typer.echo)
+        except (FileNotFoundError, LowbitFileError, ValueError) as exc:
+            fail(str(exc))
+        if json_out:
+            with open(json_out, "w", encoding="utf-8") as f:
+                json.dump([vars(r) for r in rows_m], f, indent=1)
+        return
     typer.echo(bench.HEADER)
     try:
         rows = bench.bench_kernels(

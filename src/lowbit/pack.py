@@ -690,7 +690,10 @@ def pack(
                     report[path] = f"kept as {type(child).__name__}: {why}"
                 else:
                     setattr(parent, name, packed)
-                    report[path] = f"packed: {type(packed).__name__}({packed.extra_repr()})"
+                    what = f"{type(packed).__name__}({packed.extra_repr()})"
+                    if isinstance(packed, PackedConv2d):
+                        what += f" on {packed.gemm.extra_repr()}"
+                    report[path] = f"packed: {what}"
             elif isinstance(child, QuantModule):
                 report[path] = (
                     f"kept as {type(child).__name__}: no packed {type(child).__name__} yet"

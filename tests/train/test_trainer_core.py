@@ -409,3 +409,24 @@ def test_progress_live_bar_and_plain_lines() -> None:
     r.update(5, 0.25, 0.5, 500)
     r.end_epoch(record, 2)
     assert quiet.getvalue() == ""
+
+
+def test_shift_adamax_optimizer_trains_a_bnn() -> None:
+    # BNN's Torch7 protocol: shift-based AdaMax (power-of-two steps) selected by name.
+    from lowbit.methods.bnn import ShiftAdaMax
+
+    splits = _tiny()
+    torch.manual_seed(0)
+    model = models.create(
+        "mlp_bnn", input_shape=splits.input_shape, num_classes=splits.num_classes, widths=(32, 32)
+    )
+    t = Trainer(
+        model,
+        splits,
+        TrainConfig(epochs=8, batch_size=16, lr=2.0**-6, optimizer="shift_adamax"),
+        method="bnn",
+        progress=False,
+    )
+    assert isinstance(t.base_optimizer, ShiftAdaMax)
+    summary = t.fit()
+    assert summary["test_error_at_best"] < 80  # 10 classes: chance is 90 %

@@ -21,7 +21,7 @@ __all__ = ["RECIPE_DIR", "TrainConfig", "find_recipe", "load_recipe", "lr_factor
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-OPTIMIZERS = ("adam", "sgd", "adamax")
+OPTIMIZERS = ("adam", "sgd", "adamax", "shift_adamax")
 SCHEDULES = ("constant", "step", "exp", "cosine")
 _SCHEDULE_ALIASES = {"none": "constant", "multistep": "step", "exponential": "exp"}
 _LOSS_ALIASES = {"ce": "cross_entropy", "hinge": "squared_hinge", "l2svm": "squared_hinge"}

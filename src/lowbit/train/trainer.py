@@ -282,6 +282,11 @@ class Trainer:
             return torch.optim.Adam(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         if cfg.optimizer == "adamax":
             return torch.optim.Adamax(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        if cfg.optimizer == "shift_adamax":
+            # BNN's shift-based AdaMax (Algorithm 4): power-of-two (AP2) step sizes.
+            from lowbit.methods.bnn import ShiftAdaMax
+
+            return ShiftAdaMax(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         return torch.optim.SGD(out, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
     @property

@@ -1,0 +1,131 @@
+"""Binary (XNOR-popcount) kernels vs PyTorch fp32 and PyTorch dynamic int8, measured in one run.
+
+    .venv/bin/python benchmarks/bench_binary.py [--threads 1,2] [--reps 30] [--size 4096]
+
+Rows (medians of ``--reps`` timed calls after warm-up, wall clock, weights hot in cache):
+
+* ``linear M=1`` / ``M=64``: a ``size x size`` layer. lowbit ``bits->bits``: packed input,
+  threshold epilogue writing packed bits (a hidden layer of a packed BNN); ``float->float``: the
+  float input is binarized and packed in the call, float output (first binary layer after a float
+  one). Baselines: ``F.linear`` fp32 and ``torch.ao`` ``quantize_dynamic`` int8 (fbgemm).
+* ``conv 128->128 3x3 32x32`` (batch 1 and 8): lowbit packed NHWC bits -> bits with exact zero
+  padding vs fp32 ``F.conv2d`` (NCHW, MKL-DNN).
+
+Targets (docs/binary.md): M=1 >= 10x faster than int8, M=64 >= 20x faster than fp32, conv >= 10x
+faster than fp32. The machine is often shared: report ``uptime`` with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as TF
+
+from lowbit import binary as B
+from lowbit import kernels
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    for _ in range(max(3, reps // 5)):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def int8_linear(weight: torch.Tensor) -> nn.Module:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def bench_linear(size: int, m: int, reps: int) -> list[tuple[str, float]]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(size, size, generator=gen)
+    x = torch.randn(m, size, generator=gen)
+    q = int8_linear(w)
+    bits_layer = B.PackedBinaryLinear(
+        w,
+        threshold=(torch.zeros(size, dtype=torch.int32), torch.zeros(size, dtype=torch.bool)),
+        input="bits",
+        out="bits",
+    )
+    float_layer = B.PackedBinaryLinear(w, bias=torch.zeros(size), input="float", out="float")
+    xb = B.pack_bits(x)
+    with torch.no_grad():
+        return [
+            ("torch fp32 F.linear", median_ms(lambda: TF.linear(x, w), reps)),
+            ("torch dynamic int8", median_ms(lambda: q(x), reps)),
+            ("lowbit binary bits->bits", median_ms(lambda: bits_layer(xb), reps)),
+            ("lowbit binary float->float", median_ms(lambda: float_layer(x), reps)),
+        ]
+
+
+def bench_conv(batch: int, reps: int) -> list[tuple[str, float]]:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(128, 128, 3, 3, generator=gen)
+    x = torch.randn(batch, 128, 32, 32, generator=gen)
+    conv = B.PackedBinaryConv2d(
+        w,
+        1,
+        1,
+        threshold=(torch.zeros(128, dtype=torch.int32), torch.zeros(128, dtype=torch.bool)),
+        input="bits",
+        out="bits",
+    )
+    xb = B.pack_conv_input(x)
+    conv(xb)  # builds the cached zero-padding correction
+    with torch.no_grad():
+        return [
+            ("torch fp32 F.conv2d", median_ms(lambda: TF.conv2d(x, w, padding=1), reps)),
+            ("lowbit binary conv bits->bits", median_ms(lambda: conv(xb), reps)),
+        ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--reps", type=int, default=30, help="timed calls per case (>= 20)")
+    parser.add_argument("--size", type=int, default=4096, help="N = K of the linear layer")
+    args = parser.parse_args()
+    print(f"lowbit ISA path: {kernels.active_isa()}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        print(f"\n== {threads} thread(s) ==")
+        for m in (1, 64):
+            rows = dict(bench_linear(args.size, m, args.reps))
+            print(f"linear {args.size}x{args.size} M={m}")
+            for name, ms in rows.items():
+                print(f"  {name:32s} {ms:9.4f} ms")
+            for name in ("lowbit binary bits->bits", "lowbit binary float->float"):
+                print(
+                    f"  {name}: {rows['torch fp32 F.linear'] / rows[name]:7.1f}x vs fp32, "
+                    f"{rows['torch dynamic int8'] / rows[name]:6.1f}x vs int8"
+                )
+        for batch in (1, 8):
+            rows = dict(bench_conv(batch, args.reps))
+            print(f"conv 128->128 3x3 pad 1 on 32x32, batch {batch}")
+            for name, ms in rows.items():
+                print(f"  {name:32s} {ms:9.4f} ms")
+            ratio = rows["torch fp32 F.conv2d"] / rows["lowbit binary conv bits->bits"]
+            print(f"  lowbit binary conv: {ratio:7.1f}x vs fp32")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The work behind ``lowbit pack`` and ``lowbit run``: a quantized model from a run directory or
+checkpoint, accuracy on a dataset, throughput and latency of a (packed) model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["accuracy", "quantized_from_source", "speed"]
+
+
+def quantized_from_source(
+    source: str | Path,
+    *,
+    method: str | None = None,
+    keep: tuple[str, ...] = ("first", "last"),
+    method_options: dict[str, Any] | None = None,
+    data_dir: str | Path | None = None,
+    calib_samples: int = 2048,
+) -> tuple[nn.Module, dict[str, Any], Any]:
+    """``(quantized model, info, data splits)`` from a ``lowbit train`` run directory (its best
+    checkpoint), a checkpoint inside one, or a ``lowbit ptq`` checkpoint.
+
+    A run trained with a quantization method is rebuilt with it and loaded. A float (``fp``) run
+    needs ``method``: ``"fgq"`` runs post-training FGQ/DFP (calibrated on ``calib_samples``
+    training images), any other method quantizes the trained float weights as they are (e.g.
+    ``"twn"``), keeping the ``keep`` layers float. ``info`` holds the architecture
+    (``{"name", "options"}`` for ``lowbit.save``) and the run's ``data`` table.
+    """
+    from lowbit import ptq
+    from lowbit.convert import quantize
+    from lowbit.train.checkpoint import load_checkpoint
+    from lowbit.train.runs import _locate, build_data, build_model, read_run_spec
+
+    source = Path(source)
+    if source.is_file() and source.suffix == ".pt":
+        payload = torch.load(source, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and payload.get("format") == ptq.PTQ_FORMAT:
+            spec = payload["model_spec"]
+            data_table = dict(payload.get("extra", {}).get("data", {}) or {})
+            if not data_table and payload.get("extra", {}).get("dataset"):
+                data_table = {"name": payload["extra"]["dataset"]}
+            model = ptq.load_quantized(source)
+            splits = build_data(data_table, data_dir) if data_table.get("name") else None
+            return model, {"architecture": _arch(spec["name"], spec.get("options", {}), splits), "data": data_table, "checkpoint": str(source)}, splits
+    run_dir, ckpt = _locate(source, "best")
+    spec = read_run_spec(run_dir)
+    # config.json records where the data came from ("source": a resolved path); load by name.
+    data_table = {k: v for k, v in spec["data"].items() if k in ("name", "split", "preprocess")}
+    splits = build_data(data_table, data_dir)
+    # Model tables come as {"name", **options} (lowbit train) or {"name", "options": {...}}.
+    name, opts = ptq._model_spec(spec)
+    if name is None:
+        raise ValueError(f"{run_dir}/config.json names no model")
+    model = build_model({"name": name, **opts}, splits)
+    state = load_checkpoint(ckpt)
+    trained = spec.get("method", {}).get("name", "fp")
+    options = {k: v for k, v in spec.get("method", {}).items() if k != "name"}
+    if trained != "fp":
+        model = quantize(model, trained, **options)
+        model.load_state_dict(state["model"])
+        used = trained
+    else:
+        model.load_state_dict(state["model"])
+        if method is None or method == "fp":
+            raise ValueError(
+                f"{run_dir} holds a float model: pass --method (e.g. twn for ternary weights, "
+                "fgq for post-training FGQ/DFP) to quantize it before packing"
+            )
+        model.eval()
+        if method == "fgq":
+            calib = splits.train.x[:calib_samples]
+            model = ptq.fgq(model, calib, keep=keep, **(method_options or {}))
+        else:
+            model = quantize(model, method, keep=keep, **(method_options or {}))
+        used = method
+    model.eval()
+    info = {
+        "architecture": _arch(name, opts, splits),
+        "data": data_table,
+        "checkpoint": str(ckpt),
+        "method": used,
+    }
+    if used == "fgq":
+        # BatchNorm is folded: a fresh registry skeleton gets Identity leaves from the manifest.
+        info["folded_bn"] = True
+    return model, info, splits
+
+
+def _arch(name: str, options: dict[str, Any], splits: Any) -> dict[str, Any]:
+    opts = dict(options)
+    if splits is not None:
+        opts.setdefault("input_shape", list(splits.input_shape))
+        opts.setdefault("num_classes", int(splits.num_classes))
+    return {"name": name, "options": opts}
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) on an ``ArrayDataset``."""
+    model.eval()
+    correct = total = 0
+    for x, y in data.batches(batch_size):
+        correct += int((model(x).argmax(1) == y).sum())
+        total += int(y.numel())
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.inference_mode()
+def speed(
+    model: nn.Module, sample: torch.Tensor, batch_size: int = 256, reps: int = 30
+) -> dict[str, float]:
+    """Median batch time -> throughput (samples/s) and median batch-1 latency (ms)."""
+    model.eval()
+    xb = sample[:batch_size]
+    x1 = sample[:1]
+    for _ in range(3):
+        model(xb)
+        model(x1)
+    tb, t1 = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(xb)
+        tb.append(time.perf_counter() - t0)
+    for _ in range(max(reps, 50)):
+        t0 = time.perf_counter()
+        model(x1)
+        t1.append(time.perf_counter() - t0)
+    batch_s = statistics.median(tb)
+    return {
+        "batch_size": float(xb.shape[0]),
+        "batch_ms": 1e3 * batch_s,
+        "throughput": xb.shape[0] / batch_s,
+        "latency_ms": 1e3 * statistics.median(t1),
+    }

@@ -1,0 +1,339 @@
+"""Binary XNOR-popcount kernels (lowbit.binary): bit-exact against int64 / float64 references.
+
+Every kernel test runs on every ISA path this CPU has (the `isa` fixture, or an explicit loop
+where Hypothesis drives the shapes) and, where work is split, with 1, 2 and 3 threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as TF
+
+from lowbit import binary as B
+from lowbit import kernels
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pm1(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 14),
+    n=st.integers(1, 70),
+    k=st.integers(1, 1100),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gemm_matches_int64_reference_on_every_isa(m: int, n: int, k: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    expected = B.binary_linear_reference(B.signs(a), B.signs(w))
+    ab, wb = B.pack_bits(a), B.pack_bits(w)
+    for isa in kernels.available_isas():
+        with kernels.use_isa(isa):
+            got = B.binary_linear(ab, wb, k)
+        assert torch.equal(got.long(), expected), isa
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 1100, 4097), (64, 130, 700), (5, 600, 8192)])
+def test_gemm_threads_and_extremes(isa: str, threads: int, m: int, n: int, k: int) -> None:
+    # (1, 1100, 4097) and (5, 600, 8192) split the weight rows (GEMV / big weights), (64, 130, 700)
+    # splits the tokens; all-equal rows must give +K and all-opposite rows -K.
+    gen = torch.Generator().manual_seed(m * n)
+    a, w = _pm1((m, k), gen), _pm1((n, k), gen)
+    a[0], w[0], w[1] = 1.0, 1.0, -1.0
+    got = B.binary_linear(B.pack_bits(a), B.pack_bits(w), k)
+    assert torch.equal(got.long(), B.binary_linear_reference(a, w))
+    assert got[0, 0] == k and got[0, 1] == -k
+
+
+def test_sign_rule_for_zero_negative_zero_and_nan(isa: str) -> None:
+    # 0, -0.0 and NaN are +1; -inf and the smallest negative subnormal are -1.
+    a = torch.tensor([[0.0, -0.0, float("nan"), -float("inf"), -1e-45, 3.0]])
+    w = torch.ones(1, 6)
+    got = B.binary_linear(B.pack_bits(a), B.pack_bits(w), 6)
+    assert int(got) == 1 + 1 + 1 - 1 - 1 + 1
+    assert torch.equal(B.unpack_bits(B.pack_bits(a), 6), B.signs(a))
+
+
+def test_gemm_rejects_mismatched_rows() -> None:
+    with pytest.raises(ValueError, match="bytes per row"):
+        B.binary_linear(B.pack_bits(torch.randn(2, 64)), B.pack_bits(torch.randn(2, 128)), 64)
+    with pytest.raises(ValueError, match="k does not fit"):
+        B.binary_linear(B.pack_bits(torch.randn(2, 64)), B.pack_bits(torch.randn(2, 64)), 65)
+    with pytest.raises(ValueError, match="threshold"):
+        B.binary_linear(
+            B.pack_bits(torch.randn(2, 64)), B.pack_bits(torch.randn(2, 64)), 64, out="bits"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Epilogues
+
+
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
+def test_float_int8_and_bit_epilogues(isa: str, threads: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    m, k = 23, 300
+    a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    ab, wb = B.pack_bits(a), B.pack_bits(w)
+    sa, sw = B.signs(a), B.signs(w)
+    scale = torch.randn(n, generator=gen)
+    bias = torch.randn(n, generator=gen) * 5
+    for out in ("float", "int8"):
+        got = B.binary_linear(ab, wb, k, out=out, scale=scale, bias=bias)
+        ref = B.binary_linear_reference(sa, sw, out=out, scale=scale, bias=bias)
+        assert torch.equal(got, ref), out
+    thr = torch.randint(-40, 40, (n,), generator=gen, dtype=torch.int32)
+    flip = torch.rand(n, generator=gen) < 0.5
+    got = B.binary_linear(ab, wb, k, out="bits", threshold=(thr, flip))
+    assert got.shape == (m, B.packed_bytes(n))
+    ref = B.binary_linear_reference(sa, sw, out="bits", threshold=(thr, flip))
+    assert torch.equal(B.unpack_bits(got, n), ref)
+    # Padding bits past N stay 0, so the output is a valid packed input for the next layer.
+    raw = np.unpackbits(got.numpy(), axis=1, bitorder="little")
+    assert not raw[:, n:].any()
+
+
+def test_threshold_epilogue_equals_float_batchnorm_and_sign(isa: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = 200, 96, 129
+    a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen) * 3
+    bn = nn.BatchNorm1d(n).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-15, 15, generator=gen)
+        bn.running_var.uniform_(0.5, 40, generator=gen)
+        bn.weight.uniform_(-1, 1, generator=gen)  # negative scales flip the comparison
+        bn.weight[:4] = 0.0  # constant channels: sign(beta)
+        bn.bias.uniform_(-1, 1, generator=gen)
+    act = nn.Hardtanh()
+
+    def fn(d: torch.Tensor) -> torch.Tensor:
+        return act(bn(d + bias))
+
+    thr, flip = B.fold_threshold(fn, k, n)
+    assert bool(flip.any()) and not bool(flip.all())
+    got = B.binary_linear(B.pack_bits(a), B.pack_bits(w), k, out="bits", threshold=(thr, flip))
+    with torch.no_grad():
+        y = TF.linear(B.signs(a).float(), B.signs(w).float(), bias)
+        expected = B.signs(act(bn(y)))
+    assert torch.equal(B.unpack_bits(got, n), expected)
+
+
+def test_fold_threshold_rejects_non_monotone_functions() -> None:
+    with pytest.raises(B.NotMonotoneError):
+        B.fold_threshold(lambda d: d.abs() - 3, 10, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution
+
+
+CONV_CASES = [
+    # (C, N, H, W, kernel, stride, padding, dilation)
+    (1, 3, 5, 5, 3, 1, 1, 1),
+    (63, 5, 7, 9, 3, 1, 1, 1),
+    (64, 4, 6, 5, 3, 2, 1, 1),
+    (65, 7, 9, 7, (3, 2), (2, 1), (2, 0), (1, 2)),
+    (130, 2, 5, 6, 1, 1, 0, 1),
+    (20, 6, 11, 8, 5, 2, 2, 2),
+    (9, 3, 4, 4, 3, 1, 3, 1),  # padding larger than the kernel reach: some rows all padding
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_with_exact_zero_padding_matches_float64_conv(isa: str, case: tuple) -> None:  # type: ignore[type-arg]
+    c, n, h, w, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(c * 31 + n)
+    kh, kw = B._pair(kernel)
+    x, wt = _pm1((2, c, h, w), gen), _pm1((n, c, kh, kw), gen)
+    expected = B.binary_conv2d_reference(x, wt, stride, padding, dilation)
+    corr = B.zero_padding_correction(wt, h, w, stride, padding, dilation)
+    got = B.binary_conv2d(
+        B.pack_conv_input(x),
+        B.pack_conv_weight(wt),
+        c,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        corr=corr,
+    )
+    assert torch.equal(got.permute(0, 3, 1, 2).long(), expected)
+    # Without the correction the padding acts as +1 ("same-one" padding).
+    ph, pw = B._pair(padding)
+    plus = TF.pad(x, (pw, pw, ph, ph), value=1.0)
+    same_one = B.binary_conv2d(
+        B.pack_conv_input(x), B.pack_conv_weight(wt), c, kernel, stride, padding, dilation
+    )
+    assert torch.equal(
+        same_one.permute(0, 3, 1, 2).long(),
+        B.binary_conv2d_reference(plus, wt, stride, 0, dilation),
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+def test_packed_conv_module_threads_and_outputs(isa: str, threads: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, wt = torch.randn(3, 70, 9, 11, generator=gen), torch.randn(20, 70, 3, 3, generator=gen)
+    bias = torch.randn(20, generator=gen)
+    conv = B.PackedBinaryConv2d(wt, 2, 1, 1, bias=bias, out="float")
+    expected = TF.conv2d(B.signs(x).double(), B.signs(wt).double(), stride=2, padding=1)
+    got = conv(x)
+    assert got.shape == expected.shape
+    assert torch.equal(got, (expected.float() + bias[:, None, None]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Max-pool on bits
+
+
+@pytest.mark.parametrize(
+    ("c", "h", "w", "kernel", "stride", "padding"),
+    [(70, 9, 7, 2, 2, 0), (5, 8, 8, 3, 2, 1), (64, 5, 6, (3, 2), (1, 2), (1, 0))],
+)
+def test_maxpool_on_bits_matches_torch(
+    isa: str, c: int, h: int, w: int, kernel, stride, padding
+) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(c)
+    x = _pm1((2, c, h, w), gen)
+    expected = TF.max_pool2d(x, kernel, stride, padding)
+    got = B.binary_maxpool2d(B.pack_conv_input(x), kernel, stride, padding)
+    assert torch.equal(B.unpack_bits(got, c).permute(0, 3, 1, 2).float(), expected)
+    # Channels in or_mask pool with OR of the sign bits: the min of ±1.
+    mask_bits = np.zeros(B.packed_bytes(c) * 8, dtype=np.uint8)
+    mask_bits[:c:2] = 1
+    mask = torch.from_numpy(np.packbits(mask_bits, bitorder="little"))
+    got = B.unpack_bits(B.binary_maxpool2d(B.pack_conv_input(x), kernel, stride, padding, mask), c)
+    mixed = expected.clone()
+    mixed[:, ::2] = -TF.max_pool2d(-x, kernel, stride, padding)[:, ::2]
+    assert torch.equal(got.permute(0, 3, 1, 2).float(), mixed)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit first layer
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_bitplane_linear_matches_bnn_reference(isa: str, signed: bool) -> None:
+    from lowbit.methods.bnn import bitplane_linear as bnn_bitplane
+
+    gen = torch.Generator().manual_seed(int(signed))
+    k, n = 200, 33
+    x = torch.randint(-128 if signed else 0, 128 if signed else 256, (9, k), generator=gen)
+    w = _pm1((n, k), gen)
+    got = B.bitplane_linear(x, B.pack_bits(w), k, signed=signed)
+    assert torch.equal(got, bnn_bitplane(x, w, signed=signed))
+    assert torch.equal(got, x @ w.long().T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                mod.running_mean.uniform_(-20, 20, generator=gen)
+                mod.running_var.uniform_(1, 50, generator=gen)
+                mod.weight.uniform_(-1, 1, generator=gen)
+                mod.bias.uniform_(-1, 1, generator=gen)
+            elif isinstance(getattr(mod, "bias", None), torch.Tensor):
+                mod.bias.uniform_(-3, 3, generator=gen)  # type: ignore[operator]
+
+
+def test_pack_bnn_mlp_predicts_exactly_like_the_simulated_model() -> None:
+    import lowbit
+    from lowbit.models.mlp import MLP
+
+    torch.manual_seed(0)
+    model = MLP(widths=(96, 130, 70), act="hardtanh", bn_output=True)
+    model = lowbit.quantize(model, "bnn")
+    _randomize_bn(model, 1)
+    model.eval()
+    packed = B.pack_bnn(model)
+    kinds = [m.out_kind for m in packed if isinstance(m, B.PackedBinaryLinear)]
+    assert kinds == ["bits", "float"]
+    x = torch.randn(300, 1, 28, 28)
+    with torch.no_grad():
+        ref, got = model(x), packed(x)
+        # The bits between the binary layers are exactly the simulated sign activations.
+        net = model.net
+        h = net.act1(net.bn1(net.fc1(net.act0(net.bn0(net.fc0(net.flatten(x)))))))
+        bits = packed[4](packed[3](packed[2](packed[1](packed[0](x)))))
+    assert torch.equal(B.unpack_bits(bits, 130), B.signs(h))
+    assert torch.equal(ref.argmax(1), got.argmax(1))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_pack_bnn_convnet_predicts_exactly_like_the_simulated_model() -> None:
+    import lowbit
+    from lowbit.models.convnet import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(input_shape=(3, 12, 12), width=8, fc=40, act="hardtanh")
+    model = lowbit.quantize(
+        model, "bnn", keep=(), overrides={"features.conv0": {"activations": "float"}}
+    )
+    _randomize_bn(model, 2)
+    model.eval()
+    packed = B.pack_bnn(model)
+    assert sum(isinstance(m, B.BinaryMaxPool2d) for m in packed) == 3
+    assert sum(isinstance(m, B.PackedBinaryConv2d) for m in packed) == 5
+    x = torch.randn(100, 3, 12, 12)
+    with torch.no_grad():
+        ref, got = model(x), packed(x)
+    assert torch.equal(ref.argmax(1), got.argmax(1))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_custom_ops_have_working_fake_implementations() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, w = (
+        B.pack_bits(torch.randn(3, 100, generator=gen)),
+        B.pack_bits(torch.randn(70, 100, generator=gen)),
+    )
+    thr, flip = torch.zeros(70, dtype=torch.int32), torch.zeros(70, dtype=torch.uint8)
+    for kind, extra in ((0, (None, None)), (3, (thr, flip))):
+        torch.library.opcheck(
+            torch.ops.lowbit.binary_linear.default,
+            (a, w, 100, None, None, None, *extra, kind),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    xb = B.pack_conv_input(torch.randn(1, 5, 6, 6, generator=gen))
+    torch.library.opcheck(
+        torch.ops.lowbit.binary_im2col.default,
+        (xb, [3, 3, 1, 1, 1, 1, 1, 1]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.lowbit.binary_maxpool2d.default,
+        (xb, [2, 2, 2, 2, 0, 0], torch.zeros(8, dtype=torch.uint8)),
+        test_utils=("test_schema", "test_faketensor"),
+    )
