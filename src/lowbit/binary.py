@@ -823,7 +823,7 @@ def _layer_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _chain_fn(
     wscale: torch.Tensor | None, bias: torch.Tensor | None, is_conv: bool, n: int
-) -> Callable[[torch.Tensor, Sequence[nn.Module]], torch.Tensor]:
+) -> Callable[..., torch.Tensor]:
     """The float function a binary layer's dot products go through: scale, bias, then ``mods``."""
 
     def run(d: torch.Tensor, mods: Sequence[nn.Module]) -> torch.Tensor:

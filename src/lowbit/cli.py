@@ -412,6 +412,8 @@ def pack_cmd(
     method: str = typer.Option(None, "--method", help="For a float run: quantize with this method first (twn, fgq, ...)."),
     keep: str = typer.Option("first,last", "--keep", help="For --method: layers kept float ('first,last', globs, or 'none')."),
     activations: str = typer.Option("int8", "--activations", help="Inputs of float-activation layers: int8 (per token) or float (exact)."),
+    model_name: str = typer.Option(None, "--model", help="Architecture when the run's config.json names none (see `lowbit models`)."),
+    model_opt: list[str] = typer.Option([], "--model-opt", "-M", help="Model option key=value (repeatable), e.g. -M widths=[512,512]."),
     quantized: bool = typer.Option(False, "--quantized", help="Save the quantized (Quant*) model instead of packing it."),
     evaluate: bool = typer.Option(False, "--eval", help="Also print test accuracy: simulated vs packed."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
@@ -423,10 +425,14 @@ def pack_cmd(
     """
     from lowbit import deploy
     from lowbit.saveload import save
+    from lowbit.train.runs import parse_options
 
     keep_t: tuple[str, ...] = () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
     try:
-        model, info, splits = deploy.quantized_from_source(source, method=method, keep=keep_t, data_dir=data_dir)
+        model, info, splits = deploy.quantized_from_source(
+            source, method=method, keep=keep_t, data_dir=data_dir, model=model_name,
+            model_options=parse_options(model_opt, "--model-opt"),
+        )
         target = model if quantized else lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

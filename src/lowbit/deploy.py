@@ -22,6 +22,8 @@ def quantized_from_source(
     method_options: dict[str, Any] | None = None,
     data_dir: str | Path | None = None,
     calib_samples: int = 2048,
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Any]:
     """``(quantized model, info, data splits)`` from a ``lowbit train`` run directory (its best
     checkpoint), a checkpoint inside one, or a ``lowbit ptq`` checkpoint.
@@ -29,7 +31,9 @@ def quantized_from_source(
     A run trained with a quantization method is rebuilt with it and loaded. A float (``fp``) run
     needs ``method``: ``"fgq"`` runs post-training FGQ/DFP (calibrated on ``calib_samples``
     training images), any other method quantizes the trained float weights as they are (e.g.
-    ``"twn"``), keeping the ``keep`` layers float. ``info`` holds the architecture
+    ``"twn"``), keeping the ``keep`` layers float. ``model`` / ``model_options`` name the
+    architecture when the run's config.json does not (runs made by calling ``Trainer`` directly).
+    ``info`` holds the architecture
     (``{"name", "options"}`` for ``lowbit.save``) and the run's ``data`` table.
     """
     from lowbit import ptq
@@ -45,9 +49,9 @@ def quantized_from_source(
             data_table = dict(payload.get("extra", {}).get("data", {}) or {})
             if not data_table and payload.get("extra", {}).get("dataset"):
                 data_table = {"name": payload["extra"]["dataset"]}
-            model = ptq.load_quantized(source)
+            net = ptq.load_quantized(source)
             splits = build_data(data_table, data_dir) if data_table.get("name") else None
-            return model, {"architecture": _arch(spec["name"], spec.get("options", {}), splits), "data": data_table, "checkpoint": str(source)}, splits
+            return net, {"architecture": _arch(spec["name"], spec.get("options", {}), splits), "data": data_table, "checkpoint": str(source)}, splits
     run_dir, ckpt = _locate(source, "best")
     spec = read_run_spec(run_dir)
     # config.json records where the data came from ("source": a resolved path); load by name.
@@ -55,41 +59,49 @@ def quantized_from_source(
     splits = build_data(data_table, data_dir)
     # Model tables come as {"name", **options} (lowbit train) or {"name", "options": {...}}.
     name, opts = ptq._model_spec(spec)
+    if model is not None:
+        name, opts = model, {}
+    opts.update(model_options or {})
     if name is None:
-        raise ValueError(f"{run_dir}/config.json names no model")
-    model = build_model({"name": name, **opts}, splits)
+        raise ValueError(
+            f"{run_dir}/config.json names no model: pass --model NAME (and -M key=value options)"
+        )
+    net = build_model({"name": name, **opts}, splits)
     state = load_checkpoint(ckpt)
-    trained = spec.get("method", {}).get("name", "fp")
-    options = {k: v for k, v in spec.get("method", {}).items() if k != "name"}
+    table = spec.get("method", {})
+    trained = table.get("name", "fp")
+    # {"name", **options} (lowbit train) or {"name", "options": {...}} (Trainer's run_info).
+    options = (
+        dict(table["options"])
+        if isinstance(table.get("options"), dict)
+        else {k: v for k, v in table.items() if k != "name"}
+    )
     if trained != "fp":
-        model = quantize(model, trained, **options)
-        model.load_state_dict(state["model"])
+        net = quantize(net, trained, **options)
+        net.load_state_dict(state["model"])
         used = trained
     else:
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         if method is None or method == "fp":
             raise ValueError(
                 f"{run_dir} holds a float model: pass --method (e.g. twn for ternary weights, "
                 "fgq for post-training FGQ/DFP) to quantize it before packing"
             )
-        model.eval()
+        net.eval()
         if method == "fgq":
             calib = splits.train.x[:calib_samples]
-            model = ptq.fgq(model, calib, keep=keep, **(method_options or {}))
+            net = ptq.fgq(net, calib, keep=keep, **(method_options or {}))
         else:
-            model = quantize(model, method, keep=keep, **(method_options or {}))
+            net = quantize(net, method, keep=keep, **(method_options or {}))
         used = method
-    model.eval()
+    net.eval()
     info = {
         "architecture": _arch(name, opts, splits),
         "data": data_table,
         "checkpoint": str(ckpt),
         "method": used,
     }
-    if used == "fgq":
-        # BatchNorm is folded: a fresh registry skeleton gets Identity leaves from the manifest.
-        info["folded_bn"] = True
-    return model, info, splits
+    return net, info, splits
 
 
 def _arch(name: str, options: dict[str, Any], splits: Any) -> dict[str, Any]:

@@ -637,3 +637,28 @@ def test_trainer_uses_the_glorot_groups_and_clips_every_step() -> None:
     latents = [w.detach() for _, w, _ in bnn.latent_weights(trainer.model)]
     assert len(latents) == 3 and max(float(w.abs().max()) for w in latents) <= 1.0
     assert any(float((w.abs() == 1).float().mean()) > 0 for w in latents)  # clipping did act
+
+
+def test_warns_when_binary_inputs_are_never_negative() -> None:
+    # sign(ReLU(x)) is +1 everywhere: a binary layer behind a ReLU learns nothing.
+    import warnings
+
+    import lowbit
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+    )
+    lowbit.quantize(model, "bnn")
+    with pytest.warns(UserWarning, match="all >= 0"):
+        model(torch.randn(4, 8))
+    # Once only, and never for inputs that take both signs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(4, 8))
+    model2 = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.Hardtanh(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+    )
+    lowbit.quantize(model2, "bnn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model2(torch.randn(16, 8))

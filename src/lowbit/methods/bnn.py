@@ -56,6 +56,7 @@ Your own training loop (the Trainer does the same through the Method hooks)::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -287,6 +288,22 @@ class ClippedKBitLogWeight(KBitLogWeight, _Latent):
         return _QuantizeGrad.apply(out, int(self.grad_bits), True) if self.grad_bits else out
 
 
+def _warn_if_never_negative(x: torch.Tensor) -> None:
+    """Warn once when a binary layer's first training batch has no negative input.
+
+    Sign() of a ReLU output is +1 everywhere, so the layer sees a constant and the network cannot
+    learn (a common mistake when quantizing a float CNN/MLP with "bnn"). BNN nets put BatchNorm
+    and Hardtanh, not ReLU, in front of binary layers (``lowbit.models`` ``mlp_bnn``/``convnet``).
+    """
+    if x.numel() > 1 and bool((x.detach() >= 0).all()):
+        warnings.warn(
+            "a binarized layer's inputs are all >= 0 (is there a ReLU in front of it?): sign() "
+            "makes them all +1 and the layer learns nothing. Use BatchNorm + Hardtanh before "
+            "binary layers (as lowbit.models 'mlp_bnn' and 'convnet' do) or keep this layer float.",
+            stacklevel=3,
+        )
+
+
 class SignInput(BinaryAct):
     """Binary input activations (BNN eq. 1-5): ``Sign(x)``, or stochastic ``+1`` w.p. ``hard_sigmoid(x)``.
 
@@ -312,6 +329,9 @@ class SignInput(BinaryAct):
         self.dropout = float(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.__dict__.get("_checked_inputs", False):
+            self.__dict__["_checked_inputs"] = True
+            _warn_if_never_negative(x)
         b = F.binarize(x, stochastic=self.stochastic and self.training, gate=self.ste == "htanh")
         if self.dropout and self.training:
             b = b * ((x.detach() != 0).to(b.dtype) / (1.0 - self.dropout))
