@@ -713,7 +713,10 @@ def _read_header(path: Path, f: Any, size: int) -> tuple[dict[str, Any], dict[st
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a ``.lowbit`` file (header checks only; tensors are not read)."""
     p = Path(path)
-    size = p.stat().st_size
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such .lowbit file") from None
     with open(p, "rb") as f:
         return _read_header(p, f, size)[1]
 
