@@ -35,7 +35,6 @@ from torch.nn import functional as TF
 from lowbit import binary as B
 from lowbit import kernels
 
-
 CLOCK: Callable[[], float] = time.perf_counter
 
 

@@ -51,7 +51,9 @@ def test_bench_model_times_packed_against_its_float_twin() -> None:
     twin = bench.float_twin(packed)
     assert type(twin.net.fc0) is torch.nn.Linear and twin.net.fc0.out_features == 16
     lines: list[str] = []
-    rows = bench.bench_model(packed, (1, 28, 28), batches=(4, 1), threads=(1,), reps=20, log=lines.append)
+    rows = bench.bench_model(
+        packed, (1, 28, 28), batches=(4, 1), threads=(1,), reps=20, log=lines.append
+    )
     assert [(r.batch, r.threads) for r in rows] == [(4, 1), (1, 1)]
     assert all(r.speedup == r.fp32_ms / r.lowbit_ms for r in rows)
     assert any("load average" in line for line in lines)
@@ -89,7 +91,9 @@ def test_cli_pack_run_and_bench_a_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(out), "--reps", "20", "--batch-size", "32", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["dataset"] == "synthetic" and 0 <= info["accuracy"] <= 100 and info["throughput"] > 0
+    assert (
+        info["dataset"] == "synthetic" and 0 <= info["accuracy"] <= 100 and info["throughput"] > 0
+    )
     result = runner.invoke(app, ["bench", "model", str(out), "--threads", "1", "--reps", "20"])
     assert result.exit_code == 0, result.output
     assert "batch  256" in result.output
@@ -101,7 +105,8 @@ def test_cli_pack_float_run_needs_a_method(tmp_path: Path) -> None:
     result = runner.invoke(app, ["pack", str(run), "-o", str(tmp_path / "x.lowbit")])
     assert result.exit_code == 2 and "pass --method" in result.output
     result = runner.invoke(
-        app, ["pack", str(run), "-o", str(tmp_path / "x.lowbit"), "--method", "fgq", "--keep", "none"]
+        app,
+        ["pack", str(run), "-o", str(tmp_path / "x.lowbit"), "--method", "fgq", "--keep", "none"],
     )
     assert result.exit_code == 0, result.output
     assert "udfp8" in result.output or "dfp8" in result.output

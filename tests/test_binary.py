@@ -317,13 +317,13 @@ def test_custom_ops_have_working_fake_implementations() -> None:
     gen = torch.Generator().manual_seed(0)
     a, w = (
         B.pack_bits(torch.randn(3, 100, generator=gen)),
-        B.pack_bits(torch.randn(70, 100, generator=gen)),
+        B.pack_weights(torch.randn(70, 100, generator=gen)),
     )
     thr, flip = torch.zeros(70, dtype=torch.int32), torch.zeros(70, dtype=torch.uint8)
     for kind, extra in ((0, (None, None)), (3, (thr, flip))):
         torch.library.opcheck(
             torch.ops.lowbit.binary_linear.default,
-            (a, w, 100, None, None, None, *extra, kind),
+            (a, w, 70, 100, None, None, None, *extra, kind),
             test_utils=("test_schema", "test_faketensor"),
         )
     xb = B.pack_conv_input(torch.randn(1, 5, 6, 6, generator=gen))

@@ -277,7 +277,9 @@ def test_packed_conv_with_quantized_inputs_matches_the_quant_model(method: str) 
 
 def test_sign_inputs_with_binary_weights_are_exact() -> None:
     lowbit = pytest.importorskip("lowbit")
-    quant = lowbit.quantize(_mlp(), "bnn", keep=())
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(K, N), torch.nn.Hardtanh(), torch.nn.Linear(N, 10))
+    quant = lowbit.quantize(net, "bnn", keep=())
     x = torch.randn(6, K)
     with torch.no_grad():
         simulated = quant(x)
@@ -302,3 +304,29 @@ def test_unpackable_layers_are_reported_or_refused_by_name() -> None:
         assert torch.allclose(packed(x), quant(x), rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="layer '0' kept as QuantConv2d: grouped"):
         pack_model(quant, strict=True)
+
+
+@pytest.mark.parametrize("method", ["twn", "fgq"])
+def test_batchnorm_and_relu_fuse_into_the_epilogue(method: str) -> None:
+    lowbit = pytest.importorskip("lowbit")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(K, N), torch.nn.BatchNorm1d(N), torch.nn.ReLU(), torch.nn.Linear(N, 10)
+    )
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        net[1].running_mean.normal_()
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].weight.normal_()
+        net[1].bias.normal_()
+    quant = lowbit.quantize(net.eval(), method, keep=())
+    x = torch.randn(6, K)
+    with torch.no_grad():
+        quant(x)  # FGQ: decide signedness
+    plain = pack_model(quant, fuse=False)
+    fused = pack_model(quant)
+    assert type(fused[1]) is torch.nn.Identity and type(fused[2]) is torch.nn.Identity
+    assert "folded 1 (BatchNorm); fused 2 (ReLU)" in fused.packing_report["0"]
+    assert fused[0].relu and type(plain[1]) is torch.nn.BatchNorm1d
+    a, b = fused[0](x), plain[2](plain[1](plain[0](x)))
+    assert (a >= 0).all() and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fused(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -353,29 +353,39 @@ def bench_model(
     threads: tuple[int, ...] = (1, 2),
     reps: int = 30,
     log: Callable[[str], None] = print,
+    clock: str = "wall",
 ) -> list[ModelRow]:
-    """Median forward time of ``model`` (packed) against its fp32 twin, same inputs, same run."""
+    """Median forward time of ``model`` (packed) against its fp32 twin, same inputs, same run.
+
+    ``clock="cpu"`` (one thread only) times the calling thread's CPU time, which leaves out the
+    time spent waiting for a core on a loaded machine (see :func:`median_ms`)."""
     if reps < 20:
         raise ValueError(
             "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
         )
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
+    if clock == "cpu" and any(t != 1 for t in threads):
+        raise ValueError("clock='cpu' times the calling thread only: use it with threads=(1,)")
     baseline = float_twin(model)
     model = model.eval()
     rows: list[ModelRow] = []
     previous = torch.get_num_threads()
     log(
-        f"lowbit bench model: input {tuple(input_shape)}, medians of {reps} forward passes; "
+        f"lowbit bench model: input {tuple(input_shape)}, medians of {reps} forward passes ({clock} clock); "
         f"isa={kernels.active_isa()}; torch {torch.__version__}"
     )
-    log(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    log(
+        f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs"
+    )
     try:
         with torch.inference_mode():
             for t in threads:
                 torch.set_num_threads(t)
                 for b in batches:
                     x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))
-                    f_ms = median_ms([partial(baseline, x)], reps)
-                    l_ms = median_ms([partial(model, x)], reps)
+                    f_ms = median_ms([partial(baseline, x)], reps, clock=clock)
+                    l_ms = median_ms([partial(model, x)], reps, clock=clock)
                     row = ModelRow(b, t, f_ms, l_ms)
                     rows.append(row)
                     target = ""

@@ -65,6 +65,8 @@ __all__ = [
     "pack_bnn",
     "pack_conv_input",
     "pack_conv_weight",
+    "interleave_weights",
+    "pack_weights",
     "packed_bytes",
     "signs",
     "unpack_bits",
@@ -116,6 +118,28 @@ def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(1 - 2 * raw.astype(np.int64))
 
 
+def interleave_weights(w_bits: torch.Tensor) -> torch.Tensor:
+    """Row-major packed weights ``(N, row_bytes)`` -> the kernels' ``(ceil(N/8), 8*row_bytes)`` layout.
+
+    Blocks of 8 rows; inside a block, word ``i`` of row ``r`` sits at byte ``64*i + 8*r``, so one
+    512-bit load holds word ``i`` of 8 rows (csrc/binary.h). Padding rows are zero.
+    """
+    n, row_bytes = w_bits.shape
+    if row_bytes % 8:
+        raise ValueError("packed rows must be whole 64-bit words (a multiple of 8 bytes)")
+    words = row_bytes // 8
+    blocks = (n + 7) // 8
+    padded = torch.zeros((blocks * 8, row_bytes), dtype=torch.uint8)
+    padded[:n] = w_bits
+    as_words = padded.view(torch.int64).reshape(blocks, 8, words).transpose(1, 2)
+    return as_words.contiguous().view(torch.uint8).reshape(blocks, 64 * words)
+
+
+def pack_weights(w: torch.Tensor) -> torch.Tensor:
+    """Signs of ``(N, K)`` weights packed for the kernels: :func:`interleave_weights` of :func:`pack_bits`."""
+    return interleave_weights(pack_bits(w))
+
+
 def _out_tensor(kind: str, m: int, n: int) -> torch.Tensor:
     if kind == "int32":
         return torch.empty((m, n), dtype=torch.int32)
@@ -131,6 +155,7 @@ def _out_tensor(kind: str, m: int, n: int) -> torch.Tensor:
 def _linear_impl(
     a_bits: torch.Tensor,
     w_bits: torch.Tensor,
+    n: int,
     k: int,
     corr: torch.Tensor | None,
     scale: torch.Tensor | None,
@@ -139,12 +164,13 @@ def _linear_impl(
     flip: torch.Tensor | None,
     kind: str,
 ) -> torch.Tensor:
-    out = _out_tensor(kind, a_bits.shape[0], w_bits.shape[0])
+    out = _out_tensor(kind, a_bits.shape[0], n)
     outs: dict[str, np.ndarray | None] = dict.fromkeys(OUT_KINDS)
     outs[kind] = out.numpy()
     _ext.binary_linear(
         _np(a_bits),
         _np(w_bits),
+        int(n),
         int(k),
         _opt(corr),
         _opt(scale),
@@ -173,6 +199,9 @@ def binary_linear(
 ) -> torch.Tensor:
     """Binary GEMM ``(M, bytes) x (N, bytes) -> (M, N)`` with a fused epilogue (one C++ call, GIL released).
 
+    ``a_bits`` and ``w_bits`` are row-major packed signs (:func:`pack_bits`); the weights are
+    re-laid out per call (:func:`interleave_weights`), which the packed modules do once instead.
+
     With ``d = K - 2*popcount(a ^ w) + corr[m % P, n]`` (``corr`` int32 ``(P, N)``, optional):
     ``out="int32"`` gives ``d``; ``"float"`` ``float(d) * scale + bias`` (fp32, each optional,
     per output); ``"int8"`` that value rounded half to even and saturated to [-128, 127];
@@ -188,9 +217,15 @@ def binary_linear(
             raise ValueError('out="bits" needs threshold=(thr, flip) (see fold_threshold)')
         thr, flip = threshold[0].to(torch.int32), threshold[1].to(torch.uint8)
     f32 = lambda t: None if t is None else t.detach().float().reshape(-1)  # noqa: E731
+    if a_bits.dim() != 2 or w_bits.dim() != 2 or a_bits.shape[1] != w_bits.shape[1]:
+        raise ValueError(
+            f"packed activations {tuple(a_bits.shape)} and weights {tuple(w_bits.shape)} must be "
+            "2-D with the same bytes per row"
+        )
     return _linear_impl(
         a_bits,
-        w_bits,
+        interleave_weights(w_bits),
+        w_bits.shape[0],
         k,
         None if corr is None else corr.to(torch.int32),
         f32(scale),
@@ -310,8 +345,8 @@ def pack_conv_input(x: torch.Tensor) -> torch.Tensor:
 def pack_conv_weight(w: torch.Tensor) -> torch.Tensor:
     """``(N, C, KH, KW)`` weights (any sign-carrying dtype) -> ``(N, KH*KW*packed_bytes(C))`` uint8.
 
-    Tap-major with the channel words of each tap contiguous, the row layout of
-    :func:`binary_conv2d`'s im2col; channel padding bits are 0 (they cancel).
+    Row-major packed rows, tap-major with the channel words of each tap contiguous (the row
+    layout of :func:`binary_conv2d`'s im2col); channel padding bits are 0 (they cancel).
     """
     n, c, kh, kw = w.shape
     bits = pack_bits(w.float().permute(0, 2, 3, 1).reshape(n * kh * kw, c))
@@ -473,6 +508,7 @@ _KIND_CODE = {kind: i for i, kind in enumerate(OUT_KINDS)}
 def _binary_linear_op(
     a_bits: torch.Tensor,
     w_bits: torch.Tensor,
+    n: int,
     k: int,
     corr: torch.Tensor | None,
     scale: torch.Tensor | None,
@@ -481,12 +517,13 @@ def _binary_linear_op(
     flip: torch.Tensor | None,
     kind: int,
 ) -> torch.Tensor:
-    return _linear_impl(a_bits, w_bits, k, corr, scale, bias, thr, flip, OUT_KINDS[kind])
+    return _linear_impl(a_bits, w_bits, n, k, corr, scale, bias, thr, flip, OUT_KINDS[kind])
 
 
 @_binary_linear_op.register_fake
-def _(a_bits, w_bits, k, corr, scale, bias, thr, flip, kind):  # type: ignore[no-untyped-def]
-    m, n = a_bits.shape[0], w_bits.shape[0]
+def _(a_bits, w_bits, n, k, corr, scale, bias, thr, flip, kind):  # type: ignore[no-untyped-def]
+    torch._check(w_bits.shape[0] == (n + 7) // 8)
+    m = a_bits.shape[0]
     dtype = {0: torch.int32, 1: torch.float32, 2: torch.int8, 3: torch.uint8}[kind]
     cols = (n + 63) // 64 * 8 if kind == 3 else n
     return a_bits.new_empty((m, cols), dtype=dtype)
@@ -533,11 +570,13 @@ def _(x_bits, geometry, or_mask):  # type: ignore[no-untyped-def]
 
 
 def _tracing(x: torch.Tensor) -> bool:
+    # Cheapest test first: fake / functional tensors are subclasses; plain eager calls then pay
+    # only for is_compiling (is_exporting / jit tracing also run under it or with subclasses).
     return bool(
-        torch.compiler.is_compiling()
+        type(x) is not torch.Tensor
+        or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
-        or type(x) is not torch.Tensor
     )
 
 
@@ -567,7 +606,7 @@ class _PackedBinaryBase(nn.Module):
             raise ValueError(f"out must be one of {', '.join(OUT_KINDS)}; got {out!r}")
         if out == "bits" and threshold is None:
             raise ValueError('out="bits" needs threshold=(thr, flip) (see fold_threshold)')
-        self.out_kind = out
+        self.out_kind, self.n_out = out, n
 
         def vec(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
             return None if t is None else t.detach().reshape(-1).to(dtype).expand(n).contiguous()
@@ -578,10 +617,44 @@ class _PackedBinaryBase(nn.Module):
         self.register_buffer("flip", None if threshold is None else vec(threshold[1], torch.uint8))
 
     def _gemm(self, a_bits: torch.Tensor, k: int, corr: torch.Tensor | None) -> torch.Tensor:
-        args = (self.w_bits, k, corr, self.scale, self.bias, self.thr, self.flip)
+        n = self.n_out
+        args = (self.w_bits, n, k, corr, self.scale, self.bias, self.thr, self.flip)
         if _tracing(a_bits):
             return torch.ops.lowbit.binary_linear(a_bits, *args, _KIND_CODE[self.out_kind])
-        return _linear_impl(a_bits, *args, self.out_kind)
+        # Eager fast path: NumPy views of the constant buffers are made once (a batch-1 layer
+        # runs in tens of microseconds, so per-call tensor -> NumPy conversions would show).
+        key = (self.w_bits, self.scale, self.bias, self.thr, self.flip)
+        cached = self.__dict__.get("_np_cache")
+        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
+            cached = (key, tuple(None if t is None else _np(t) for t in key))
+            self.__dict__["_np_cache"] = cached
+        w, scale, bias, thr, flip = cached[1]
+        out = _out_tensor(self.out_kind, a_bits.shape[0], n)
+        o = out.numpy()
+        kind = self.out_kind
+        _ext.binary_linear(
+            _np(a_bits),
+            w,
+            n,
+            k,
+            _opt(corr),
+            scale,
+            bias,
+            thr,
+            flip,
+            o if kind == "int32" else None,
+            o if kind == "float" else None,
+            o if kind == "int8" else None,
+            o if kind == "bits" else None,
+            _threads(),
+        )
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The NumPy views must not travel with a copy (they would view the original buffers).
+        state = self.__dict__.copy()
+        state.pop("_np_cache", None)
+        return state
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.lowbit.binary_pack(x) if _tracing(x) else pack_bits(x)
@@ -627,7 +700,7 @@ class PackedBinaryLinear(_PackedBinaryBase):
             wb = wb.reshape(self.out_features, -1).contiguous()
         else:
             wb = pack_bits(w)
-        self.register_buffer("w_bits", wb)
+        self.register_buffer("w_bits", interleave_weights(wb))
         self._init_epilogue(self.out_features, out, scale, bias, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -678,7 +751,7 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         self.out_channels, self.in_channels, self.kernel_size = n, c, (kh, kw)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.input_kind = input
-        self.register_buffer("w_bits", pack_conv_weight(weight.detach()))
+        self.register_buffer("w_bits", interleave_weights(pack_conv_weight(weight.detach())))
         self.register_buffer("tap_sums", signs(weight.detach()).sum(1).to(torch.int32))
         self._init_epilogue(n, out, scale, bias, threshold)
         self._corr: dict[tuple[int, int], torch.Tensor | None] = {}

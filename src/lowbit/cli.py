@@ -450,7 +450,9 @@ def pack_cmd(
         typer.echo(f"  {layer:<14} {line}")
     typer.echo(
         f"wrote {out}: {saved['bytes'] / 1024:.1f} KiB; float32 {saved['float32_bytes'] / 1024:.1f} KiB; "
-        f"compression {saved['compression']:.1f}x"
+        f"compression {saved['compression']:.1f}x (quantized layers alone: "
+        f"{saved['layer_bytes'] / 1024:.1f} KiB vs {saved['layer_float32_bytes'] / 1024:.1f} KiB, "
+        f"{saved['layer_compression']:.1f}x)"
     )
     if "packed_acc" in result:
         typer.echo(f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%")
@@ -543,7 +545,9 @@ def bench_cmd(
                 shape = tuple((arch.get("options") or {}).get("input_shape") or getattr(net, "input_shape", shape))
             else:
                 net = bench.default_mnist_model()
-            rows_m = bench.bench_model(net, shape, batches=(256, 1), threads=counts, reps=reps, log=typer.echo)
+            rows_m = bench.bench_model(
+                net, shape, batches=(256, 1), threads=counts, reps=reps, log=typer.echo, clock=clock
+            )
         except (FileNotFoundError, LowbitFileError, ValueError) as exc:
             fail(str(exc))
         if json_out:

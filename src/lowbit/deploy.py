@@ -51,7 +51,15 @@ def quantized_from_source(
                 data_table = {"name": payload["extra"]["dataset"]}
             net = ptq.load_quantized(source)
             splits = build_data(data_table, data_dir) if data_table.get("name") else None
-            return net, {"architecture": _arch(spec["name"], spec.get("options", {}), splits), "data": data_table, "checkpoint": str(source)}, splits
+            return (
+                net,
+                {
+                    "architecture": _arch(spec["name"], spec.get("options", {}), splits),
+                    "data": data_table,
+                    "checkpoint": str(source),
+                },
+                splits,
+            )
     run_dir, ckpt = _locate(source, "best")
     spec = read_run_spec(run_dir)
     # config.json records where the data came from ("source": a resolved path); load by name.

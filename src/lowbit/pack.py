@@ -177,6 +177,8 @@ def _check_config(cfg: dict[str, Any]) -> None:
         raise ValueError(f"packed layer config: unknown activations {cfg['activations']!r}")
     if cfg["in_features"] * cfg["out_features"] > 1 << 40:
         raise ValueError("packed layer config: layer too large")
+    if not isinstance(cfg.get("relu", False), bool):
+        raise ValueError("packed layer config: relu must be a bool")
     for key in ("asym", "has_bias", "has_shift", "act_signed"):
         if not isinstance(cfg.get(key), bool):
             raise ValueError(f"packed layer config: {key} must be a bool")
@@ -266,6 +268,7 @@ class PackedLinear(nn.Module):
                 "asym": asym,
                 "has_bias": bias is not None,
                 "has_shift": has_shift,
+                "relu": False,
                 "activations": activations,
                 "exponent": None if exponent is None else int(exponent),
                 "act_bits": int(act_bits) if activations in ("dfp", "kbit") else 8,
@@ -296,6 +299,7 @@ class PackedLinear(nn.Module):
         self.act_bits, self.act_signed = cfg["act_bits"], cfg["act_signed"]
         self.act_step = float(cfg.get("act_step", 1.0))
         self.has_bias, self.has_shift = cfg["has_bias"], cfg["has_shift"]
+        self.relu = bool(cfg.get("relu", False))
 
     def config(self) -> dict[str, Any]:
         """Everything but the buffers, as JSON-serialisable values."""
@@ -313,6 +317,7 @@ class PackedLinear(nn.Module):
             "act_bits": self.act_bits,
             "act_signed": self.act_signed,
             "act_step": self.act_step,
+            "relu": self.relu,
         }
 
     @staticmethod
@@ -363,6 +368,7 @@ class PackedLinear(nn.Module):
                 group_size=self.group_size,
                 act=self._act_name(),
                 exponent=self._fused_exponent(),
+                relu=self._kernel_relu(),
             )
             self._kernel = kernel
         return kernel
@@ -412,11 +418,14 @@ class PackedLinear(nn.Module):
                 group_size=self.group_size,
                 act="dfp",
                 exponent=e,
+                relu=self._kernel_relu(),
             )
         else:
             y = self._get_kernel()(xs, exponent=e)
         if self.shift is not None:
             y = y + self.shift * (2.0**e)
+            if self.relu:  # after the zero-point term, so not in the kernel
+                y = torch.relu(y)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -440,8 +449,45 @@ class PackedLinear(nn.Module):
                 group_size=self.group_size,
                 act=self._act_name(),
                 exponent=self._fused_exponent(),
+                relu=self._kernel_relu(),
             )
         return self._get_kernel()(x)
+
+    def _kernel_relu(self) -> bool:
+        return self.relu and not self.has_shift
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Fold an eval-mode BatchNorm that follows this layer into the scales and bias:
+        ``y' = (y - mean) * g + beta`` with ``g = gamma / sqrt(var + eps)`` is one more per-row
+        affine map, which the kernel epilogue applies for free (fp32 rounding differs only)."""
+        n, np_ = self.out_features, (self.out_features + 15) // 16 * 16
+        if bn.num_features != n or bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"cannot fold {bn} into a layer with {n} outputs")
+        g = torch.ones(np_, dtype=torch.float64)
+        g[:n] = (bn.running_var.double() + bn.eps).rsqrt()
+        beta = torch.zeros(np_, dtype=torch.float64)
+        if bn.weight is not None:
+            g[:n] *= bn.weight.double()
+        if bn.bias is not None:
+            beta[:n] = bn.bias.double()
+        mean = torch.zeros(np_, dtype=torch.float64)
+        mean[:n] = bn.running_mean.double()
+        if self.group_size:
+            view = self.scale.view(np_ // 16, -1, 16)
+            view.copy_((view.double() * g.view(np_ // 16, 1, 16)).float())
+        else:
+            self.scale.copy_((self.scale.double() * g).float())
+        if self.scale2 is not None:
+            self.scale2.copy_((self.scale2.double() * g).float())
+        if self.shift is not None:
+            self.shift.copy_((self.shift.double() * g[:n]).float())
+        old = self.bias.double() if self.bias is not None else torch.zeros(np_, dtype=torch.float64)
+        bias = ((old - mean) * g + beta).float()
+        bias[n:] = 0
+        self.bias = bias  # a new buffer object: the cached kernel is rebuilt
+        self.has_bias = True
+        self._kernel = None
 
     def extra_repr(self) -> str:
         kind = {2: "ternary", 4: "int4"}[self.bits]
@@ -653,12 +699,43 @@ def _packed_from(layer: nn.Module, activations: str) -> tuple[nn.Module | None, 
     return gemm, ""
 
 
+def _fuse(model: nn.Module, report: dict[str, str]) -> None:
+    names = {id(m): n for n, m in model.named_modules()}
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = list(seq.named_children())
+        for i, (_, layer) in enumerate(children):
+            gemm = layer.gemm if isinstance(layer, PackedConv2d) else layer
+            if not isinstance(gemm, PackedLinear):
+                continue
+            path = names[id(layer)]
+            j = i + 1
+            bn_type = nn.BatchNorm2d if isinstance(layer, PackedConv2d) else nn.BatchNorm1d
+            if j < len(children) and type(children[j][1]) is bn_type:
+                bn = children[j][1]
+                if bn.training or not bn.track_running_stats:
+                    continue
+                gemm.fold_batchnorm(bn)  # type: ignore[arg-type]
+                setattr(seq, children[j][0], nn.Identity())
+                report[path] += f"; folded {names[id(bn)]} (BatchNorm)"
+                j += 1
+            if j < len(children) and type(children[j][1]) is nn.ReLU:
+                gemm.relu = True
+                gemm._kernel = None
+                setattr(seq, children[j][0], nn.Identity())
+                report[path] += f"; fused {names[id(children[j][1])]} (ReLU)"
+
+
 class PackingError(ValueError):
     """``pack(..., strict=True)`` found layers it cannot pack (the message lists them and why)."""
 
 
 def pack(
-    model: nn.Module, activations: str = "int8", *, inplace: bool = False, strict: bool = False
+    model: nn.Module,
+    activations: str = "int8",
+    *,
+    inplace: bool = False,
+    strict: bool = False,
+    fuse: bool = True,
 ) -> nn.Module:
     """Inference model with every packable ``QuantLinear`` / ``QuantConv2d`` replaced by a
     :class:`PackedLinear` / :class:`PackedConv2d`.
@@ -672,6 +749,10 @@ def pack(
     convolutions, LSTMs) stay as they are; ``model.packing_report`` maps every quantized layer
     to ``"packed: ..."`` or ``"kept as ...: why"``. With ``strict=True`` such layers raise
     :class:`PackingError` naming each one instead.
+    ``fuse``: inside ``nn.Sequential`` containers, an eval-mode BatchNorm right after a packed
+    layer is folded into its scales and bias and a ReLU after that runs in the kernel epilogue
+    (both replaced by ``nn.Identity``; the report says so): two fewer passes over the
+    activations. Outputs change only by fp32 rounding.
     The result is in eval mode; the input model is left untouched unless ``inplace``.
     """
     if activations not in ("int8", "float"):
@@ -702,6 +783,8 @@ def pack(
                 visit(child, f"{path}.")
 
     visit(target, "")
+    if fuse:
+        _fuse(target, report)
     if strict:
         bad = {p: r for p, r in report.items() if not r.startswith("packed")}
         if bad:

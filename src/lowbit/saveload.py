@@ -117,7 +117,11 @@ class StoredWeight(WeightQuantizer):
     def export(self, w: torch.Tensor | None = None) -> QuantizedWeight:
         if self.format == "float":
             return QuantizedWeight(
-                torch.empty(0, dtype=torch.int8), self.scales, "float", 32, shape=tuple(self.scales.shape)
+                torch.empty(0, dtype=torch.int8),
+                self.scales,
+                "float",
+                32,
+                shape=tuple(self.scales.shape),
             )
         return QuantizedWeight(
             self.codes,
@@ -171,7 +175,9 @@ def _act_spec_dict(layer: nn.Module, path: str) -> dict[str, Any] | None:
     }
 
 
-def _quant_layer_spec(layer: nn.Module, path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _quant_layer_spec(
+    layer: nn.Module, path: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     qw: QuantizedWeight = layer.quantized_weight()  # type: ignore[operator]
     layout = _codes_layout(qw)
     tensors: dict[str, torch.Tensor] = {"scales": qw.scales.detach().to(torch.float32)}
@@ -219,7 +225,9 @@ def _expect_int(v: Any, what: str, lo: int = 0, hi: int = 1 << 40) -> int:
     return v
 
 
-def _quant_expected(spec: dict[str, Any], where: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def _quant_expected(
+    spec: dict[str, Any], where: str
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """dtype/shape of every tensor a Quant layer spec needs (validates the spec on the way)."""
     w = spec.get("weight")
     if not isinstance(w, dict):
@@ -234,6 +242,7 @@ def _quant_expected(spec: dict[str, Any], where: str) -> dict[str, tuple[torch.d
         gran = Granularity(str(w.get("granularity")), w.get("group_size"), w.get("group_axis"))
     except (ValueError, TypeError) as exc:
         raise LowbitFileError(f"{where}: bad weight description: {exc}") from None
+    dims: tuple[int, ...]
     if spec["type"] == "QuantLinear":
         dims = (
             _expect_int(spec.get("out_features"), f"{where}: out_features"),
@@ -301,7 +310,14 @@ def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: 
         if fmt == "binary" and bool((codes == 0).any()):
             raise LowbitFileError(f"{where}: binary codes must be -1 or +1")
     qw = QuantizedWeight(
-        codes, tensors["scales"], fmt, bits, w["granularity"], w.get("group_size"), w.get("group_axis"), shape
+        codes,
+        tensors["scales"],
+        fmt,
+        bits,
+        w["granularity"],
+        w.get("group_size"),
+        w.get("group_axis"),
+        shape,
     )
     iq = None
     if spec.get("input") is not None:
@@ -357,8 +373,14 @@ _PLAIN: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
             "padding_mode",
         ),
     ),
-    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
-    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
+    "BatchNorm1d": (
+        nn.BatchNorm1d,
+        ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    ),
+    "BatchNorm2d": (
+        nn.BatchNorm2d,
+        ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    ),
     "ReLU": (nn.ReLU, ()),
     "ReLU6": (nn.ReLU6, ()),
     "Tanh": (nn.Tanh, ()),
@@ -370,7 +392,10 @@ _PLAIN: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
     "Dropout": (nn.Dropout, ("p",)),
     "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
-    "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+    "AvgPool2d": (
+        nn.AvgPool2d,
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    ),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
     "Softmax": (nn.Softmax, ("dim",)),
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
@@ -392,12 +417,18 @@ def _plain_encoding(m: nn.Module) -> dict[str, Any] | None:
 
 
 def _plain_build(enc: dict[str, Any], where: str) -> nn.Module:
-    if not isinstance(enc, dict) or enc.get("type") not in _PLAIN or not isinstance(enc.get("args"), dict):
+    if (
+        not isinstance(enc, dict)
+        or enc.get("type") not in _PLAIN
+        or not isinstance(enc.get("args"), dict)
+    ):
         raise LowbitFileError(f"{where}: unknown module {enc!r}")
     cls, names = _PLAIN[enc["type"]]
     args = enc["args"]
     if set(args) != set(names):
-        raise LowbitFileError(f"{where}: {enc['type']} needs arguments {sorted(names)}, got {sorted(args)}")
+        raise LowbitFileError(
+            f"{where}: {enc['type']} needs arguments {sorted(names)}, got {sorted(args)}"
+        )
     for key in ("in_features", "out_features", "in_channels", "out_channels", "num_features"):
         if key in args:
             _expect_int(args[key], f"{where}: {key}", 0, 1 << 24)
@@ -502,12 +533,12 @@ def save(
     JSON-serialisable extras (dataset, accuracy, ...). Returns a summary: ``bytes`` (file size),
     ``float32_bytes`` (the same model with float32 weights) and ``compression``.
     """
-    from lowbit.train.checkpoint import atomic_write_bytes
     from safetensors.torch import save as st_save
 
     layers: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     float_bytes = 0
+    layer_bytes = 0  # bytes of the quantized / packed layers' tensors (codes, scales, bias)
     special = _walk_special(model)
     for lpath, layer in special:
         where = lpath or "<root>"
@@ -515,18 +546,24 @@ def save(
             spec = {"type": type(layer).__name__, "config": layer.config()}
             own = {k: v for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
             gemm = layer if isinstance(layer, PackedLinear) else layer.gemm
-            float_bytes += 4 * gemm.in_features * gemm.out_features + (4 * gemm.out_features if gemm.has_bias else 0)
+            float_bytes += 4 * gemm.in_features * gemm.out_features + (
+                4 * gemm.out_features if gemm.has_bias else 0
+            )
         elif isinstance(layer, (QuantLinear, QuantConv2d)):
             spec, own = _quant_layer_spec(layer, where)
-            float_bytes += 4 * layer.weight.numel() + (4 * layer.bias.numel() if layer.bias is not None else 0)
+            float_bytes += 4 * layer.weight.numel() + (
+                4 * layer.bias.numel() if layer.bias is not None else 0
+            )
         else:
             raise ValueError(
                 f"cannot save layer {where!r}: {type(layer).__name__} has no .lowbit encoding yet "
                 "(supported: QuantLinear, QuantConv2d, PackedLinear, PackedConv2d)"
             )
         layers[lpath] = spec
+        layer_bytes += sum(t.numel() * t.element_size() for t in own.values())
         for name, t in own.items():
             tensors[f"{lpath}.{name}" if lpath else name] = t.detach().cpu().contiguous()
+    layer_float = float_bytes  # so far only the special layers were counted
     state_keys = []
     prefixes = tuple(f"{p}." for p, _ in special if p)
     for key, value in model.state_dict(keep_vars=False).items():
@@ -595,13 +632,43 @@ def save(
             MANIFEST_SHA_KEY: hashlib.sha256(text.encode()).hexdigest(),
         },
     )
-    atomic_write_bytes(Path(path), blob)
+    _atomic_write(Path(path), blob)
     return {
         "path": str(path),
         "bytes": len(blob),
         "float32_bytes": float_bytes,
         "compression": float_bytes / len(blob) if blob else 0.0,
+        "layer_bytes": layer_bytes,
+        "layer_float32_bytes": layer_float,
+        "layer_compression": layer_float / layer_bytes if layer_bytes else 0.0,
     }
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the target directory, fsync, rename over ``path``, fsync the directory."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; a model file gets the permissions of any new file (umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _jsonable(v: Any) -> Any:
@@ -611,7 +678,9 @@ def _jsonable(v: Any) -> Any:
         return [_jsonable(x) for x in v]
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
-    raise ValueError(f"cannot store {type(v).__name__} {v!r} in a .lowbit manifest (JSON values only)")
+    raise ValueError(
+        f"cannot store {type(v).__name__} {v!r} in a .lowbit manifest (JSON values only)"
+    )
 
 
 def _lowbit_version() -> str:
@@ -631,7 +700,9 @@ def _fail(path: Path, msg: str) -> LowbitFileError:
 def _read_header(path: Path, f: Any, size: int) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(tensor entries, manifest, data start) after checking every byte range against the size."""
     if size < 8:
-        raise _fail(path, f"truncated: {size} bytes, not even a header length (not a .lowbit file?)")
+        raise _fail(
+            path, f"truncated: {size} bytes, not even a header length (not a .lowbit file?)"
+        )
     n = int.from_bytes(f.read(8), "little")
     if n < 2 or n > MAX_HEADER_BYTES:
         raise _fail(path, f"corrupt: header length {n} is implausible (not a .lowbit file?)")
@@ -678,17 +749,25 @@ def _read_header(path: Path, f: Any, size: int) -> tuple[dict[str, Any], dict[st
         ):
             raise _fail(path, f"tensor {name!r} has a bad shape {shape!r}")
         offs = e["data_offsets"]
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
             raise _fail(path, f"tensor {name!r} has bad data_offsets {offs!r}")
         nbytes = math.prod(shape) * _DTYPES[e["dtype"]].itemsize
         if offs[0] < 0 or offs[1] - offs[0] != nbytes:
-            raise _fail(path, f"tensor {name!r}: byte range {offs} does not hold {e['dtype']}{shape}")
+            raise _fail(
+                path, f"tensor {name!r}: byte range {offs} does not hold {e['dtype']}{shape}"
+            )
         ranges.append((offs[0], offs[1], name))
     ranges.sort()
     pos = 0
     for b, end, name in ranges:
         if b != pos:
-            raise _fail(path, f"corrupt: tensor {name!r} starts at {b}, expected {pos} (gap or overlap)")
+            raise _fail(
+                path, f"corrupt: tensor {name!r} starts at {b}, expected {pos} (gap or overlap)"
+            )
         pos = end
     if 8 + n + pos != size:
         what = "truncated" if 8 + n + pos > size else "corrupt (trailing bytes)"
@@ -721,7 +800,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         return _read_header(p, f, size)[1]
 
 
-def _expected_for(spec: dict[str, Any], where: str) -> tuple[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+def _expected_for(
+    spec: dict[str, Any], where: str
+) -> tuple[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
     kind = spec.get("type") if isinstance(spec, dict) else None
     try:
         if kind == "PackedLinear":
@@ -768,14 +849,22 @@ def _skeleton(path: Path, manifest: dict[str, Any], model: nn.Module | None) -> 
     if model is not None:
         return model
     arch = manifest.get("architecture")
-    kind = arch.get("kind") if isinstance(arch, dict) else None
+    if not isinstance(arch, dict):
+        raise _fail(path, f"corrupt manifest: architecture {arch!r}")
+    kind = arch.get("kind")
     if kind == "registry":
         from lowbit import models
 
         name, options = arch.get("name"), arch.get("options", {})
         if name not in models.available() or not isinstance(options, dict):
-            raise _fail(path, f"architecture {name!r} is not a lowbit model here ({', '.join(models.available())})")
-        opts = {k: tuple(v) if k == "input_shape" and isinstance(v, list) else v for k, v in options.items()}
+            raise _fail(
+                path,
+                f"architecture {name!r} is not a lowbit model here ({', '.join(models.available())})",
+            )
+        opts: dict[str, Any] = {
+            k: tuple(v) if k == "input_shape" and isinstance(v, list) else v
+            for k, v in options.items()
+        }
         try:
             return models.create(name, **opts)
         except (TypeError, ValueError) as exc:
@@ -846,7 +935,9 @@ def _plan(
         where = f"{path}: layer {lpath!r}"
         kind, exp = _expected_for(spec, where)
         if lpath and lpath not in named:
-            raise _fail(path, f"does not fit the model: it has no layer {lpath!r} (a {kind} in the file)")
+            raise _fail(
+                path, f"does not fit the model: it has no layer {lpath!r} (a {kind} in the file)"
+            )
         target = named[lpath] if lpath else skeleton
         want = _layer_dims(kind, spec)
         have = _module_dims(target)
@@ -879,9 +970,17 @@ def _plan(
         raise _fail(
             path,
             "does not fit the model: "
-            + (f"the model needs {missing[:5]}{' ...' if len(missing) > 5 else ''} which the file lacks" if missing else "")
+            + (
+                f"the model needs {missing[:5]}{' ...' if len(missing) > 5 else ''} which the file lacks"
+                if missing
+                else ""
+            )
             + ("; " if missing and extra else "")
-            + (f"the file has {extra[:5]}{' ...' if len(extra) > 5 else ''} which the model lacks" if extra else ""),
+            + (
+                f"the file has {extra[:5]}{' ...' if len(extra) > 5 else ''} which the model lacks"
+                if extra
+                else ""
+            ),
         )
     for key, (dtype, shape) in expected.items():
         e = header[key]

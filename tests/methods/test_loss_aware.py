@@ -287,6 +287,33 @@ def test_laq_close_to_exhaustive_optimum(scheme: str) -> None:
     assert float(np.median(ratios)) < 1.10
 
 
+@pytest.mark.parametrize(
+    "scheme,bits,n",
+    [("laq_linear", 3, 6), ("laq_log", 3, 6), ("laq_linear", 4, 4), ("laq_log", 4, 4)],
+)
+def test_laq_exact_sweep_matches_exhaustive_search(scheme: str, bits: int, n: int) -> None:
+    for seed in range(12):
+        w, d = _rand(n, 1200 + seed, wide_d=seed % 2 == 1)
+        w_hat, codes, _ = la.solve(w, d, scheme, bits, laq_exact=True)
+        best = _brute(w.numpy(), d.numpy(), scheme, bits)
+        assert _obj(w, d, w_hat) == pytest.approx(best, rel=1e-9, abs=1e-12), (scheme, bits, seed)
+        # and the alternating solver never beats it
+        alt = la.solve(w, d, scheme, bits)[0]
+        assert _obj(w, d, alt) >= _obj(w, d, w_hat) * (1 - 1e-12)
+
+
+def test_laq_exact_method_option() -> None:
+    m = lowbit.quantize(
+        nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), "laq", keep=(), solver="exact"
+    )
+    q = m[0].weight_quantizer
+    assert q.laq_exact
+    w = m[0].weight.detach()
+    assert torch.equal(
+        q(m[0].weight).detach(), la.solve(w, None, "laq_linear", 3, laq_exact=True)[0]
+    )
+
+
 def test_lat_a_reaches_lat_e_objective_within_one_percent() -> None:
     # Stated tolerance: from the TWN start, LAT_a's weighted error is within 1% of the exact one
     # on Gaussian weights with log-uniform curvature (measured worst case ~0.1%).

@@ -51,8 +51,7 @@ enum Mode { kInt32 = 0, kFloat = 1, kInt8 = 2, kBits = 3 };
 struct Job {
     const uint8_t* a;
     int64_t a_stride;
-    const uint8_t* w;
-    int64_t w_stride;
+    const uint8_t* w;  // row-interleaved blocks of 8 rows (binary.h)
     int64_t words, k, m, n;
     const int32_t* corr = nullptr;
     int64_t corr_period = 0;
@@ -61,6 +60,7 @@ struct Job {
     const int32_t* thr = nullptr;
     const uint8_t* flip = nullptr;
     Mode mode = kInt32;
+    const lowbit_binary_table* table = nullptr;  // resolved once per call
     void* out = nullptr;
     int64_t out_stride = 0;  // elements (bytes for kBits)
 };
@@ -95,17 +95,7 @@ void epilogue(const Job& j, int64_t m, int64_t n0, int64_t len, const int32_t* p
         case kBits: {
             // n0 is a multiple of 64 (tiles and thread chunks are), so whole words are written.
             uint8_t* o = (uint8_t*)j.out + m * j.out_stride + n0 / 8;
-            for (int64_t w0 = 0; w0 < len; w0 += 64) {
-                uint64_t word = 0;
-                const int64_t e = std::min<int64_t>(len, w0 + 64);
-                for (int64_t i = w0; i < e; ++i) {
-                    const int32_t d = k - 2 * pop[i] + (corr ? corr[i] : 0);
-                    const int32_t t = j.thr[n0 + i];
-                    const bool neg = j.flip[n0 + i] ? d > t : d < t;
-                    word |= (uint64_t)neg << (i - w0);
-                }
-                std::memcpy(o + w0 / 8, &word, 8);
-            }
+            j.table->bits_epilogue(pop, len, k, corr, j.thr + n0, j.flip + n0, o);
             break;
         }
     }
@@ -116,24 +106,25 @@ constexpr int64_t kTileM = 48;   // multiple of the AVX-512 microkernel's 6 toke
 
 void run_block(const lowbit_binary_table& t, const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     std::vector<int32_t> pop((size_t)(kTileM * kTileN));
-    for (int64_t nb = n0; nb < n1; nb += kTileN) {
+    for (int64_t nb = n0; nb < n1; nb += kTileN) {  // nb is a multiple of 64 (so of 8)
         const int64_t nl = std::min(kTileN, n1 - nb);
+        const int64_t blocks = (nl + 7) / 8;  // the last block may hold padding rows
         for (int64_t mb = m0; mb < m1; mb += kTileM) {
             const int64_t ml = std::min(kTileM, m1 - mb);
-            t.popcount_gemm(j.a + mb * j.a_stride, j.a_stride, j.w + nb * j.w_stride, j.w_stride, j.words, ml, nl,
-                            pop.data(), nl);
-            for (int64_t i = 0; i < ml; ++i) epilogue(j, mb + i, nb, nl, pop.data() + i * nl);
+            t.popcount_gemm(j.a + mb * j.a_stride, j.a_stride, j.w + (nb / 8) * j.words * 64, j.words, ml, blocks,
+                            pop.data(), 8 * blocks);
+            for (int64_t i = 0; i < ml; ++i) epilogue(j, mb + i, nb, nl, pop.data() + i * 8 * blocks);
         }
     }
 }
 
 void run(const Job& j, int n_threads) {
-    const lowbit_binary_table& t = binary_active();
+    const lowbit_binary_table& t = *j.table;
     // Below ~1M binary MACs a second thread costs more than it saves.
     if (j.m * j.n * 64 * j.words < ((int64_t)1 << 20)) n_threads = 1;
     // Big weight matrices are split by rows so each thread streams only its share (GEMV and
     // big GEMMs); small ones (convolutions: few filters, many pixels) are split by tokens.
-    const bool split_n = j.n * j.w_stride > (512 << 10) || j.m < 12;
+    const bool split_n = j.n * j.words * 8 > (512 << 10) || j.m < 12;
     if (split_n)
         lowbit::parallel_for(j.n, n_threads, 64, [&](int64_t b, int64_t e) { run_block(t, j, 0, j.m, b, e); });
     else
@@ -142,7 +133,7 @@ void run(const Job& j, int n_threads) {
 
 int64_t stride0(int64_t rows, int64_t stride, int64_t cols) { return rows > 1 ? stride : cols; }
 
-void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t k,
+void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t n, int64_t k,
                    std::optional<Dense<const int32_t>> corr, std::optional<Vector<const float>> scale,
                    std::optional<Vector<const float>> bias, std::optional<Vector<const int32_t>> thr,
                    std::optional<Vector<const uint8_t>> flip, std::optional<Dense<int32_t>> out_i32,
@@ -150,19 +141,20 @@ void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t k,
                    std::optional<Dense<uint8_t>> out_bits, int n_threads) {
     Job j{};
     j.m = (int64_t)a.shape(0);
-    j.n = (int64_t)w.shape(0);
+    j.n = n;
     const int64_t row_bytes = (int64_t)a.shape(1);
-    if ((int64_t)w.shape(1) != row_bytes)
-        throw std::invalid_argument("packed activations have " + std::to_string(row_bytes) +
-                                    " bytes per row but the packed weights " + std::to_string(w.shape(1)));
     if (row_bytes % 8) throw std::invalid_argument("packed rows must be whole 64-bit words (a multiple of 8 bytes)");
     j.words = row_bytes / 8;
+    if (n < 0 || (int64_t)w.shape(0) != (n + 7) / 8 || (int64_t)w.shape(1) != 64 * j.words)
+        throw std::invalid_argument("packed activations have " + std::to_string(row_bytes) + " bytes per row but the " +
+                                    "packed weights do not fit: expected (ceil(N/8), 8 * row bytes) = (" +
+                                    std::to_string((n + 7) / 8) + ", " + std::to_string(64 * j.words) + "), got (" +
+                                    std::to_string(w.shape(0)) + ", " + std::to_string(w.shape(1)) + ")");
     if (k < 0 || k > 64 * j.words) throw std::invalid_argument("k does not fit the packed rows");
     j.k = k;
     j.a = a.data();
     j.a_stride = row_bytes;
     j.w = w.data();
-    j.w_stride = row_bytes;
     auto check_vec = [&](int64_t len, const char* name) {
         if (len != j.n) throw std::invalid_argument(std::string(name) + " must have one entry per output (" + std::to_string(j.n) + ")");
     };
@@ -195,6 +187,7 @@ void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t k,
         j.out_stride = ob;
     }
     if (j.m == 0 || j.n == 0) return;
+    j.table = &binary_active();
     nb::gil_scoped_release release;
     run(j, n_threads);
 }
@@ -291,7 +284,7 @@ void binary_maxpool(Image x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int
 
 void register_binary(nb::module_& m) {
     m.def("binary_active", [] { return std::string(binary_active().name); });
-    m.def("binary_linear", &binary_linear, "a"_a, "w"_a, "k"_a, "corr"_a.none(), "scale"_a.none(), "bias"_a.none(),
+    m.def("binary_linear", &binary_linear, "a"_a, "w"_a, "n"_a, "k"_a, "corr"_a.none(), "scale"_a.none(), "bias"_a.none(),
           "thr"_a.none(), "flip"_a.none(), "out_i32"_a.none(), "out_f32"_a.none(), "out_i8"_a.none(),
           "out_bits"_a.none(), "n_threads"_a = 1);
     m.def("binary_im2col", &binary_im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,

@@ -316,6 +316,48 @@ def _laq_alternate(
     return alpha, c, iters
 
 
+def _laq_exact(wu: torch.Tensor, du: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
+    """Exact m-bit scale by a sweep over alpha's breakpoints (an extension; the paper's LAQ alternates).
+
+    For fixed alpha every element takes its nearest level, so the codes only change where
+    ``|w_i| / alpha`` crosses a decision threshold ``mu_j`` between consecutive level magnitudes,
+    i.e. at ``alpha = |w_i| / mu_j``. Between consecutive breakpoints the codes are fixed and the
+    objective is the quadratic ``sum d w^2 - 2 alpha A + alpha^2 B`` (``A = sum d m |w|``,
+    ``B = sum d m^2``). Sorting the n*k breakpoints (descending alpha) and accumulating ``A`` and
+    ``B`` gives every interval's quadratic; its minimiser clamped into the interval, minimised over
+    the intervals, is the global optimum. O(nk log nk). Returns alpha per unit row.
+    """
+    k = 2 ** (bits - 1) - 1
+    if fmt == "kbit_linear":
+        mags = [j / k for j in range(k + 1)]  # 0, 1/k, ..., 1
+    else:
+        mags = [0.0] + [2.0 ** (-j) for j in range(k - 1, -1, -1)]  # 0, 2^-(k-1), ..., 1
+    lo = torch.tensor(mags[:-1], dtype=torch.float64, device=wu.device)
+    hi = torch.tensor(mags[1:], dtype=torch.float64, device=wu.device)
+    mu = (lo + hi) / 2  # decision thresholds on |w| / alpha
+    a = wu.abs().double()
+    d = du.double()
+    u = a.shape[0]
+    beta = (a[:, :, None] / mu).reshape(u, -1)  # alpha at which element i moves up to level j+1
+    da = (d * a)[:, :, None] * (hi - lo)
+    db = d[:, :, None] * (hi * hi - lo * lo)
+    beta, order = beta.sort(dim=1, descending=True)
+    cum_a = da.reshape(u, -1).gather(1, order).cumsum(1)
+    cum_b = db.reshape(u, -1).gather(1, order).cumsum(1)
+    nxt = torch.cat([beta[:, 1:], torch.zeros_like(beta[:, :1])], dim=1)
+    ok = cum_b > 0
+    cand = torch.where(
+        ok, cum_a / torch.where(ok, cum_b, torch.ones_like(cum_b)), torch.zeros_like(cum_b)
+    )
+    cand = torch.minimum(torch.maximum(cand, nxt), beta)
+    value = torch.where(ok, cand * (cand * cum_b - 2 * cum_a), torch.zeros_like(cand))
+    best = value.argmin(dim=1, keepdim=True)
+    alpha = cand.gather(1, best).squeeze(1)
+    return torch.where(value.gather(1, best).squeeze(1) < 0, alpha, torch.zeros_like(alpha)).to(
+        wu.dtype
+    )
+
+
 def _solve_units(
     wu: torch.Tensor,
     du: torch.Tensor,
@@ -326,6 +368,7 @@ def _solve_units(
     alpha_rule: str,
     max_iter: int,
     tol: float,
+    laq_exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (float, unit layout) and per-unit scales (``(U,)``, ``(U, 2)`` for LAT2) of one scheme.
 
@@ -362,7 +405,13 @@ def _solve_units(
             torch.stack([ap, an], dim=-1),
             torch.maximum(ip, i_n),
         )
-    alpha, c, iters = _laq_alternate(wu, du, prev(), fmt, m, alpha_rule, max_iter, tol)
+    if laq_exact:
+        alpha = _laq_exact(wu, du, fmt, m)
+        pos = alpha > 0
+        c, _ = nearest_levels(wu, torch.where(pos, alpha, torch.ones_like(alpha)), fmt, m)
+        c = torch.where(pos[:, None], c, torch.zeros_like(c))
+    else:
+        alpha, c, iters = _laq_alternate(wu, du, prev(), fmt, m, alpha_rule, max_iter, tol)
     return c, (alpha / (2 ** (m - 1) - 1) if fmt == "kbit_linear" else alpha), iters
 
 
@@ -390,6 +439,7 @@ def _solve_codes(
     alpha_rule: str,
     max_iter: int,
     tol: float,
+    laq_exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`solve` without ``w_hat``: ``(codes int8, scales, iterations per unit)``."""
     fmt, m = scheme_format(scheme, bits)
@@ -405,7 +455,7 @@ def _solve_codes(
             raise ValueError(f"prev_codes has shape {tuple(c.shape)}, the weight {shape}")
         return F.to_units(c.to(device=w.device, dtype=w.dtype), g)[0]
 
-    cu, su, iters = _solve_units(wu, du, scheme, fmt, m, prev, alpha_rule, max_iter, tol)
+    cu, su, iters = _solve_units(wu, du, scheme, fmt, m, prev, alpha_rule, max_iter, tol, laq_exact)
     codes = F.from_units(cu, shape, g).to(torch.int8)
     scale_shape = g.scale_shape(shape)
     scales = su.reshape(*scale_shape, 2) if fmt == "ternary_asym" else su.reshape(scale_shape)
@@ -425,6 +475,7 @@ def solve(
     alpha_rule: str = "ls",
     max_iter: int = 10,
     tol: float = 1e-6,
+    laq_exact: bool = False,
     return_info: bool = False,
 ) -> Any:
     """The loss-aware projection ``argmin sum d (w_hat - w)^2`` over the scheme's level set (§3.1-§3.5).
@@ -443,6 +494,8 @@ def solve(
         alpha_rule: ``laq_*`` scale update: ``"ls"`` (weighted least squares, §3.5, default) or
             ``"official"`` (the code's ``||b⊙d⊙w||_1 / ||b⊙d||_1``, §3.5). Ternary: identical.
         max_iter, tol: alternating solvers' limits (official: 10 and 1e-6 on alpha).
+        laq_exact: ``laq_*`` only: the exact optimum by a sweep over alpha's breakpoints
+            (O(nk log nk); an extension, the papers alternate). Ignores ``prev_codes``.
         return_info: also return a dict with per-unit ``iterations``.
 
     Returns:
@@ -466,7 +519,7 @@ def solve(
     """
     g = Granularity.of(granularity, group_size, group_axis)
     codes, scales, iters = _solve_codes(
-        w, d, scheme, bits, prev_codes, g, alpha_rule, max_iter, tol
+        w, d, scheme, bits, prev_codes, g, alpha_rule, max_iter, tol, laq_exact
     )
     fmt, m = scheme_format(scheme, bits)
     w_hat = F.dequantize(codes, scales, fmt, m, g, tuple(w.shape))
@@ -525,6 +578,7 @@ class LossAwareWeight(WeightQuantizer):
         tol: float = 1e-6,
         eps: float = 1e-8,
         clip: float | None = 1.0,
+        laq_exact: bool = False,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -543,6 +597,7 @@ class LossAwareWeight(WeightQuantizer):
         self.tol = float(tol)
         self.eps = float(eps)
         self.clip = None if clip is None else float(clip)
+        self.laq_exact = bool(laq_exact)
         shape = tuple(int(s) for s in shape)
         dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
         scale_shape = self.granularity.scale_shape(shape)
@@ -582,6 +637,7 @@ class LossAwareWeight(WeightQuantizer):
             self.alpha_rule,
             self.max_iter,
             self.tol,
+            self.laq_exact,
         )
         self.__dict__["_iters"] = iters
         return codes, scales.to(self.scales.dtype)
@@ -718,6 +774,8 @@ class LossAwareMethod(Method):
             group_size=opts.get("group_size"),
             group_axis=opts.get("group_axis"),
             alpha_rule=opts.get("alpha_rule", "ls"),
+            laq_exact=self.family == "laq"
+            and _normalise_solver(opts.get("solver", "approx")) == "e",
             max_iter=opts.get("max_iter", 10),
             tol=opts.get("tol", 1e-6),
             eps=opts["eps"],
@@ -782,8 +840,15 @@ register(
 register(
     LossAwareMethod(
         "laq",
-        {**_COMMON_LA, **_ALT, "bits": 3, "levels": "linear", "alpha_rule": "ls"},
-        "loss-aware m-bit quantization, linear or logarithmic levels (alternating solver)",
+        {
+            **_COMMON_LA,
+            **_ALT,
+            "bits": 3,
+            "levels": "linear",
+            "alpha_rule": "ls",
+            "solver": "approx",
+        },
+        "loss-aware m-bit quantization, linear or logarithmic levels (alternating solver; 'exact' sweeps alpha)",
         _PAPER,
     )
 )
