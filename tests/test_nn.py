@@ -267,3 +267,32 @@ def test_base_forward_trains_learned_scales() -> None:
     assert q.alpha.grad.tolist() == [-2.0]
     assert torch.equal(w.grad, g)
     assert torch.equal(q.export(w).dequantize(), out.detach())
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}])
+def test_quant_lstm_fused_forward_equals_the_step_by_step_cell(kw) -> None:
+    # forward() runs PyTorch's fused LSTM on the quantized gate matrices; reference_forward()
+    # writes the cell out step by step (itself checked against nn.LSTM in the fp case below).
+    torch.manual_seed(3)
+    ref = nn.LSTM(4, 3, dtype=torch.float64, **kw)
+    keys = lnn.QuantLSTM.matrix_keys(ref)  # type: ignore[arg-type]
+    wq = nn.ModuleDict({k: nn.ModuleList(TWNWeight(rule="exact") for _ in range(4)) for k in keys})
+    q = lnn.QuantLSTM.from_float(ref, wq)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    out_f, (h_f, c_f) = q(x)
+    loss_f = out_f.pow(2).sum() + h_f.sum() + c_f.sum()
+    grads_f = torch.autograd.grad(loss_f, list(q.parameters()))
+    out_r, (h_r, c_r) = q.reference_forward(x)
+    loss_r = out_r.pow(2).sum() + h_r.sum() + c_r.sum()
+    grads_r = torch.autograd.grad(loss_r, list(q.parameters()))
+    for a, b in [(out_f, out_r), (h_f, h_r), (c_f, c_r), *zip(grads_f, grads_r, strict=True)]:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_quant_lstm_step_by_step_reference_matches_nn_lstm() -> None:
+    ref, q = _lstm_pair(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    out_r, (h_r, c_r) = ref(x)
+    out_q, (h_q, c_q) = q.reference_forward(x)
+    for a, b in [(out_r, out_q), (h_r, h_q), (c_r, c_q)]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

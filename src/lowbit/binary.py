@@ -85,7 +85,8 @@ def _threads() -> int:
 def _np(t: torch.Tensor) -> np.ndarray:
     if t.device.type != "cpu":
         raise ValueError(f"lowbit binary kernels run on the CPU; got a tensor on {t.device}")
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 

@@ -637,6 +637,51 @@ class QuantLSTM(nn.LSTM, QuantModule):
         )
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        batch = x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * dirs, batch, self.hidden_size)
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        # PyTorch's fused LSTM with the quantized gate matrices in place of the latent ones: the
+        # same math as the cell loop in `reference_forward` (hidden states stay float), ~6x faster;
+        # gradients reach the latent weights through each gate quantizer's straight-through path.
+        flat: list[torch.Tensor] = []
+        for name in self._flat_weights_names:
+            key = name[len("weight_") :] if name.startswith("weight_") else None
+            flat.append(self.quantized_matrix(key) if key else getattr(self, name))
+        output, hn, cn = torch._VF.lstm(  # type: ignore[attr-defined]
+            x,
+            (h0, c0),
+            flat,
+            self.bias,
+            self.num_layers,
+            float(self.dropout),
+            self.training,
+            self.bidirectional,
+            False,
+        )
+        if unbatched:
+            return output.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (hn, cn)
+
+    def reference_forward(
+        self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The LSTM written out step by step (tests check :meth:`forward` against it)."""
+        unbatched = input.dim() == 2
+        x = (
+            input.unsqueeze(1)
+            if unbatched
+            else (input.transpose(0, 1) if self.batch_first else input)
+        )
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         steps, batch = x.shape[0], x.shape[1]
         dirs = 2 if self.bidirectional else 1
         h_size = self.hidden_size
