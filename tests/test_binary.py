@@ -67,6 +67,12 @@ def test_gemm_threads_and_extremes(isa: str, threads: int, m: int, n: int, k: in
     got = B.binary_linear(B.pack_bits(a), B.pack_bits(w), k)
     assert torch.equal(got.long(), B.binary_linear_reference(a, w))
     assert got[0, 0] == k and got[0, 1] == -k
+    # Bit outputs: thread chunks and tiles must write whole, disjoint 64-bit words.
+    thr = torch.randint(-60, 60, (n,), generator=gen, dtype=torch.int32)
+    flip = torch.rand(n, generator=gen) < 0.5
+    bits = B.binary_linear(B.pack_bits(a), B.pack_bits(w), k, out="bits", threshold=(thr, flip))
+    expected = B.binary_linear_reference(a, w, out="bits", threshold=(thr, flip))
+    assert torch.equal(B.unpack_bits(bits, n), expected)
 
 
 def test_sign_rule_for_zero_negative_zero_and_nan(isa: str) -> None:
