@@ -242,3 +242,20 @@ def test_failed_save_keeps_the_existing_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.lowbit"]  # no temp file left
     assert read_manifest(path)["layers"]["1"]["type"] == "PackedLinear"
     assert model is not None
+
+
+def test_a_single_packed_layer_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    layer = lowbit.pack(lowbit.quantize(nn.Sequential(nn.Linear(20, 9)), "lat2", keep=()))[0]
+    lowbit.save(layer, tmp_path / "l.lowbit")
+    loaded = lowbit.load(tmp_path / "l.lowbit")
+    assert isinstance(loaded, PackedLinear) and loaded.config() == layer.config()
+    assert torch.equal(loaded(_x()), layer(_x()))
+
+
+def test_layers_without_an_encoding_are_named(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.LSTM(4, 8))
+    quant = lowbit.quantize(net, "twn", keep=())
+    with pytest.raises(ValueError, match="layer '0'.*QuantLSTM has no .lowbit encoding"):
+        lowbit.save(quant, tmp_path / "x.lowbit")
+    assert not (tmp_path / "x.lowbit").exists()

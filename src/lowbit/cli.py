@@ -498,6 +498,7 @@ def run_cmd(
     data = getattr(splits, split, None)
     if data is None:
         fail(f"dataset {table['name']!r} has no {split!r} split")
+    assert data is not None  # fail() exits
     result = {"file": file, "bytes": os.path.getsize(file), "dataset": table["name"], "split": split}
     result["accuracy"] = deploy.accuracy(model, data, batch_size)
     result.update(deploy.speed(model, data.x, batch_size, reps))
@@ -542,7 +543,8 @@ def bench_cmd(
             if file:
                 net = load(file)
                 arch = read_manifest(file).get("architecture", {})
-                shape = tuple((arch.get("options") or {}).get("input_shape") or getattr(net, "input_shape", shape))
+                stored = (arch.get("options") or {}).get("input_shape") or getattr(net, "input_shape", None)
+                shape = tuple(int(d) for d in stored) if stored else shape
             else:
                 net = bench.default_mnist_model()
             rows_m = bench.bench_model(

@@ -601,7 +601,7 @@ def save(
         }
     else:
         tree = _tree(model)
-        if tree is not None and type(model) is nn.Sequential:
+        if tree is not None and (type(model) is nn.Sequential or _is_special(model)):
             architecture_json = {"kind": "modules", "tree": tree}
         else:
             architecture_json = {

@@ -270,8 +270,9 @@ class Trainer:
         out = []
         for g in groups:
             by_wd: dict[float, list[torch.Tensor]] = {}
+            fixed = g.get("weight_decay")  # a method's group may pin it (TTQ scales without decay)
             for p in g["params"]:
-                by_wd.setdefault(decay(p), []).append(p)
+                by_wd.setdefault(fixed if fixed is not None else decay(p), []).append(p)
             extra = {k: v for k, v in g.items() if k != "params"}
             for wd, ps in by_wd.items():
                 group = {**extra, "params": ps, "weight_decay": wd}
