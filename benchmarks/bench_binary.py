@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as TF
@@ -73,12 +74,20 @@ def bench_linear(size: int, m: int, reps: int) -> list[tuple[str, float]]:
     )
     float_layer = B.PackedBinaryLinear(w, bias=torch.zeros(size), input="float", out="float")
     xb = B.pack_bits(x)
+    bits_layer(xb)  # builds the layer's C++ plan
+    plan = bits_layer.__dict__["_plan"][1]
+    xb_np, out_np = xb.numpy(), np.empty((m, B.packed_bytes(size)), dtype=np.uint8)
     with torch.no_grad():
         return [
             ("torch fp32 F.linear", median_ms(lambda: TF.linear(x, w), reps)),
             ("torch dynamic int8", median_ms(lambda: q(x), reps)),
             ("lowbit binary bits->bits", median_ms(lambda: bits_layer(xb), reps)),
             ("lowbit binary float->float", median_ms(lambda: float_layer(x), reps)),
+            # The same layer without the Python module around it (C++ plan call).
+            (
+                "lowbit kernel call bits->bits",
+                median_ms(lambda: plan(xb_np, None, out_np, B._threads()), reps),
+            ),
         ]
 
 
@@ -174,7 +183,11 @@ def main() -> None:
             print(f"linear {args.size}x{args.size} M={m}")
             for name, ms in rows.items():
                 print(f"  {name:32s} {ms:9.4f} ms")
-            for name in ("lowbit binary bits->bits", "lowbit binary float->float"):
+            for name in (
+                "lowbit binary bits->bits",
+                "lowbit binary float->float",
+                "lowbit kernel call bits->bits",
+            ):
                 print(
                     f"  {name}: {rows['torch fp32 F.linear'] / rows[name]:7.1f}x vs fp32, "
                     f"{rows['torch dynamic int8'] / rows[name]:6.1f}x vs int8"

@@ -343,3 +343,45 @@ def test_custom_ops_have_working_fake_implementations() -> None:
         (xb, [2, 2, 2, 2, 0, 0], torch.zeros(8, dtype=torch.uint8)),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_single_layer_route_matches_quant_layers(isa: str) -> None:
+    # What lowbit.pack can use per layer: float in, float(d) + bias out, structure unchanged.
+    import lowbit
+
+    torch.manual_seed(0)
+    lin = lowbit.quantize(
+        nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 70), nn.Linear(70, 5)), "bnn", keep=()
+    )[1]
+    w, s = B.binary_layer_weight(lin)
+    packed = B.PackedBinaryLinear(w, bias=lin.bias, scale=s)
+    x = torch.randn(7, 30)
+    x[0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+    with torch.no_grad():
+        assert torch.equal(lin(x), packed(x))
+    conv = lowbit.quantize(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.Conv2d(16, 4, 3)
+        ),
+        "bnn",
+        keep=(),
+    )[1]
+    w, s = B.binary_layer_weight(conv)
+    pc = B.PackedBinaryConv2d(w, conv.stride, conv.padding, conv.dilation, bias=conv.bias, scale=s)
+    x = torch.randn(2, 8, 11, 9)
+    with torch.no_grad():
+        assert torch.equal(conv(x), pc(x))
+
+
+def test_packed_model_exports_through_the_custom_ops() -> None:
+    import lowbit
+    from lowbit.models.mlp import MLP
+
+    torch.manual_seed(0)
+    model = lowbit.quantize(MLP(widths=(40, 70, 30), act="hardtanh", bn_output=True), "bnn")
+    _randomize_bn(model, 3)
+    packed = B.pack_bnn(model.eval())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        exported = torch.export.export(packed, (x,))
+        assert torch.equal(exported.module()(x), packed(x))

@@ -330,3 +330,23 @@ def test_batchnorm_and_relu_fuse_into_the_epilogue(method: str) -> None:
     a, b = fused[0](x), plain[2](plain[1](plain[0](x)))
     assert (a >= 0).all() and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fused(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("fmt", ["ternary_asym", "kbit_linear"])
+@pytest.mark.parametrize("exponent", [None, -3])
+def test_dfp_inputs_of_any_width_and_sign(
+    isa: str, bits: int, signed: bool, fmt: str, exponent: int | None
+) -> None:
+    functional = pytest.importorskip("lowbit.functional")
+    qw = _qweight(fmt, 2 if fmt == "ternary_asym" else 4, "channel")
+    bias = torch.randn(N)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(bits)) * 2
+    layer = PackedLinear(
+        qw, bias, activations="dfp", act_bits=bits, act_signed=signed, exponent=exponent
+    )
+    ints, e = functional.dfp_quantize(x, bits, signed, exponent)  # saturates when E is fixed
+    expected, tol = _reference(qw, x, bias, ints.double() * 2.0**e)
+    err = np.abs(layer(x).double().numpy() - expected)
+    assert (err <= tol).all(), float((err - tol).max())

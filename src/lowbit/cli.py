@@ -63,11 +63,49 @@ def cpu_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 
 @app.command("demo")
-def demo_cmd() -> None:
-    """Run the end-to-end demo on embedded MNIST (see `lowbit demo --help`)."""
-    from lowbit.demo import run_demo
+def demo_cmd(
+    out: str = typer.Option(None, "--out", "-o", help="Run directory (default runs/demo-TIME)."),
+    epochs: int = typer.Option(None, "--epochs", help="Epochs of every trained model (default: 2-3 each, see lowbit.demo.STAGES)."),
+    full: bool = typer.Option(False, "--full", help="The recipes' own epochs and schedules (longer, better models)."),
+    budget: float = typer.Option(540.0, "--budget", help="Wall-clock seconds for the whole demo: training stops early past its share (0 = no limit)."),
+    threads: int = typer.Option(None, "--threads", help="torch / kernel threads (default: torch's default)."),
+    widths: str = typer.Option(None, "--widths", help="Hidden widths of every MLP, e.g. 256,256 (default: the recipes')."),
+    train_samples: int = typer.Option(None, "--train-samples", help="Use only the first N training images."),
+    methods: str = typer.Option("fp,fgq,ttq,bnn,lat2,laq", "--methods", help="Comma list of models to build (fp is always trained when fgq or ttq need it)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (MNIST is embedded; not needed)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bars (epoch lines only)."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the per-epoch training checkpoints (default: only the .lowbit models and metrics stay)."),
+    check_kernels: bool = typer.Option(False, "--check-kernels", help="Only check the binary GEMM on every ISA path and exit."),
+) -> None:
+    """Train float, FGQ, TTQ, BNN, LAT2 and 3-bit LAQ MLPs on embedded MNIST, pack them, and print
+    one table (test error simulated/packed, file size, compression, speed vs float PyTorch);
+    writes a Markdown + PNG report to the run directory."""
+    from lowbit.demo import DemoConfig, kernel_self_check, run_demo
 
-    run_demo()
+    if check_kernels:
+        for isa, ms in kernel_self_check():
+            typer.echo(f"  {isa:<7} binary GEMM bit-exact  {ms:7.3f} ms")
+        return
+    try:
+        width_t = tuple(int(w) for w in widths.split(",") if w.strip()) if widths else None
+    except ValueError:
+        fail(f"--widths expects integers like 256,256, got {widths!r}")
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    valid = ("fp", "fgq", "ttq", "bnn", "lat2", "laq")
+    bad = [m for m in chosen if m not in valid]
+    if bad:
+        fail(f"unknown --methods {', '.join(bad)}; valid: {', '.join(valid)}")
+    if epochs is not None and epochs < 1:
+        fail("--epochs must be at least 1")
+    cfg = DemoConfig(
+        out=out, epochs=epochs, full=full, budget=budget, threads=threads, widths=width_t,
+        train_samples=train_samples, methods=chosen, data_dir=data_dir, progress=not no_progress,
+        keep_checkpoints=keep_checkpoints,
+    )
+    try:
+        run_demo(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
 
 
 @app.command("train")
@@ -526,7 +564,10 @@ def bench_cmd(
     ),
     json_out: str = typer.Option("", "--json", help="Also write the rows to this JSON file."),
 ) -> None:
-    """Benchmark the kernels against PyTorch fp32 F.linear and PyTorch dynamic int8, same run."""
+    """Benchmark the kernels (vs PyTorch fp32 and dynamic int8) or a packed model (vs its fp32 twin), same run.
+
+    Examples: lowbit bench kernels; lowbit bench model; lowbit bench model m.lowbit --threads 1 --clock cpu
+    """
     from lowbit import bench
 
     if what not in ("kernels", "model"):
@@ -569,9 +610,46 @@ def bench_cmd(
 
 
 @app.command("reproduce")
-def reproduce_cmd() -> None:
-    """Reproduce a paper table row from a recipe."""
-    _not_yet("reproduce", 11)
+def reproduce_cmd(
+    recipe: str = typer.Argument(None, help="Recipe NAME (see --list) or a .toml file."),
+    list_: bool = typer.Option(False, "--list", help="List every recipe, the data it needs and whether it is here."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/reproduce-NAME-TIME)."),
+    epochs: int = typer.Option(None, "--epochs", help="Override [train] epochs (smoke runs; the paper number needs the recipe's)."),
+    threads: int = typer.Option(None, "--threads", help="torch / kernel threads."),
+    train_samples: int = typer.Option(None, "--train-samples", help="Use only the first N training images."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="With --list: print JSON."),
+) -> None:
+    """Reproduce a paper table row from a recipe and report the paper's number beside the measured one."""
+    from lowbit import reproduce as R
+
+    if list_:
+        rows = R.list_recipes(data_dir)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2, default=str))
+            return
+        typer.echo(R.format_recipe_list(rows))
+        return
+    if not recipe:
+        fail("give a recipe NAME or .toml file, or --list to see them")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from lowbit.data import DataNotFoundError
+    from lowbit.train import TrainingDiverged
+
+    try:
+        result = R.reproduce(
+            recipe, out, epochs=epochs, data_dir=data_dir, train_samples=train_samples,
+            progress=not no_progress, log=typer.echo,
+        )
+    except TrainingDiverged as exc:
+        fail(str(exc), code=1)
+    except (ValueError, TypeError, FileNotFoundError, DataNotFoundError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    typer.echo(f"report: {result.report}  ({result.seconds:.1f} s)")
 
 
 def main() -> None:

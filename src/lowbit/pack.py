@@ -570,6 +570,14 @@ class PackedConv2d(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> PackedConv2d:
+        """An empty layer (zero buffers) for ``cfg``; ``load_state_dict`` fills it."""
+        geo = cls.check_config(cfg)
+        return cls(PackedLinear.from_config(cfg["gemm"]), **geo)  # type: ignore[arg-type]
+
+    @staticmethod
+    def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
+        """Validate a config without allocating anything; returns the geometry arguments."""
+
         def pair(key: str) -> tuple[int, int]:
             v = cfg.get(key)
             if (
@@ -584,19 +592,25 @@ class PackedConv2d(nn.Module):
                 )
             return (v[0], v[1])
 
-        if not isinstance(cfg.get("in_channels"), int) or not isinstance(cfg.get("gemm"), dict):
+        cin, gemm = cfg.get("in_channels"), cfg.get("gemm")
+        if not isinstance(cin, int) or isinstance(cin, bool) or not isinstance(gemm, dict):
             raise ValueError("packed conv config: needs in_channels (int) and gemm (dict)")
         ks, st, dl = pair("kernel_size"), pair("stride"), pair("dilation")
         if min(ks) < 1 or min(st) < 1 or min(dl) < 1:
             raise ValueError("packed conv config: kernel_size, stride and dilation must be >= 1")
-        return cls(
-            PackedLinear.from_config(cfg["gemm"]),
-            in_channels=cfg["in_channels"],
-            kernel_size=ks,
-            stride=st,
-            padding=pair("padding"),
-            dilation=dl,
-        )
+        _check_config(gemm)
+        if cin * ks[0] * ks[1] != gemm["in_features"]:
+            raise ValueError(
+                f"packed conv config: in_channels * kh * kw = {cin * ks[0] * ks[1]} differs "
+                f"from the GEMM's in_features {gemm['in_features']}"
+            )
+        return {
+            "in_channels": cin,
+            "kernel_size": ks,
+            "stride": st,
+            "padding": pair("padding"),
+            "dilation": dl,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

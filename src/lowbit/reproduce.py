@@ -47,6 +47,7 @@ from lowbit.data.core import DataSplits
 __all__ = [
     "ReproduceResult",
     "TrainedModel",
+    "format_recipe_list",
     "list_recipes",
     "recipe_kind",
     "reproduce",
@@ -74,7 +75,9 @@ def recipe_kind(spec: dict[str, Any]) -> str:
     """``"train"`` or ``"ptq"`` (``[recipe] kind``)."""
     kind = str(spec.get("recipe", {}).get("kind", "train"))
     if kind not in ("train", "ptq"):
-        raise ValueError(f"recipe {spec['recipe'].get('name')}: kind must be 'train' or 'ptq', got {kind!r}")
+        raise ValueError(
+            f"recipe {spec['recipe'].get('name')}: kind must be 'train' or 'ptq', got {kind!r}"
+        )
     return kind
 
 
@@ -100,7 +103,9 @@ def load_splits(
     if train_samples:
         splits.train = splits.train.subset(0, train_samples)
         if splits.valid is not None:
-            splits.valid = splits.valid.subset(0, max(1, min(len(splits.valid), test_samples or len(splits.valid))))
+            splits.valid = splits.valid.subset(
+                0, max(1, min(len(splits.valid), test_samples or len(splits.valid)))
+            )
     if test_samples:
         splits.test = splits.test.subset(0, test_samples)
     if cache is not None:
@@ -121,7 +126,7 @@ def train_budgeted(
     """Train ``spec`` on ``splits`` with the Trainer, one epoch per call so that a wall-clock
     ``deadline`` (``time.perf_counter()`` value) can end it early (at least one epoch runs; the run
     directory stays resumable). ``init_state``: float weights loaded before quantizing."""
-    from lowbit.train import Trainer, TrainConfig
+    from lowbit.train import TrainConfig, Trainer
     from lowbit.train.runs import build_model
 
     t0 = time.perf_counter()
@@ -133,8 +138,15 @@ def train_budgeted(
     method, options = _method_parts(spec["method"])
     info = {k: spec.get(k, {}) for k in ("recipe", "paper", "model", "data", "method")}
     trainer = Trainer(
-        model, splits, cfg, method=method, method_options=options, run_dir=run_dir,
-        progress=progress, run_info=info, model_name=spec["model"]["name"],
+        model,
+        splits,
+        cfg,
+        method=method,
+        method_options=options,
+        run_dir=run_dir,
+        progress=progress,
+        run_info=info,
+        model_name=spec["model"]["name"],
     )
     summary: dict[str, Any] = {}
     while trainer.epoch < cfg.epochs:
@@ -147,7 +159,13 @@ def train_budgeted(
             break
     trainer.model.eval()
     return TrainedModel(
-        trainer.model, spec, splits, Path(run_dir), summary, trainer.epoch, cfg.epochs,
+        trainer.model,
+        spec,
+        splits,
+        Path(run_dir),
+        summary,
+        trainer.epoch,
+        cfg.epochs,
         time.perf_counter() - t0,
     )
 
@@ -181,7 +199,7 @@ def list_recipes(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     from lowbit.train.config import RECIPE_DIR, load_recipe
 
     present = {r["name"]: (r["available"], r["where"]) for r in data_mod.status(data_dir)}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in sorted(RECIPE_DIR.glob("*.toml")):
         try:
             spec = load_recipe(str(path))
@@ -189,7 +207,10 @@ def list_recipes(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
             rows.append({"name": path.stem, "error": str(exc)})
             continue
         ds = spec["data"].get("name", "")
-        ok, where = present.get(ds, (False, "unknown dataset"))
+        init = spec["recipe"].get("init_from", "")
+        if not ds and init and (RECIPE_DIR / f"{init}.toml").exists():
+            ds = load_recipe(init)["data"].get("name", "")
+        ok, where = present.get(ds, (False, f"no loader for dataset {ds!r} in lowbit.data"))
         paper = spec.get("paper", {})
         rows.append(
             {
@@ -211,6 +232,44 @@ def list_recipes(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def format_recipe_list(rows: list[dict[str, Any]]) -> str:
+    """``lowbit reproduce --list`` as plain aligned text, then where each missing dataset goes."""
+    header = ["name", "kind", "method", "model", "data", "here", "epochs", "paper", "starts from"]
+    cells = []
+    missing: dict[str, str] = {}
+    for r in rows:
+        if "error" in r:
+            cells.append([r["name"], "error", r["error"], "", "", "", "", "", ""])
+            continue
+        metric = {"test_error_percent": "% err"}.get(r["paper_metric"], r["paper_metric"])
+        paper = "-" if r["paper_value"] is None else f"{r['paper_value']:g} {metric}".strip()
+        if not r["data_available"]:
+            missing[r["dataset"]] = r["data_where"]
+        cells.append(
+            [
+                r["name"],
+                r["kind"],
+                r["method"],
+                r["model"],
+                r["dataset"],
+                "yes" if r["data_available"] else "no",
+                str(r["epochs"] if r["epochs"] is not None else "-"),
+                paper,
+                r["init_from"] or "-",
+            ]
+        )
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *cells]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if missing:
+        lines += ["", "data not present offline (put the files there, or run with network access):"]
+        lines += [f"  {name}: {where}" for name, where in sorted(missing.items())]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # reproduce
 
@@ -226,7 +285,7 @@ class ReproduceResult:
 
 def _resolve_init(
     spec: dict[str, Any], out_dir: Path, overrides: dict[str, Any], log: Log, depth: int
-) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None, list[Any]]:
+) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None, list[Any], dict[str, Any]]:
     """Float weights to start from: ``[recipe] init_from`` (or ``[train] init_from``) as a recipe
     name (reproduced first, into ``out_dir/<name>``) or a run directory / checkpoint."""
     from lowbit.train.config import RECIPE_DIR
@@ -234,18 +293,24 @@ def _resolve_init(
     source = spec["recipe"].get("init_from") or spec["train"].pop("init_from", None)
     spec["train"].pop("init_from", None)
     if not source:
-        return None, None, []
+        return None, None, [], {}
     if (RECIPE_DIR / f"{source}.toml").exists() or str(source).endswith(".toml"):
         if depth > 3:
             raise ValueError(f"init_from chain too deep at {source!r}")
         log(f"init_from = {source!r}: reproducing that recipe first")
-        sub = reproduce(str(source), out_dir / Path(str(source)).stem, log=log, _depth=depth + 1, **overrides)
+        sub = reproduce(
+            str(source), out_dir / Path(str(source)).stem, log=log, _depth=depth + 1, **overrides
+        )
         model = sub.trained.model
-        return model.state_dict(), model, sub.rows
+        return model.state_dict(), model, sub.rows, sub.trained.spec
     from lowbit.ptq import load_float_model
 
-    net, _ = load_float_model(source)
-    return net.state_dict(), net, []
+    net, info = load_float_model(source)
+    base = {
+        "model": {"name": info["model"]["name"], **info["model"]["options"]},
+        "data": info["data"],
+    }
+    return net.state_dict(), net, [], base
 
 
 def reproduce(
@@ -277,38 +342,63 @@ def reproduce(
     spec = load_recipe(recipe)
     kind = recipe_kind(spec)
     name = spec["recipe"]["name"]
-    out = Path(out_dir) if out_dir is not None else Path("runs") / f"reproduce-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path("runs") / f"reproduce-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     if epochs is not None:
         spec["train"]["epochs"] = int(epochs)
         ms = [m for m in spec["train"].get("milestones", []) if m < epochs]
         spec["train"]["milestones"] = ms
     overrides = {
-        "epochs": epochs, "data_dir": data_dir, "train_samples": train_samples,
-        "test_samples": test_samples, "progress": progress, "timing": timing,
+        "epochs": epochs,
+        "data_dir": data_dir,
+        "train_samples": train_samples,
+        "test_samples": test_samples,
+        "progress": progress,
+        "timing": timing,
     }
-    init_state, init_model, earlier = _resolve_init(spec, out, overrides, log, _depth)
-    if kind == "ptq" and not spec["data"].get("name"):
-        if init_model is None:
-            raise ValueError(f"ptq recipe {name}: needs [data] or an init_from recipe")
+    init_state, init_model, earlier, base = _resolve_init(spec, out, overrides, log, _depth)
+    for table in ("model", "data"):
+        if not spec[table].get("name"):
+            if not base.get(table, {}).get("name"):
+                raise ValueError(
+                    f"recipe {name}: no [{table}] name (and no init_from model to take it from)"
+                )
+            spec[table] = dict(base[table])
     splits = load_splits(spec["data"], data_dir, train_samples, test_samples)
     log(f"reproduce {name} ({kind}): {spec['recipe'].get('description', '')}")
     if kind == "ptq":
         if init_model is None:
-            raise ValueError(f"ptq recipe {name}: [recipe] init_from must name the float model (a recipe or run dir)")
+            raise ValueError(
+                f"ptq recipe {name}: [recipe] init_from must name the float model (a recipe or run dir)"
+            )
         trained = ptq_from(init_model, spec, splits, out / "run")
     else:
-        trained = train_budgeted(spec, splits, out / "run", init_state=init_state, progress=progress, log=log)
+        trained = train_budgeted(
+            spec, splits, out / "run", init_state=init_state, progress=progress, log=log
+        )
     float_model = build_model(spec["model"], splits).eval()
     paper = spec.get("paper", {})
     rows = []
     if splits.task == "classification":
-        arch = {"name": spec["model"]["name"], "options": {k: v for k, v in spec["model"].items() if k != "name"}}
+        arch = {
+            "name": spec["model"]["name"],
+            "options": {k: v for k, v in spec["model"].items() if k != "name"},
+        }
         arch["options"].setdefault("input_shape", list(splits.input_shape))
         arch["options"].setdefault("num_classes", int(splits.num_classes))
         row, _ = measure(
-            name, spec["method"].get("name", "fp"), trained.model, float_model, splits.test,
-            out / "models" / f"{name}.lowbit", architecture=arch, timing=timing,
+            name,
+            spec["method"].get("name", "fp"),
+            trained.model,
+            float_model,
+            splits.test,
+            out / "models" / f"{name}.lowbit",
+            architecture=arch,
+            timing=timing,
         )
     else:
         from lowbit.report.results import ModelRow

@@ -434,25 +434,16 @@ def _plain_build(enc: dict[str, Any], where: str) -> nn.Module:
             _expect_int(args[key], f"{where}: {key}", 0, 1 << 24)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     try:
-        with torch.device("meta") if enc["type"] in ("Linear", "Conv2d") else _null():
+        # On the meta device: nothing is allocated until the file's tensors are known to fit.
+        with torch.device("meta"):
             m = cls(**kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise LowbitFileError(f"{where}: cannot build {enc['type']}({args}): {exc}") from None
-    if enc["type"] in ("Linear", "Conv2d"):
-        m = m.to_empty(device="cpu")  # filled from the file's tensors
     return m
 
 
 class _LayerSlot(nn.Module):
     """Where a quantized / packed layer goes in a tree rebuilt from the manifest."""
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 def _is_special(m: nn.Module) -> bool:
@@ -808,8 +799,8 @@ def _expected_for(
         if kind == "PackedLinear":
             return kind, PackedLinear.expected_buffers(spec["config"])
         if kind == "PackedConv2d":
-            conv = PackedConv2d.from_config(spec["config"])  # validates geometry (small buffers)
-            exp = PackedLinear.expected_buffers(conv.gemm.config())
+            PackedConv2d.check_config(spec["config"])  # geometry, without allocating
+            exp = PackedLinear.expected_buffers(spec["config"]["gemm"])
             return kind, {f"gemm.{k}": v for k, v in exp.items()}
         if kind in ("QuantLinear", "QuantConv2d"):
             return kind, _quant_expected(spec, where)
@@ -870,6 +861,7 @@ def _skeleton(path: Path, manifest: dict[str, Any], model: nn.Module | None) -> 
         except (TypeError, ValueError) as exc:
             raise _fail(path, f"cannot build model {name!r} with {options}: {exc}") from None
     if kind == "modules":
+        # Built on the meta device; materialised by _apply once everything is validated.
         return _tree_build(arch.get("tree"), str(path))
     if kind == "skeleton":
         raise _fail(
@@ -1003,7 +995,7 @@ def _apply(
     built: dict[str, nn.Module] = {}
     for lpath, new in plan["replace"].items():
         if isinstance(new, nn.Module):
-            built[lpath] = new
+            built[lpath] = new.to_empty(device="cpu")  # from meta; filled from the file below
             continue
         where = f"{path}: layer {lpath!r}"
         own = (
@@ -1021,6 +1013,8 @@ def _apply(
         else:
             layer = _build_quant(new, own, where)
         built[lpath] = layer
+    if any(t.is_meta for t in skeleton.state_dict().values() if isinstance(t, torch.Tensor)):
+        skeleton.to_empty(device="cpu")  # our own tree: every tensor is filled from the file
     if "" in built:
         root = built.pop("")
         root.packing_report = manifest.get("packing_report")  # type: ignore[assignment]

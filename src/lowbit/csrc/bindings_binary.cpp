@@ -192,6 +192,76 @@ void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t n, in
     run(j, n_threads);
 }
 
+// A layer's constant operands (weights, epilogue vectors) checked and converted once, so a call
+// converts only the activations and the output: a batch-1 layer takes ~25 us, and each
+// NumPy -> ndarray argument conversion costs about a microsecond.
+class LinearPlan {
+   public:
+    LinearPlan(Dense<const uint8_t> w, int64_t n, int64_t k, std::optional<Vector<const float>> scale,
+               std::optional<Vector<const float>> bias, std::optional<Vector<const int32_t>> thr,
+               std::optional<Vector<const uint8_t>> flip, int mode)
+        : w_(w), scale_(scale), bias_(bias), thr_(thr), flip_(flip) {
+        if (mode < kInt32 || mode > kBits) throw std::invalid_argument("unknown output mode");
+        const int64_t words = (int64_t)w.shape(1) / 64;
+        if (n < 1 || (int64_t)w.shape(0) != (n + 7) / 8 || (int64_t)w.shape(1) % 64 || k < 0 || k > 64 * words)
+            throw std::invalid_argument("packed weights must be (ceil(N/8), 64 * words) with K <= 64 * words");
+        auto check = [&](int64_t len, const char* name) {
+            if (len != n) throw std::invalid_argument(std::string(name) + " must have one entry per output");
+        };
+        if (scale) check((int64_t)scale->shape(0), "scale");
+        if (bias) check((int64_t)bias->shape(0), "bias");
+        if (mode == kBits) {
+            if (!thr || !flip) throw std::invalid_argument("bit outputs need thr and flip");
+            check((int64_t)thr->shape(0), "thr");
+            check((int64_t)flip->shape(0), "flip");
+        }
+        job_.w = w.data();
+        job_.words = words;
+        job_.n = n;
+        job_.k = k;
+        job_.scale = scale ? scale->data() : nullptr;
+        job_.bias = bias ? bias->data() : nullptr;
+        job_.thr = thr ? thr->data() : nullptr;
+        job_.flip = flip ? flip->data() : nullptr;
+        job_.mode = (Mode)mode;
+        job_.out_stride = mode == kBits ? 8 * ((n + 63) / 64) : n;
+    }
+
+    void call(Dense<const uint8_t> a, std::optional<Dense<const int32_t>> corr,
+              nb::ndarray<nb::device::cpu, nb::c_contig> out, int n_threads) const {
+        Job j = job_;
+        j.m = (int64_t)a.shape(0);
+        if ((int64_t)a.shape(1) != 8 * j.words)
+            throw std::invalid_argument("packed activations have " + std::to_string(a.shape(1)) +
+                                        " bytes per row; the layer expects " + std::to_string(8 * j.words));
+        j.a = a.data();
+        j.a_stride = 8 * j.words;
+        if (corr) {
+            if ((int64_t)corr->shape(1) != j.n || corr->shape(0) == 0)
+                throw std::invalid_argument("corr must be (P, N) int32");
+            j.corr = corr->data();
+            j.corr_period = (int64_t)corr->shape(0);
+        }
+        const nb::dlpack::dtype want[] = {nb::dtype<int32_t>(), nb::dtype<float>(), nb::dtype<int8_t>(),
+                                          nb::dtype<uint8_t>()};
+        if (out.ndim() != 2 || (int64_t)out.shape(0) != j.m || (int64_t)out.shape(1) != j.out_stride ||
+            out.dtype() != want[j.mode])
+            throw std::invalid_argument("output array has the wrong shape or dtype for this layer");
+        j.out = out.data();
+        if (j.m == 0) return;
+        j.table = &binary_active();
+        nb::gil_scoped_release release;
+        run(j, n_threads);
+    }
+
+   private:
+    Dense<const uint8_t> w_;  // held so the buffers outlive the plan's raw pointers
+    std::optional<Vector<const float>> scale_, bias_;
+    std::optional<Vector<const int32_t>> thr_;
+    std::optional<Vector<const uint8_t>> flip_;
+    Job job_{};
+};
+
 struct ConvGeom {
     int64_t b, h, w, cb, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
 };
@@ -287,6 +357,12 @@ void register_binary(nb::module_& m) {
     m.def("binary_linear", &binary_linear, "a"_a, "w"_a, "n"_a, "k"_a, "corr"_a.none(), "scale"_a.none(), "bias"_a.none(),
           "thr"_a.none(), "flip"_a.none(), "out_i32"_a.none(), "out_f32"_a.none(), "out_i8"_a.none(),
           "out_bits"_a.none(), "n_threads"_a = 1);
+    nb::class_<LinearPlan>(m, "BinaryLinearPlan")
+        .def(nb::init<Dense<const uint8_t>, int64_t, int64_t, std::optional<Vector<const float>>,
+                      std::optional<Vector<const float>>, std::optional<Vector<const int32_t>>,
+                      std::optional<Vector<const uint8_t>>, int>(),
+             "w"_a, "n"_a, "k"_a, "scale"_a.none(), "bias"_a.none(), "thr"_a.none(), "flip"_a.none(), "mode"_a)
+        .def("__call__", &LinearPlan::call, "a"_a, "corr"_a.none(), "out"_a, "n_threads"_a = 1);
     m.def("binary_im2col", &binary_im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,
           "out"_a, "n_threads"_a = 1);
     m.def("binary_maxpool", &binary_maxpool, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "or_mask"_a,

@@ -63,7 +63,11 @@ def write_report(
     md.write_text("\n".join(lines))
     js = out / "results.json"
     js.write_text(
-        json.dumps({"title": title, "rows": [r.to_dict() for r in rows], "facts": facts}, indent=2, default=str)
+        json.dumps(
+            {"title": title, "rows": [r.to_dict() for r in rows], "facts": facts},
+            indent=2,
+            default=str,
+        )
         + "\n"
     )
     return md, js

@@ -68,7 +68,10 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path) -> Pa
 def _middle_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     from lowbit.nn import QuantModule
 
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    layers: list[tuple[str, nn.Module]] = []
+    for n, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            layers.append((n, m))  # type: ignore[arg-type]
     if not layers:
         layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     return layers[len(layers) // 2] if layers else None
@@ -83,14 +86,17 @@ def plot_weight_histograms(models: Mapping[str, nn.Module], path: str | Path) ->
         if picked is None:
             continue
         lname, layer = picked
-        w = layer.weight.detach().float().reshape(-1)  # type: ignore[union-attr]
+        w = torch.as_tensor(layer.weight).detach().float().reshape(-1)
         levels: list[tuple[float, float]] = []
-        if hasattr(layer, "quantized_weight"):
+        export = getattr(layer, "quantized_weight", None)
+        if callable(export):
             with torch.no_grad():
-                wq = layer.quantized_weight().dequantize().reshape(-1).float()
+                wq = export().dequantize().reshape(-1).float()
             vals, counts = torch.unique(wq, return_counts=True)
             if vals.numel() <= 16:
-                levels = [(float(v), float(c) / wq.numel()) for v, c in zip(vals, counts, strict=True)]
+                levels = [
+                    (float(v), float(c) / wq.numel()) for v, c in zip(vals, counts, strict=True)
+                ]
         panels.append((name, lname, w, levels))
     if not panels:
         return None
@@ -103,8 +109,13 @@ def plot_weight_histograms(models: Mapping[str, nn.Module], path: str | Path) ->
         for v, share in levels:
             ax.axvline(v, color="C3", linewidth=1)
             ax.annotate(
-                f"{share:.0%}", (v, 1), xycoords=("data", "axes fraction"), fontsize=6,
-                ha="center", va="bottom", color="C3",
+                f"{share:.0%}",
+                (v, 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=6,
+                ha="center",
+                va="bottom",
+                color="C3",
             )
         extra = f", {len(levels)} levels" if levels else ""
         ax.set_title(f"{name}: {lname} ({w.numel():,} weights{extra})", fontsize=8)
@@ -130,13 +141,32 @@ def plot_tradeoff(rows: Sequence[ModelRow], path: str | Path) -> Path | None:
     for i, r in enumerate(pts):
         err = r.packed_error if r.packed_error is not None else r.sim_error
         color = f"C{i % 10}"
-        ax1.scatter([r.file_bytes / 1024], [err], color=color, s=40)  # type: ignore[operator]
-        ax1.annotate(r.name, (r.file_bytes / 1024, err), fontsize=8, xytext=(4, 3), textcoords="offset points")  # type: ignore[operator]
+        kib = (r.file_bytes or 0) / 1024
+        ax1.scatter([kib], [err], color=color, s=40)
+        ax1.annotate(
+            r.name,
+            (kib, err),
+            fontsize=8,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
         if r.throughput:
             ax2.scatter([r.throughput], [err], color=color, s=40)
-            ax2.annotate(r.name, (r.throughput, err), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax1.set(xscale="log", xlabel="model file size (KiB, log)", ylabel="test error (%), packed", title="size vs error")
-    ax2.set(xscale="log", xlabel="samples/s at batch 256 (log)", ylabel="test error (%), packed", title="speed vs error")
+            ax2.annotate(
+                r.name, (r.throughput, err), fontsize=8, xytext=(4, 3), textcoords="offset points"
+            )
+    ax1.set(
+        xscale="log",
+        xlabel="model file size (KiB, log)",
+        ylabel="test error (%), packed",
+        title="size vs error",
+    )
+    ax2.set(
+        xscale="log",
+        xlabel="samples/s at batch 256 (log)",
+        ylabel="test error (%), packed",
+        title="speed vs error",
+    )
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ class ModelRow:
 def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from lowbit.nn import QuantModule
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]  # type: ignore[misc]
 
 
 def describe_weights(model: nn.Module) -> tuple[str, str]:
@@ -118,9 +118,7 @@ def describe_weights(model: nn.Module) -> tuple[str, str]:
         if name not in kinds:
             kinds.append(name)
     floats = [
-        n
-        for n, m in model.named_modules()
-        if type(m) in (nn.Linear, nn.Conv2d, nn.LSTM) and n
+        n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, nn.LSTM) and n
     ]
     return (", ".join(kinds) or "fp32"), (", ".join(n.split(".")[-1] for n in floats) or "none")
 
@@ -171,25 +169,33 @@ def error_of(pred: torch.Tensor, data: Any) -> float:
 
 @torch.inference_mode()
 def speed(
-    model: nn.Module, sample: torch.Tensor, batch_size: int = 256, reps: int = 20
-) -> tuple[float, float]:
-    """(samples/s at ``batch_size``, median batch-1 latency in ms): warm-up, then medians."""
+    model: nn.Module,
+    sample: torch.Tensor,
+    batch_size: int = 256,
+    reps: int = 20,
+    reference: nn.Module | None = None,
+) -> tuple[float, float, float, float]:
+    """``(samples/s at batch_size, median batch-1 latency ms)`` of ``model`` and then of
+    ``reference`` (the float model; ``model`` itself when None). The two are called alternately,
+    call by call, so a load change on a shared machine hits both alike; medians after warm-up."""
+    ref = model if reference is None else reference
     model.eval()
-    xb = sample[:batch_size]
-    x1 = sample[:1]
+    ref.eval()
+    xb, x1 = sample[:batch_size], sample[:1]
     for _ in range(3):
-        model(xb)
-        model(x1)
-    tb, t1 = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(xb)
-        tb.append(time.perf_counter() - t0)
-    for _ in range(max(reps, 40)):
-        t0 = time.perf_counter()
-        model(x1)
-        t1.append(time.perf_counter() - t0)
-    return xb.shape[0] / statistics.median(tb), 1e3 * statistics.median(t1)
+        for m in (model, ref):
+            m(xb)
+            m(x1)
+    times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in (0, 1) for b in (0, 1)}
+    for b, x, n in ((0, xb, reps), (1, x1, max(reps, 40))):
+        for _ in range(n):
+            for i, m in enumerate((model, ref)):
+                t0 = time.perf_counter()
+                m(x)
+                times[(i, b)].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_b = xb.shape[0]
+    return n_b / med[(0, 0)], 1e3 * med[(0, 1)], n_b / med[(1, 0)], 1e3 * med[(1, 1)]
 
 
 def _packed_layer_bytes(model: nn.Module) -> tuple[int, int]:
@@ -240,14 +246,15 @@ def measure(
     sample = test.x[:256]
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    if timing:
-        row.float_throughput, row.float_latency_ms = speed(float_model, sample, reps=reps)
     if not _quant_layers(sim):  # the float baseline
         info = lowbit.save(sim, out_file, architecture=architecture)
         row.file_bytes = int(info["bytes"])
         row.compression = row.float_bytes / row.file_bytes
         row.model_file = str(out_file)
-        row.throughput, row.latency_ms = row.float_throughput, row.float_latency_ms
+        if timing:
+            row.throughput, row.latency_ms, _, _ = speed(float_model, sample, reps=reps)
+            row.float_throughput, row.float_latency_ms = row.throughput, row.latency_ms
+        row.float_layers = "all"
         row.packed_note = "float model (the baseline)"
         return row, None
     packed = lowbit.pack(sim)
@@ -278,7 +285,9 @@ def measure(
     row.packed_error = error_of(packed_pred, test)
     row.agreement = 100.0 * float((packed_pred == sim_pred).double().mean())
     if timing:
-        row.throughput, row.latency_ms = speed(loaded, sample, reps=reps)
+        row.throughput, row.latency_ms, row.float_throughput, row.float_latency_ms = speed(
+            loaded, sample, reps=reps, reference=float_model
+        )
     return row, loaded
 
 
@@ -339,7 +348,10 @@ def table_rows(rows: list[ModelRow], paper: bool = False) -> tuple[list[str], li
         ]
         if paper:
             pv = "-" if r.paper_value is None else f"{r.paper_value:g}%"
-            line[4:4] = [pv, _f(r.protocol_error, ".2f") + ("%" if r.protocol_error is not None else "")]
+            line[4:4] = [
+                pv,
+                _f(r.protocol_error, ".2f") + ("%" if r.protocol_error is not None else ""),
+            ]
         cells.append(line)
     return header, cells
 
@@ -347,12 +359,15 @@ def table_rows(rows: list[ModelRow], paper: bool = False) -> tuple[list[str], li
 def format_table(rows: list[ModelRow], paper: bool = False) -> str:
     """Plain-text table (what the demo prints), with footnotes for partly packed models."""
     header, cells = table_rows(rows, paper)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)
+    ]
     widths = [min(w, 40) for w in widths]
 
     def line(values: list[str]) -> str:
         return "  ".join(
-            (v if len(v) <= w else v[: w - 1] + "…").ljust(w) for v, w in zip(values, widths, strict=True)
+            (v if len(v) <= w else v[: w - 1] + "…").ljust(w)
+            for v, w in zip(values, widths, strict=True)
         ).rstrip()
 
     out = [line(header), line(["-" * w for w in widths]), *(line(c) for c in cells)]
