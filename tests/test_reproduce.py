@@ -120,7 +120,7 @@ def test_ptq_recipe_reproduces_its_float_model_first(tmp_path: Path) -> None:
     assert [r.method for r in res.rows] == ["fp", "fgq"]
     fgq = res.rows[1]
     assert fgq.epochs == "post-training" and fgq.paper_value is None
-    assert fgq.weights.startswith("ternary N=4")
+    assert fgq.weights.startswith("ternary 2b N=4")
     assert (tmp_path / "out" / "tiny-fp" / "report.md").is_file()
     assert "no paper number" in res.report.read_text()
 

@@ -274,3 +274,20 @@ def test_huge_modules_in_a_crafted_manifest_are_refused_before_allocation(tmp_pa
     _rewrite_manifest(path, inflate)
     with pytest.raises(LowbitFileError, match="does not fit"):
         lowbit.load(path)
+
+
+def test_registry_models_load_standalone_without_naming_their_architecture(tmp_path) -> None:
+    # lowbit.models.create records name + options, so the file alone rebuilds the model.
+    import lowbit
+    from lowbit import models
+
+    torch.manual_seed(0)
+    model = models.create("mlp", input_shape=(1, 6, 6), num_classes=4, widths=(16, 8))
+    lowbit.quantize(model, "twn", keep=())
+    model.eval()
+    path = tmp_path / "m.lowbit"
+    lowbit.save(model, path)
+    again = lowbit.load(path)
+    assert type(again) is type(model)
+    x = torch.randn(3, 1, 6, 6)
+    assert torch.equal(again(x), model(x))

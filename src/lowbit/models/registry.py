@@ -78,6 +78,15 @@ def create(
         num_classes=num_classes if num_classes is not None else spec.num_classes,
         **options,
     )
+    # What `lowbit.save` records so the file rebuilds this model without the caller's code.
+    model.lowbit_architecture = {  # type: ignore[assignment]
+        "name": name,
+        "options": {
+            "input_shape": list(input_shape) if input_shape is not None else None,
+            "num_classes": num_classes,
+            **kwargs,
+        },
+    }
     return model
 
 

@@ -42,9 +42,9 @@ __all__ = [
 ]
 
 _WEIGHT_NAMES = {
-    "binary": "binary",
-    "ternary": "ternary",
-    "ternary_asym": "ternary Wp/Wn",
+    "binary": "binary 1b",
+    "ternary": "ternary 2b",
+    "ternary_asym": "ternary Wp/Wn 2b",
     "kbit_linear": "{bits}-bit",
     "kbit_log": "{bits}-bit log",
 }
