@@ -385,3 +385,18 @@ def test_packed_model_exports_through_the_custom_ops() -> None:
     with torch.no_grad():
         exported = torch.export.export(packed, (x,))
         assert torch.equal(exported.module()(x), packed(x))
+
+
+def test_lowbit_pack_xnor_gives_the_fully_binary_chain() -> None:
+    import lowbit
+    from lowbit.models.mlp import MLP
+
+    torch.manual_seed(4)
+    model = lowbit.quantize(MLP(widths=(64, 64), act="hardtanh", bn_output=True), "bnn")
+    _randomize_bn(model, 5)
+    model.eval()
+    packed = lowbit.pack(model, xnor=True)
+    assert any(isinstance(m, B.PackedBinaryLinear) and m.out_kind == "bits" for m in packed)
+    x = torch.randn(200, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(packed(x).argmax(1), model(x).argmax(1))

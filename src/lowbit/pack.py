@@ -750,6 +750,7 @@ def pack(
     inplace: bool = False,
     strict: bool = False,
     fuse: bool = True,
+    xnor: bool = False,
 ) -> nn.Module:
     """Inference model with every packable ``QuantLinear`` / ``QuantConv2d`` replaced by a
     :class:`PackedLinear` / :class:`PackedConv2d`.
@@ -767,8 +768,18 @@ def pack(
     layer is folded into its scales and bias and a ReLU after that runs in the kernel epilogue
     (both replaced by ``nn.Identity``; the report says so): two fewer passes over the
     activations. Outputs change only by fp32 rounding.
+    ``xnor=True`` (BNN-trained sequential models such as ``lowbit.models`` ``mlp_bnn`` and
+    ``convnet``): the fully binary path of :func:`lowbit.binary.pack_bnn` instead: binary layers
+    on the XNOR-popcount kernels, batch norm + sign between them folded into integer thresholds,
+    packed bits from layer to layer, predictions identical to the simulated model. Such models
+    cannot be written to a ``.lowbit`` file yet; the default path (±1 codes on the ternary
+    kernel) can.
     The result is in eval mode; the input model is left untouched unless ``inplace``.
     """
+    if xnor:
+        from lowbit.binary import pack_bnn
+
+        return pack_bnn(model)
     if activations not in ("int8", "float"):
         raise ValueError(f"activations must be 'int8' or 'float'; got {activations!r}")
     from lowbit.nn import QuantConv2d, QuantLinear, QuantModule

@@ -427,11 +427,25 @@ def reproduce(
     figs += [fig] if fig else []
     seconds = time.perf_counter() - t0
     verdict = ""
-    if row.paper_value is not None and row.protocol_error is not None:
+    measured = row.protocol_error
+    how = "best-validation epoch"
+    unit = "%"
+    if splits.task != "classification":
+        measured = trained.summary.get("test_loss_at_best")
+        how, unit = "test loss at the best-validation epoch", ""
+        row.protocol_error = measured
+    elif measured is None:
+        measured = row.packed_error if row.packed_error is not None else row.sim_error
+        how = "packed model" if row.packed_error is not None else "simulated model"
+    if row.paper_value is not None and measured is not None and measured == measured:
         verdict = (
-            f"Measured {row.protocol_error:.2f}% against the paper's {row.paper_value:g}% "
-            f"({row.protocol_error - row.paper_value:+.2f} points; {row.epochs} epochs of the recipe's "
-            f"{spec['train'].get('epochs')})."
+            f"Measured {measured:.2f}{unit} ({how}) against the paper's {row.paper_value:g}{unit} "
+            f"({measured - row.paper_value:+.2f} points; "
+            + (
+                f"{row.epochs} epochs of the recipe's {spec['train'].get('epochs')})."
+                if trained.epochs
+                else "post-training)."
+            )
         )
     elif row.paper_value is None:
         verdict = f"This recipe carries no paper number ({row.paper_source or 'no [paper] value'})."

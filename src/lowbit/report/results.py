@@ -107,7 +107,7 @@ def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def describe_weights(model: nn.Module) -> tuple[str, str]:
-    """(``"ternary Wp/Wn (2b)"``-style weight formats of the quantized layers, layers kept float)."""
+    """(``"ternary Wp/Wn 2b"``-style weight formats of the quantized layers, layers kept float)."""
     kinds: list[str] = []
     for _, layer in _quant_layers(model):
         with torch.no_grad():
@@ -347,10 +347,11 @@ def table_rows(rows: list[ModelRow], paper: bool = False) -> tuple[list[str], li
             _f(r.latency_speedup, ".2f") + ("x" if r.latency_speedup is not None else ""),
         ]
         if paper:
-            pv = "-" if r.paper_value is None else f"{r.paper_value:g}%"
+            unit = "%" if "percent" in r.paper_metric or not r.paper_metric else ""
+            pv = "-" if r.paper_value is None else f"{r.paper_value:g}{unit}"
             line[4:4] = [
                 pv,
-                _f(r.protocol_error, ".2f") + ("%" if r.protocol_error is not None else ""),
+                _f(r.protocol_error, ".2f") + (unit if r.protocol_error is not None else ""),
             ]
         cells.append(line)
     return header, cells
