@@ -392,7 +392,7 @@ def test_lowbit_pack_xnor_gives_the_fully_binary_chain() -> None:
     from lowbit.models.mlp import MLP
 
     torch.manual_seed(4)
-    model = lowbit.quantize(MLP(widths=(64, 64), act="hardtanh", bn_output=True), "bnn")
+    model = lowbit.quantize(MLP(widths=(64, 64, 64), act="hardtanh", bn_output=True), "bnn")
     _randomize_bn(model, 5)
     model.eval()
     packed = lowbit.pack(model, xnor=True)

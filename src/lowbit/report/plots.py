@@ -48,13 +48,15 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path) -> Pa
         return None
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ylabel = "test error (%)"
     for name, recs in series.items():
         ep = [r["epoch"] for r in recs]
         (line,) = ax1.plot(ep, [r.get("train_loss", math.nan) for r in recs], "o-", label=name)
-        key = "test_error" if "test_error" in recs[0] else "valid_error"
+        key = next((k for k in ("test_error", "valid_error", "test_loss") if k in recs[0]), "")
         ax2.plot(ep, [r.get(key, math.nan) for r in recs], "o-", color=line.get_color(), label=name)
+        ylabel = "test loss (nats/char)" if key == "test_loss" else "test error (%)"
     ax1.set(xlabel="epoch", ylabel="training loss (own loss function)", title="training loss")
-    ax2.set(xlabel="epoch", ylabel="test error (%)", title="test error (simulated model)")
+    ax2.set(xlabel="epoch", ylabel=ylabel, title="test metric (simulated model)")
     ax2.set_yscale("log")
     ax1.legend(fontsize=8)
     fig.tight_layout()
@@ -70,7 +72,7 @@ def _middle_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
 
     layers: list[tuple[str, nn.Module]] = []
     for n, m in model.named_modules():
-        if isinstance(m, QuantModule):
+        if isinstance(m, QuantModule) and isinstance(getattr(m, "weight", None), torch.Tensor):
             layers.append((n, m))  # type: ignore[arg-type]
     if not layers:
         layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
