@@ -30,11 +30,11 @@ except SetupError as _exc:
         raise SystemExit(2) from None
     raise
 
-from lowbit import functional, methods, nn, ptq, qtypes
-from lowbit.convert import quantize
-from lowbit.pack import pack
-from lowbit.saveload import load, save
-from lowbit.summary import Summary, summary
+from lowbit import functional, methods, nn, ptq, qtypes  # noqa: E402 - after the OMP_WAIT_POLICY default above
+from lowbit.convert import quantize  # noqa: E402 - after the OMP_WAIT_POLICY default above
+from lowbit.pack import pack  # noqa: E402 - after the OMP_WAIT_POLICY default above
+from lowbit.saveload import load, save  # noqa: E402 - after the OMP_WAIT_POLICY default above
+from lowbit.summary import Summary, summary  # noqa: E402 - after the OMP_WAIT_POLICY default above
 
 __all__ = [
     "Summary",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import typer
 
@@ -291,7 +292,7 @@ def summary_cmd(
     if model not in names:
         hint = " A state file holds no architecture: pass the model name and --state FILE." if Path(model).exists() else ""
         fail(f"unknown model {model!r}; available: {', '.join(names) or '(none)'}.{hint}")
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     for item in option:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -324,7 +325,7 @@ def summary_cmd(
         except ValueError:
             fail(f"--input-shape expects integers like 1,3,32,32, got {input_shape!r}")
     elif not no_macs and getattr(net, "input_shape", None) is not None:
-        shape = (1, *tuple(net.input_shape))
+        shape = (1, *tuple(getattr(net, "input_shape")))
     try:
         result = lowbit.summary(net, None if no_macs else shape)
     except Exception as exc:  # noqa: BLE001 - the trace can fail on odd inputs; still show sizes

@@ -117,18 +117,18 @@ def _bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), _BN):
             continue
         src = node.args[0] if node.args else None
         if not isinstance(src, torch.fx.Node) or src.op != "call_module":
             continue
-        if not isinstance(gm.get_submodule(src.target), _FOLDABLE):
+        if not isinstance(gm.get_submodule(str(src.target)), _FOLDABLE):
             continue
         # Fold only when the layer's output feeds nothing but this BN and both run once.
-        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1:
+        if len(src.users) == 1 and calls[str(src.target)] == 1 and calls[str(node.target)] == 1:
             pairs.append((str(src.target), str(node.target)))
     return pairs
 
@@ -166,7 +166,7 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
                 places.setdefault(id(child), []).append((parent, child_name))
     folded = []
     for layer_name, bn_name in pairs:
-        layer = model.get_submodule(layer_name)
+        layer: Any = model.get_submodule(layer_name)
         bn = model.get_submodule(bn_name)
         assert isinstance(bn, _BN)
         if bn.running_mean is None or bn.running_var is None:
@@ -320,7 +320,7 @@ def _mults_replaced(qw: QuantizedWeight, layer: nn.Module) -> float | None:
         return None
     k = math.prod(qw.shape[1:])
     g = qw.granularity_spec
-    per_output = -(-k // int(g.group_size)) if g.kind == "group" and g.axis == "in" else 1
+    per_output = -(-k // int(g.group_size or 1)) if g.kind == "group" and g.axis == "in" else 1
     return 1.0 - per_output / k
 
 
@@ -553,7 +553,7 @@ def _input_ints(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def integer_layer(
-    layer: nn.Module, x: torch.Tensor, keep_acc: bool = True
+    layer: Any, x: torch.Tensor, keep_acc: bool = True
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One QuantLinear / QuantConv2d on the integer path (module docstring; FGQ/DFP §4.2).
 
@@ -594,7 +594,7 @@ def integer_layer(
             ys.append(y)
             accs.append(acc)
         y = torch.cat(ys, 1)
-        acc = torch.cat(accs, 1) if keep_acc else None
+        acc = torch.cat([a for a in accs if a is not None], 1) if keep_acc else None
         y = torch.ldexp(y, torch.tensor(e, dtype=torch.float64))
         if bias is not None:
             y = y + bias
