@@ -324,8 +324,8 @@ def summary_cmd(
             shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
         except ValueError:
             fail(f"--input-shape expects integers like 1,3,32,32, got {input_shape!r}")
-    elif not no_macs and getattr(net, "input_shape", None) is not None:
-        shape = (1, *tuple(getattr(net, "input_shape")))
+    elif not no_macs and (net_shape := getattr(net, "input_shape", None)) is not None:
+        shape = (1, *tuple(net_shape))
     try:
         result = lowbit.summary(net, None if no_macs else shape)
     except Exception as exc:  # noqa: BLE001 - the trace can fail on odd inputs; still show sizes
