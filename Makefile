@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.lowbit-installed
 DEPS   := pyproject.toml CMakeLists.txt Makefile $(wildcard src/lowbit/csrc/*)
 # Tests run in 2 processes on 2 cores; each keeps torch to 1 thread unless a test says otherwise.
 PYTEST_ARGS ?= -n 2
+KERNEL_TESTS := $(wildcard tests/test_kernels*.py) tests/test_binary.py tests/test_pack.py
 
 .PHONY: install demo test bench lint format clean
 
@@ -30,8 +31,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 	# The kernel tests again with each lower ISA path forced through the environment.
-	LOWBIT_ISA=scalar $(PY) -m pytest -q tests/test_kernels.py
-	LOWBIT_ISA=avx2 $(PY) -m pytest -q tests/test_kernels.py
+	LOWBIT_ISA=scalar $(PY) -m pytest $(PYTEST_ARGS) -q $(KERNEL_TESTS)
+	LOWBIT_ISA=avx2 $(PY) -m pytest $(PYTEST_ARGS) -q $(KERNEL_TESTS)
 
 bench: $(STAMP)
 	$(VENV)/bin/lowbit bench
