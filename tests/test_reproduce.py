@@ -122,7 +122,7 @@ def test_ptq_recipe_reproduces_its_float_model_first(tmp_path: Path) -> None:
     assert fgq.epochs == "post-training" and fgq.paper_value is None
     assert fgq.weights.startswith("ternary 2b N=4")
     assert (tmp_path / "out" / "tiny-fp" / "report.md").is_file()
-    assert "no paper number" in res.report.read_text()
+    assert "carries no paper number" in res.report.read_text()
 
 
 def test_bad_kind_is_an_error(tmp_path: Path) -> None:

@@ -448,7 +448,9 @@ def reproduce(
             )
         )
     elif row.paper_value is None:
-        verdict = f"This recipe carries no paper number ({row.paper_source or 'no [paper] value'})."
+        verdict = "This recipe carries no paper number" + (
+            f"; its [paper] source says: {row.paper_source}" if row.paper_source else "."
+        )
     facts = {
         "recipe": f"{name} ({spec['recipe'].get('path')})",
         "paper source": row.paper_source or "-",

@@ -57,7 +57,10 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path) -> Pa
         ylabel = "test loss (nats/char)" if key == "test_loss" else "test error (%)"
     ax1.set(xlabel="epoch", ylabel="training loss (own loss function)", title="training loss")
     ax2.set(xlabel="epoch", ylabel=ylabel, title="test metric (simulated model)")
-    ax2.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
@@ -90,23 +93,25 @@ def plot_weight_histograms(models: Mapping[str, nn.Module], path: str | Path) ->
         lname, layer = picked
         w = torch.as_tensor(layer.weight).detach().float().reshape(-1)
         levels: list[tuple[float, float]] = []
+        distinct = 0
         export = getattr(layer, "quantized_weight", None)
         if callable(export):
             with torch.no_grad():
                 wq = export().dequantize().reshape(-1).float()
             vals, counts = torch.unique(wq, return_counts=True)
+            distinct = int(vals.numel())
             if vals.numel() <= 16:
                 levels = [
                     (float(v), float(c) / wq.numel()) for v, c in zip(vals, counts, strict=True)
                 ]
-        panels.append((name, lname, w, levels))
+        panels.append((name, lname, w, levels, distinct))
     if not panels:
         return None
     plt = _pyplot()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (name, lname, w, levels) in zip(axes.flat, panels, strict=False):
+    for ax, (name, lname, w, levels, distinct) in zip(axes.flat, panels, strict=False):
         ax.hist(w.numpy(), bins=120, color="0.6")
         for v, share in levels:
             ax.axvline(v, color="C3", linewidth=1)
@@ -120,6 +125,8 @@ def plot_weight_histograms(models: Mapping[str, nn.Module], path: str | Path) ->
                 color="C3",
             )
         extra = f", {len(levels)} levels" if levels else ""
+        if distinct > 16:
+            extra = f", {distinct:,} distinct values: per-group scales"
         ax.set_title(f"{name}: {lname} ({w.numel():,} weights{extra})", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:

@@ -337,7 +337,7 @@ def table_rows(rows: list[ModelRow], paper: bool = False) -> tuple[list[str], li
             r.float_layers,
             f"{r.sim_error:.2f}%",
             packed,
-            _f(r.agreement, ".1f") + ("%" if r.agreement is not None else ""),
+            _f(r.agreement, ".2f") + ("%" if r.agreement is not None else ""),
             _size(r.file_bytes),
             _f(r.compression, ".1f") + ("x" if r.compression is not None else ""),
             _f(r.layer_compression, ".1f") + ("x" if r.layer_compression is not None else ""),
