@@ -131,6 +131,15 @@ def test_packed_numbers_recomputed_from_the_saved_file(demo: DemoResult, key: st
     )
     layer_float = sum(4 * (m.in_features * m.out_features + m.out_features) for m in packed_layers)
     assert row.layer_compression == pytest.approx(layer_float / packed_bytes)
+    weight_bytes = sum(
+        t.numel() * t.element_size()
+        for m in packed_layers
+        for n, t in m.state_dict().items()
+        if n != "bias"
+    )
+    weight_float = sum(4 * m.in_features * m.out_features for m in packed_layers)
+    assert row.weight_compression == pytest.approx(weight_float / weight_bytes)
+    assert row.weight_compression > row.layer_compression  # the fp32 bias is not compressed
     assert row.layer_compression > 2.0
     assert row.speedup is not None and row.speedup > 0
 

@@ -12,6 +12,7 @@ Definitions (every number in the table is one of these):
   ``compression = float_bytes / file_bytes``;
 * ``layer_compression``: float32 bytes of the quantized layers' weights and biases over the bytes
   of their packed tensors (tiles, scales, bias): what packing does to the layers it packs;
+  ``weight_compression``: the same for the weight matrices alone (tiles and scales, no bias);
 * ``throughput``: samples/s at batch 256 and ``latency_ms`` the median batch-1 time, both for the
   packed model and for the float32 architecture (``float_*``), same inputs, same threads.
 """
@@ -67,6 +68,7 @@ class ModelRow:
     float_bytes: int = 0
     compression: float | None = None
     layer_compression: float | None = None
+    weight_compression: float | None = None
     throughput: float | None = None
     float_throughput: float | None = None
     latency_ms: float | None = None
@@ -198,18 +200,23 @@ def speed(
     return n_b / med[(0, 0)], 1e3 * med[(0, 1)], n_b / med[(1, 0)], 1e3 * med[(1, 1)]
 
 
-def _packed_layer_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the packed layers' tensors, float32 bytes of the same layers' weight + bias)."""
+def _packed_layer_bytes(model: nn.Module) -> tuple[int, int, int, int]:
+    """Of the packed layers: (bytes of all their tensors, float32 bytes of weight + bias, bytes of
+    their weight tensors (all but the bias), float32 bytes of the weight matrices alone)."""
     from lowbit.pack import PackedConv2d, PackedLinear
 
-    packed = fl = 0
+    packed = fl = wpacked = wfl = 0
     for m in model.modules():
         if isinstance(m, (PackedLinear, PackedConv2d)):
             gemm = m if isinstance(m, PackedLinear) else m.gemm
-            packed += sum(t.numel() * t.element_size() for t in m.state_dict().values())
+            for name, t in m.state_dict().items():
+                packed += t.numel() * t.element_size()
+                if not name.endswith("bias"):
+                    wpacked += t.numel() * t.element_size()
+            wfl += 4 * gemm.in_features * gemm.out_features
             fl += 4 * gemm.in_features * gemm.out_features
             fl += 4 * gemm.out_features if gemm.has_bias else 0
-    return packed, fl
+    return packed, fl, wpacked, wfl
 
 
 def measure(
@@ -277,8 +284,9 @@ def measure(
     except (ValueError, TypeError) as exc:  # no .lowbit encoding for some layer: run in memory
         row.packed_note = (row.packed_note + "; " if row.packed_note else "") + f"not saved: {exc}"
         loaded = packed
-    packed_bytes, layer_float = _packed_layer_bytes(loaded)
+    packed_bytes, layer_float, weight_bytes, weight_float = _packed_layer_bytes(loaded)
     row.layer_compression = layer_float / packed_bytes if packed_bytes else None
+    row.weight_compression = weight_float / weight_bytes if weight_bytes else None
     if row.file_bytes:
         row.compression = row.float_bytes / row.file_bytes
     packed_pred = predictions(loaded, test)
