@@ -306,8 +306,12 @@ def test_transformer_encoder_layer_fast_path_cannot_bypass_quantized_weights() -
     with torch.no_grad():
         fused = model(x)
     # Reference: the same block with the dequantized weights written into a float copy.
-    ref_layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
-    ref_layer.load_state_dict({k: v for k, v in layer.state_dict().items() if "quantizer" not in k}, strict=False)
+    ref_layer = nn.TransformerEncoderLayer(
+        d_model=16, nhead=2, dim_feedforward=32, batch_first=True
+    )
+    ref_layer.load_state_dict(
+        {k: v for k, v in layer.state_dict().items() if "quantizer" not in k}, strict=False
+    )
     with torch.no_grad():
         ref_layer.linear1.weight.copy_(layer.linear1.quantized_weight().dequantize())
         ref_layer.linear2.weight.copy_(layer.linear2.quantized_weight().dequantize())

@@ -32,7 +32,11 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """lowbit: TTQ, BNN/QNN, loss-aware (LAB/LAT/LAQ) and FGQ/DFP quantization with packed C++ kernels."""
@@ -45,7 +49,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _not_yet(what: str, issue: int) -> None:
-    fail(f"`lowbit {what}` is not available in this version yet (tracked in issue #{issue}).", code=3)
+    fail(
+        f"`lowbit {what}` is not available in this version yet (tracked in issue #{issue}).", code=3
+    )
 
 
 @app.command("cpu")
@@ -56,7 +62,10 @@ def cpu_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
         typer.echo(json.dumps(feats, indent=2))
         return
     have = [f for f, ok in feats["flags"].items() if ok]
-    typer.echo(f"kernel path : {feats['active']}" + (f" (forced by LOWBIT_ISA={feats['forced']})" if feats["forced"] else ""))
+    typer.echo(
+        f"kernel path : {feats['active']}"
+        + (f" (forced by LOWBIT_ISA={feats['forced']})" if feats["forced"] else "")
+    )
     typer.echo(f"supported   : {', '.join(feats['supported'])}")
     typer.echo(f"compiled    : {', '.join(feats['compiled'])}")
     typer.echo(f"threads     : {feats['threads']}")
@@ -66,17 +75,47 @@ def cpu_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 @app.command("demo")
 def demo_cmd(
     out: str = typer.Option(None, "--out", "-o", help="Run directory (default runs/demo-TIME)."),
-    epochs: int = typer.Option(None, "--epochs", help="Epochs of every trained model (default: 2-3 each, see lowbit.demo.STAGES)."),
-    full: bool = typer.Option(False, "--full", help="The recipes' own epochs and schedules (longer, better models)."),
-    budget: float = typer.Option(540.0, "--budget", help="Wall-clock seconds for the whole demo: training stops early past its share (0 = no limit)."),
-    threads: int = typer.Option(None, "--threads", help="torch / kernel threads (default: torch's default)."),
-    widths: str = typer.Option(None, "--widths", help="Hidden widths of every MLP, e.g. 256,256 (default: the recipes')."),
-    train_samples: int = typer.Option(None, "--train-samples", help="Use only the first N training images."),
-    methods: str = typer.Option("fp,fgq,ttq,bnn,lat2,laq", "--methods", help="Comma list of models to build (fp is always trained when fgq or ttq need it)."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (MNIST is embedded; not needed)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bars (epoch lines only)."),
-    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the per-epoch training checkpoints (default: only the .lowbit models and metrics stay)."),
-    check_kernels: bool = typer.Option(False, "--check-kernels", help="Only check the binary GEMM on every ISA path and exit."),
+    epochs: int = typer.Option(
+        None,
+        "--epochs",
+        help="Epochs of every trained model (default: 2-3 each, see lowbit.demo.STAGES).",
+    ),
+    full: bool = typer.Option(
+        False, "--full", help="The recipes' own epochs and schedules (longer, better models)."
+    ),
+    budget: float = typer.Option(
+        540.0,
+        "--budget",
+        help="Wall-clock seconds for the whole demo: training stops early past its share (0 = no limit).",
+    ),
+    threads: int = typer.Option(
+        None, "--threads", help="torch / kernel threads (default: torch's default)."
+    ),
+    widths: str = typer.Option(
+        None, "--widths", help="Hidden widths of every MLP, e.g. 256,256 (default: the recipes')."
+    ),
+    train_samples: int = typer.Option(
+        None, "--train-samples", help="Use only the first N training images."
+    ),
+    methods: str = typer.Option(
+        "fp,fgq,ttq,bnn,lat2,laq",
+        "--methods",
+        help="Comma list of models to build (fp is always trained when fgq or ttq need it).",
+    ),
+    data_dir: str = typer.Option(
+        None, "--data-dir", help="Dataset directory (MNIST is embedded; not needed)."
+    ),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="No live progress bars (epoch lines only)."
+    ),
+    keep_checkpoints: bool = typer.Option(
+        False,
+        "--keep-checkpoints",
+        help="Keep the per-epoch training checkpoints (default: only the .lowbit models and metrics stay).",
+    ),
+    check_kernels: bool = typer.Option(
+        False, "--check-kernels", help="Only check the binary GEMM on every ISA path and exit."
+    ),
 ) -> None:
     """Train float, FGQ, TTQ, BNN, LAT2 and 3-bit LAQ MLPs on embedded MNIST, pack them, and print
     one table (test error simulated/packed, file size, compression, speed vs float PyTorch);
@@ -99,8 +138,16 @@ def demo_cmd(
     if epochs is not None and epochs < 1:
         fail("--epochs must be at least 1")
     cfg = DemoConfig(
-        out=out, epochs=epochs, full=full, budget=budget, threads=threads, widths=width_t,
-        train_samples=train_samples, methods=chosen, data_dir=data_dir, progress=not no_progress,
+        out=out,
+        epochs=epochs,
+        full=full,
+        budget=budget,
+        threads=threads,
+        widths=width_t,
+        train_samples=train_samples,
+        methods=chosen,
+        data_dir=data_dir,
+        progress=not no_progress,
         keep_checkpoints=keep_checkpoints,
     )
     try:
@@ -113,31 +160,66 @@ def demo_cmd(
 def train_cmd(
     model: str = typer.Option(None, "--model", help="Model name (see `lowbit models`)."),
     dataset: str = typer.Option(None, "--dataset", help="Dataset name (see `lowbit datasets`)."),
-    method: str = typer.Option(None, "--method", help="fp or any registered method (lowbit.methods.available())."),
-    recipe: str = typer.Option(None, "--recipe", help="Recipe NAME (lowbit/recipes/NAME.toml) or a .toml file; flags override it."),
+    method: str = typer.Option(
+        None, "--method", help="fp or any registered method (lowbit.methods.available())."
+    ),
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        help="Recipe NAME (lowbit/recipes/NAME.toml) or a .toml file; flags override it.",
+    ),
     epochs: int = typer.Option(None, "--epochs", help="Number of epochs."),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch size."),
     lr: float = typer.Option(None, "--lr", help="Base learning rate."),
     optimizer: str = typer.Option(None, "--optimizer", help="adam | sgd | adamax."),
     schedule: str = typer.Option(None, "--schedule", help="constant | step | exp."),
     milestones: str = typer.Option(None, "--milestones", help="Step schedule epochs, e.g. 15,25."),
-    gamma: float = typer.Option(None, "--gamma", help="LR factor per milestone (step) or per epoch (exp)."),
+    gamma: float = typer.Option(
+        None, "--gamma", help="LR factor per milestone (step) or per epoch (exp)."
+    ),
     loss: str = typer.Option(None, "--loss", help="cross_entropy | squared_hinge."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay on weights (ndim >= 2)."),
+    weight_decay: float = typer.Option(
+        None, "--weight-decay", help="L2 weight decay on weights (ndim >= 2)."
+    ),
     seed: int = typer.Option(None, "--seed", help="Random seed (default 0)."),
     device: str = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N."),
     threads: int = typer.Option(None, "--threads", help="torch intra-op threads."),
-    split: str = typer.Option(None, "--split", help="Split scheme (paper, full, ...; see `lowbit datasets`)."),
-    preprocess: str = typer.Option(None, "--preprocess", help="unit | bnn | center | standardize | ttq | gcn_zca."),
+    split: str = typer.Option(
+        None, "--split", help="Split scheme (paper, full, ...; see `lowbit datasets`)."
+    ),
+    preprocess: str = typer.Option(
+        None, "--preprocess", help="unit | bnn | center | standardize | ttq | gcn_zca."
+    ),
     augment: str = typer.Option(None, "--augment", help="none | flip | padcropflip."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."),
-    model_opt: list[str] = typer.Option([], "--model-opt", "-M", help="Model option key=value (repeatable), e.g. -M widths=[2048,2048]."),
-    data_opt: list[str] = typer.Option([], "--data-opt", "-D", help="Dataset option key=value (repeatable), e.g. -D seq_len=50."),
-    method_opt: list[str] = typer.Option([], "--method-opt", "-Q", help="lowbit.quantize option key=value (repeatable)."),
-    train_opt: list[str] = typer.Option([], "--set", help="Any TrainConfig field key=value (repeatable), e.g. --set grad_clip_norm=5."),
-    run_dir: str = typer.Option(None, "--run-dir", help="Run directory (default runs/MODEL-DATASET-METHOD-TIME)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last good checkpoint."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (epoch lines only)."),
+    data_dir: str = typer.Option(
+        None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."
+    ),
+    model_opt: list[str] = typer.Option(
+        [],
+        "--model-opt",
+        "-M",
+        help="Model option key=value (repeatable), e.g. -M widths=[2048,2048].",
+    ),
+    data_opt: list[str] = typer.Option(
+        [], "--data-opt", "-D", help="Dataset option key=value (repeatable), e.g. -D seq_len=50."
+    ),
+    method_opt: list[str] = typer.Option(
+        [], "--method-opt", "-Q", help="lowbit.quantize option key=value (repeatable)."
+    ),
+    train_opt: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Any TrainConfig field key=value (repeatable), e.g. --set grad_clip_norm=5.",
+    ),
+    run_dir: str = typer.Option(
+        None, "--run-dir", help="Run directory (default runs/MODEL-DATASET-METHOD-TIME)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --run-dir from its last good checkpoint."
+    ),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="No live progress bar (epoch lines only)."
+    ),
 ) -> None:
     """Train a model with a quantization method (fp = float); checkpoints, metrics.jsonl and
     summary.json go to the run directory. `--resume` continues a killed run exactly."""
@@ -151,34 +233,75 @@ def train_cmd(
     try:
         train: dict[str, object] = parse_options(train_opt, "--set")
         flags = {
-            "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "schedule": schedule,
-            "gamma": gamma, "loss": loss, "weight_decay": weight_decay, "seed": seed, "device": device, "threads": threads,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": optimizer,
+            "schedule": schedule,
+            "gamma": gamma,
+            "loss": loss,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "device": device,
+            "threads": threads,
         }
         if milestones is not None:
             flags["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
         train.update({k: v for k, v in flags.items() if v is not None})
         data_options = parse_options(data_opt, "--data-opt")
-        data_options.update({k: v for k, v in (("split", split), ("preprocess", preprocess), ("augment", augment)) if v is not None})
+        data_options.update(
+            {
+                k: v
+                for k, v in (("split", split), ("preprocess", preprocess), ("augment", augment))
+                if v is not None
+            }
+        )
         model_options = parse_options(model_opt, "--model-opt")
         method_options = parse_options(method_opt, "--method-opt")
-        if resume and run_dir and (Path(run_dir) / "config.json").exists() and not recipe and not model and not dataset:
+        if (
+            resume
+            and run_dir
+            and (Path(run_dir) / "config.json").exists()
+            and not recipe
+            and not model
+            and not dataset
+        ):
             stored = read_run_spec(run_dir)  # `--resume --run-dir R` alone continues R as it was
-            spec = {t: dict(stored.get(t, {})) for t in ("recipe", "paper", "model", "data", "method", "train")}
+            spec = {
+                t: dict(stored.get(t, {}))
+                for t in ("recipe", "paper", "model", "data", "method", "train")
+            }
             spec["recipe"].pop("path", None)
             spec["train"].update(train)
         else:
             spec = make_spec(
-                recipe, model=model, dataset=dataset, method=method, model_options=model_options,
-                data_options=data_options, method_options=method_options, train=train,
+                recipe,
+                model=model,
+                dataset=dataset,
+                method=method,
+                model_options=model_options,
+                data_options=data_options,
+                method_options=method_options,
+                train=train,
             )
         if run_dir is None:
             stamp = _time.strftime("%Y%m%d-%H%M%S")
             run_dir = f"runs/{spec['model']['name']}-{spec['data']['name']}-{spec['method']['name']}-{stamp}"
         typer.echo(f"run directory: {run_dir}", err=True)
-        summary = train_spec(spec, run_dir, resume=resume, progress=not no_progress, data_dir=data_dir)
+        summary = train_spec(
+            spec, run_dir, resume=resume, progress=not no_progress, data_dir=data_dir
+        )
     except TrainingDiverged as exc:
         fail(str(exc), code=1)
-    except (ValueError, TypeError, FileNotFoundError, DataNotFoundError, CheckpointError, ShapeMismatchError, RuntimeError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        DataNotFoundError,
+        CheckpointError,
+        ShapeMismatchError,
+        RuntimeError,
+    ) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     import os as _os
 
@@ -190,16 +313,28 @@ def train_cmd(
             f"(test accuracy {100 - summary['test_error_at_best']:.2f}%) — {summary['selection']}; run: {run_dir}"
         )
     elif summary.get("test_loss_at_best") is not None:
-        typer.echo(f"best epoch {summary['best_epoch']}: test loss {summary['test_loss_at_best']:.4f} nats/char; run: {run_dir}")
+        typer.echo(
+            f"best epoch {summary['best_epoch']}: test loss {summary['test_loss_at_best']:.4f} nats/char; run: {run_dir}"
+        )
 
 
 @app.command("eval")
 def eval_cmd(
-    target: str = typer.Argument(..., help="A `lowbit train` run directory or a checkpoint file inside one."),
-    which: str = typer.Option("best", "--which", help="best (best-validation epoch) or last checkpoint of a run directory."),
-    split: list[str] = typer.Option([], "--split", help="Split(s) to evaluate (default: valid and test)."),
+    target: str = typer.Argument(
+        ..., help="A `lowbit train` run directory or a checkpoint file inside one."
+    ),
+    which: str = typer.Option(
+        "best",
+        "--which",
+        help="best (best-validation epoch) or last checkpoint of a run directory.",
+    ),
+    split: list[str] = typer.Option(
+        [], "--split", help="Split(s) to evaluate (default: valid and test)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default: as the run)."),
+    data_dir: str = typer.Option(
+        None, "--data-dir", help="Dataset directory (default: as the run)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Evaluate a run directory or checkpoint (loss, accuracy, error per split)."""
@@ -208,8 +343,18 @@ def eval_cmd(
     from lowbit.train.runs import evaluate_run
 
     try:
-        result = evaluate_run(target, which=which, splits=list(split) or None, device=device, data_dir=data_dir)
-    except (ValueError, FileNotFoundError, DataNotFoundError, CheckpointError, ShapeMismatchError, RuntimeError, KeyError) as exc:
+        result = evaluate_run(
+            target, which=which, splits=list(split) or None, device=device, data_dir=data_dir
+        )
+    except (
+        ValueError,
+        FileNotFoundError,
+        DataNotFoundError,
+        CheckpointError,
+        ShapeMismatchError,
+        RuntimeError,
+        KeyError,
+    ) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -217,12 +362,16 @@ def eval_cmd(
     typer.echo(f"{result['checkpoint']} (epoch {result['epoch']})")
     for name, m in result.items():
         if isinstance(m, dict):
-            typer.echo(f"  {name:<6} loss {m['loss']:.4f}  accuracy {100 * m['acc']:.2f}%  error {m['error']:.2f}%")
+            typer.echo(
+                f"  {name:<6} loss {m['loss']:.4f}  accuracy {100 * m['acc']:.2f}%  error {m['error']:.2f}%"
+            )
 
 
 @app.command("datasets")
 def datasets_cmd(
-    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."),
+    data_dir: str = typer.Option(
+        None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List datasets, whether they are available offline, and where their files go."""
@@ -236,13 +385,24 @@ def datasets_cmd(
     from rich.table import Table
 
     table = Table(title=f"datasets (data dir: {data_dir or _data.default_data_dir()})")
-    for col in ("name", "offline", "splits (default first)", "preprocess", "files / where", "description"):
+    for col in (
+        "name",
+        "offline",
+        "splits (default first)",
+        "preprocess",
+        "files / where",
+        "description",
+    ):
         table.add_column(col, overflow="fold")
     for r in rows:
         splits = [r["default_split"], *[s for s in r["splits"] if s != r["default_split"]]]
         table.add_row(
-            r["name"], "yes" if r["available"] else "no", ", ".join(splits),
-            r["default_preprocess"], r["where"], r["description"],
+            r["name"],
+            "yes" if r["available"] else "no",
+            ", ".join(splits),
+            r["default_preprocess"],
+            r["where"],
+            r["description"],
         )
     Console(width=max(120, Console().width)).print(table)
 
@@ -259,23 +419,50 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="models (lowbit.models.create(name, input_shape=..., num_classes=..., **options))")
+    table = Table(
+        title="models (lowbit.models.create(name, input_shape=..., num_classes=..., **options))"
+    )
     for col in ("name", "task", "default input", "classes", "description"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["task"], "x".join(map(str, r["input_shape"])), str(r["num_classes"]), r["description"])
+        table.add_row(
+            r["name"],
+            r["task"],
+            "x".join(map(str, r["input_shape"])),
+            str(r["num_classes"]),
+            r["description"],
+        )
     Console(width=max(120, Console().width)).print(table)
 
 
 @app.command("summary")
 def summary_cmd(
     model: str = typer.Argument(..., help="Reference model name (see `lowbit models`)."),
-    method: str = typer.Option("fp", "--method", "-m", help="Quantization method (lowbit.methods.available())."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Method option key=value (repeatable), e.g. -o granularity=channel."),
-    keep: str = typer.Option("first,last", "--keep", help="Layers kept float: comma list of first/last/globs ('' for none)."),
-    state: str = typer.Option(None, "--state", help="State dict or training checkpoint (.pt) to load, weights_only."),
-    input_shape: str = typer.Option(None, "--input-shape", help="Input shape with batch, e.g. 1,1,28,28 (default: the model's, batch 1)."),
-    no_macs: bool = typer.Option(False, "--no-macs", help="Skip the forward trace (no MAC columns)."),
+    method: str = typer.Option(
+        "fp", "--method", "-m", help="Quantization method (lowbit.methods.available())."
+    ),
+    option: list[str] = typer.Option(
+        [],
+        "--option",
+        "-o",
+        help="Method option key=value (repeatable), e.g. -o granularity=channel.",
+    ),
+    keep: str = typer.Option(
+        "first,last",
+        "--keep",
+        help="Layers kept float: comma list of first/last/globs ('' for none).",
+    ),
+    state: str = typer.Option(
+        None, "--state", help="State dict or training checkpoint (.pt) to load, weights_only."
+    ),
+    input_shape: str = typer.Option(
+        None,
+        "--input-shape",
+        help="Input shape with batch, e.g. 1,1,28,28 (default: the model's, batch 1).",
+    ),
+    no_macs: bool = typer.Option(
+        False, "--no-macs", help="Skip the forward trace (no MAC columns)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-layer bits, packed bytes and MACs of a model."""
@@ -290,7 +477,11 @@ def summary_cmd(
         _models = None  # type: ignore[assignment]
     names = _models.available() if _models is not None else []
     if model not in names:
-        hint = " A state file holds no architecture: pass the model name and --state FILE." if Path(model).exists() else ""
+        hint = (
+            " A state file holds no architecture: pass the model name and --state FILE."
+            if Path(model).exists()
+            else ""
+        )
         fail(f"unknown model {model!r}; available: {', '.join(names) or '(none)'}.{hint}")
     options: dict[str, Any] = {}
     for item in option:
@@ -332,7 +523,10 @@ def summary_cmd(
         try:  # token models take integer ids
             result = lowbit.summary(net, shape, input_dtype=torch.long)
         except Exception:  # noqa: BLE001
-            typer.secho(f"warning: MAC trace failed ({type(exc).__name__}: {exc}); showing sizes only", err=True)
+            typer.secho(
+                f"warning: MAC trace failed ({type(exc).__name__}: {exc}); showing sizes only",
+                err=True,
+            )
             result = lowbit.summary(net)
     if as_json:
         typer.echo(json.dumps({"model": model, "method": method, **result.to_dict()}, indent=2))
@@ -343,22 +537,46 @@ def summary_cmd(
 
 @app.command("ptq")
 def ptq_cmd(
-    source: str = typer.Argument(..., help="A `lowbit train` run directory or a checkpoint file of a float model."),
+    source: str = typer.Argument(
+        ..., help="A `lowbit train` run directory or a checkpoint file of a float model."
+    ),
     method: str = typer.Option("fgq", "--method", help="Post-training method (fgq)."),
-    dataset: str = typer.Option(None, "--dataset", help="Calibration/evaluation dataset (default: the run's)."),
-    model: str = typer.Option(None, "--model", help="Architecture name when the checkpoint has no config.json."),
-    group_size: str = typer.Option("4", "--group-size", "-n", help="N weights per alpha: an int, 'layer' or 'channel'."),
-    group_axis: str = typer.Option("in", "--group-axis", help="'in' (N inputs of one output) or 'out' (N filters)."),
+    dataset: str = typer.Option(
+        None, "--dataset", help="Calibration/evaluation dataset (default: the run's)."
+    ),
+    model: str = typer.Option(
+        None, "--model", help="Architecture name when the checkpoint has no config.json."
+    ),
+    group_size: str = typer.Option(
+        "4", "--group-size", "-n", help="N weights per alpha: an int, 'layer' or 'channel'."
+    ),
+    group_axis: str = typer.Option(
+        "in", "--group-axis", help="'in' (N inputs of one output) or 'out' (N filters)."
+    ),
     weight_bits: int = typer.Option(2, "--weight-bits", help="2 = ternary, 3..8 = k-bit groups."),
-    act_bits: int = typer.Option(8, "--act-bits", help="DFP activation bits (8 or 4); 0 keeps activations float."),
+    act_bits: int = typer.Option(
+        8, "--act-bits", help="DFP activation bits (8 or 4); 0 keeps activations float."
+    ),
     rule: str = typer.Option(None, "--rule", help="exact | 0.7 (ternary), mse | max (k-bit)."),
-    act_mode: str = typer.Option("calibrated", "--act-mode", help="calibrated | dynamic exponents."),
+    act_mode: str = typer.Option(
+        "calibrated", "--act-mode", help="calibrated | dynamic exponents."
+    ),
     calibration: str = typer.Option("max", "--calibration", help="max | percentile."),
-    percentile: float = typer.Option(99.99, "--percentile", help="Percentile for --calibration percentile."),
-    calib_samples: int = typer.Option(2048, "--calib-samples", help="Training samples used to calibrate."),
-    keep: str = typer.Option("first,last", "--keep", help="Layers kept float: 'first,last', globs, or 'none'."),
-    fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm before quantizing."),
-    out: str = typer.Option(None, "--out", "-o", help="Output file (default: next to the run, ptq-fgq-*.pt)."),
+    percentile: float = typer.Option(
+        99.99, "--percentile", help="Percentile for --calibration percentile."
+    ),
+    calib_samples: int = typer.Option(
+        2048, "--calib-samples", help="Training samples used to calibrate."
+    ),
+    keep: str = typer.Option(
+        "first,last", "--keep", help="Layers kept float: 'first,last', globs, or 'none'."
+    ),
+    fold_bn: bool = typer.Option(
+        True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm before quantizing."
+    ),
+    out: str = typer.Option(
+        None, "--out", "-o", help="Output file (default: next to the run, ptq-fgq-*.pt)."
+    ),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Test accuracy before and after."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -377,7 +595,9 @@ def ptq_cmd(
     gs: int | str = int(group_size) if group_size.isdigit() else group_size
     if isinstance(gs, str) and gs not in ("layer", "channel"):
         fail(f"--group-size must be an int, 'layer' or 'channel', got {group_size!r}")
-    keep_t: tuple[str, ...] = () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
+    keep_t: tuple[str, ...] = (
+        () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
+    )
     try:
         run = ptq.float_run_info(source)
     except (FileNotFoundError, ValueError) as exc:
@@ -399,7 +619,11 @@ def ptq_cmd(
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         fail(str(exc))
     calib = splits.train.x[:calib_samples]
-    result: dict = {"source": info["checkpoint"], "model": info["model"]["name"], "dataset": ds_name}
+    result: dict = {
+        "source": info["checkpoint"],
+        "model": info["model"]["name"],
+        "dataset": ds_name,
+    }
     if evaluate:
         result["float_acc"] = ptq.accuracy(net, splits.test)
     t0 = time.perf_counter()
@@ -429,32 +653,66 @@ def ptq_cmd(
         src = Path(info["checkpoint"])
         base = src.parent.parent if src.parent.name == "checkpoints" else src.parent
         out = str(base / f"ptq-fgq-{tag}.pt")
-    ptq.save_quantized(net, out, {**info, "accuracy": {k: v for k, v in result.items() if k.endswith("_acc")}})
+    ptq.save_quantized(
+        net, out, {**info, "accuracy": {k: v for k, v in result.items() if k.endswith("_acc")}}
+    )
     result["out"] = out
     result["layers"] = [r.as_dict() for r in rows]
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
-    typer.echo(f"FGQ {tag} of {info['model']['name']} ({result['source']}), calibrated on {len(calib)} {ds_name} samples")
+    typer.echo(
+        f"FGQ {tag} of {info['model']['name']} ({result['source']}), calibrated on {len(calib)} {ds_name} samples"
+    )
     typer.echo(ptq.format_report(rows))
-    typer.echo(f"(saturated / underflow: share of input elements, measured on the {'test' if evaluate else 'calibration'} data)")
+    typer.echo(
+        f"(saturated / underflow: share of input elements, measured on the {'test' if evaluate else 'calibration'} data)"
+    )
     if evaluate:
         drop = result["float_acc"] - result["fgq_acc"]
-        typer.echo(f"test accuracy: float {result['float_acc']:.2f}%  ->  fgq {result['fgq_acc']:.2f}%  ({-drop:+.2f} points)")
+        typer.echo(
+            f"test accuracy: float {result['float_acc']:.2f}%  ->  fgq {result['fgq_acc']:.2f}%  ({-drop:+.2f} points)"
+        )
     typer.echo(f"quantized in {result['ptq_seconds']:.2f} s; written to {out}")
 
 
 @app.command("pack")
 def pack_cmd(
-    source: str = typer.Argument(..., help="A `lowbit train` run directory, a checkpoint inside one, or a `lowbit ptq` .pt file."),
+    source: str = typer.Argument(
+        ...,
+        help="A `lowbit train` run directory, a checkpoint inside one, or a `lowbit ptq` .pt file.",
+    ),
     out: str = typer.Option(..., "--out", "-o", help="The .lowbit file to write."),
-    method: str = typer.Option(None, "--method", help="For a float run: quantize with this method first (twn, fgq, ...)."),
-    keep: str = typer.Option("first,last", "--keep", help="For --method: layers kept float ('first,last', globs, or 'none')."),
-    activations: str = typer.Option("int8", "--activations", help="Inputs of float-activation layers: int8 (per token) or float (exact)."),
-    model_name: str = typer.Option(None, "--model", help="Architecture when the run's config.json names none (see `lowbit models`)."),
-    model_opt: list[str] = typer.Option([], "--model-opt", "-M", help="Model option key=value (repeatable), e.g. -M widths=[512,512]."),
-    quantized: bool = typer.Option(False, "--quantized", help="Save the quantized (Quant*) model instead of packing it."),
-    evaluate: bool = typer.Option(False, "--eval", help="Also print test accuracy: simulated vs packed."),
+    method: str = typer.Option(
+        None, "--method", help="For a float run: quantize with this method first (twn, fgq, ...)."
+    ),
+    keep: str = typer.Option(
+        "first,last",
+        "--keep",
+        help="For --method: layers kept float ('first,last', globs, or 'none').",
+    ),
+    activations: str = typer.Option(
+        "int8",
+        "--activations",
+        help="Inputs of float-activation layers: int8 (per token) or float (exact).",
+    ),
+    model_name: str = typer.Option(
+        None,
+        "--model",
+        help="Architecture when the run's config.json names none (see `lowbit models`).",
+    ),
+    model_opt: list[str] = typer.Option(
+        [],
+        "--model-opt",
+        "-M",
+        help="Model option key=value (repeatable), e.g. -M widths=[512,512].",
+    ),
+    quantized: bool = typer.Option(
+        False, "--quantized", help="Save the quantized (Quant*) model instead of packing it."
+    ),
+    evaluate: bool = typer.Option(
+        False, "--eval", help="Also print test accuracy: simulated vs packed."
+    ),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -466,10 +724,16 @@ def pack_cmd(
     from lowbit.saveload import save
     from lowbit.train.runs import parse_options
 
-    keep_t: tuple[str, ...] = () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
+    keep_t: tuple[str, ...] = (
+        () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
+    )
     try:
         model, info, splits = deploy.quantized_from_source(
-            source, method=method, keep=keep_t, data_dir=data_dir, model=model_name,
+            source,
+            method=method,
+            keep=keep_t,
+            data_dir=data_dir,
+            model=model_name,
             model_options=parse_options(model_opt, "--model-opt"),
         )
         target = model if quantized else lowbit.pack(model, activations=activations)
@@ -479,7 +743,12 @@ def pack_cmd(
     if evaluate and splits is not None:
         result["simulated_acc"] = deploy.accuracy(model, splits.test)
         result["packed_acc"] = deploy.accuracy(target, splits.test)
-    saved = save(target, out, architecture=info["architecture"], metadata={"data": info["data"], "source": info["checkpoint"]})
+    saved = save(
+        target,
+        out,
+        architecture=info["architecture"],
+        metadata={"data": info["data"], "source": info["checkpoint"]},
+    )
     result.update(saved)
     result["packing_report"] = getattr(target, "packing_report", None)
     if as_json:
@@ -494,16 +763,24 @@ def pack_cmd(
         f"{saved['layer_compression']:.1f}x)"
     )
     if "packed_acc" in result:
-        typer.echo(f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%")
+        typer.echo(
+            f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%"
+        )
 
 
 @app.command("run")
 def run_cmd(
     file: str = typer.Argument(..., help="A .lowbit file (lowbit pack / lowbit.save)."),
-    dataset: str = typer.Option(None, "--dataset", help="Dataset to evaluate on (default: the one stored in the file)."),
+    dataset: str = typer.Option(
+        None, "--dataset", help="Dataset to evaluate on (default: the one stored in the file)."
+    ),
     split: str = typer.Option("test", "--split", help="Split to evaluate."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Batch size (throughput is measured at this size)."),
-    threads: int = typer.Option(None, "--threads", help="torch / kernel threads (default: torch's)."),
+    batch_size: int = typer.Option(
+        256, "--batch-size", help="Batch size (throughput is measured at this size)."
+    ),
+    threads: int = typer.Option(
+        None, "--threads", help="torch / kernel threads (default: torch's)."
+    ),
     reps: int = typer.Option(30, "--reps", help="Timed forward passes (medians)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -538,13 +815,20 @@ def run_cmd(
     if data is None:
         fail(f"dataset {table['name']!r} has no {split!r} split")
     assert data is not None  # fail() exits
-    result = {"file": file, "bytes": os.path.getsize(file), "dataset": table["name"], "split": split}
+    result = {
+        "file": file,
+        "bytes": os.path.getsize(file),
+        "dataset": table["name"],
+        "split": split,
+    }
     result["accuracy"] = deploy.accuracy(model, data, batch_size)
     result.update(deploy.speed(model, data.x, batch_size, reps))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"{file} ({result['bytes'] / 1024:.1f} KiB) on {table['name']} {split}: accuracy {result['accuracy']:.2f}%")
+    typer.echo(
+        f"{file} ({result['bytes'] / 1024:.1f} KiB) on {table['name']} {split}: accuracy {result['accuracy']:.2f}%"
+    )
     typer.echo(
         f"throughput {result['throughput']:.0f} samples/s (batch {batch_size}, median {result['batch_ms']:.2f} ms); "
         f"latency {result['latency_ms']:.3f} ms (batch 1, median)"
@@ -553,15 +837,26 @@ def run_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    what: str = typer.Argument("kernels", help="What to benchmark: 'kernels' (4096x4096 layers) or 'model' (a packed model vs its fp32 twin)."),
-    file: str = typer.Argument(None, help="For 'model': a .lowbit file (default: a ternary int8 MNIST MLP 784-1024-1024-10)."),
-    threads: str = typer.Option("1,2", help="Comma-separated thread counts (each case runs at each)."),
+    what: str = typer.Argument(
+        "kernels",
+        help="What to benchmark: 'kernels' (4096x4096 layers) or 'model' (a packed model vs its fp32 twin).",
+    ),
+    file: str = typer.Argument(
+        None,
+        help="For 'model': a .lowbit file (default: a ternary int8 MNIST MLP 784-1024-1024-10).",
+    ),
+    threads: str = typer.Option(
+        "1,2", help="Comma-separated thread counts (each case runs at each)."
+    ),
     reps: int = typer.Option(30, help="Timed calls per case (median reported; at least 20)."),
     size: int = typer.Option(4096, help="Layer size N = K."),
     batch: int = typer.Option(64, help="Batch of the GEMM case."),
-    variants: bool = typer.Option(True, help="Also time asymmetric / grouped ternary and the custom op."),
+    variants: bool = typer.Option(
+        True, help="Also time asymmetric / grouped ternary and the custom op."
+    ),
     clock: str = typer.Option(
-        "wall", help="'wall', or 'cpu' (calling thread's CPU time; steadier on a shared VM, --threads 1 only)."
+        "wall",
+        help="'wall', or 'cpu' (calling thread's CPU time; steadier on a shared VM, --threads 1 only).",
     ),
     json_out: str = typer.Option("", "--json", help="Also write the rows to this JSON file."),
 ) -> None:
@@ -585,7 +880,9 @@ def bench_cmd(
             if file:
                 net = load(file)
                 arch = read_manifest(file).get("architecture", {})
-                stored = (arch.get("options") or {}).get("input_shape") or getattr(net, "input_shape", None)
+                stored = (arch.get("options") or {}).get("input_shape") or getattr(
+                    net, "input_shape", None
+                )
                 shape = tuple(int(d) for d in stored) if stored else shape
             else:
                 net = bench.default_mnist_model()
@@ -601,7 +898,13 @@ def bench_cmd(
     typer.echo(bench.HEADER)
     try:
         rows = bench.bench_kernels(
-            size=size, threads=counts, reps=reps, batch=batch, variants=variants, clock=clock, log=typer.echo
+            size=size,
+            threads=counts,
+            reps=reps,
+            batch=batch,
+            variants=variants,
+            clock=clock,
+            log=typer.echo,
         )
     except ValueError as exc:
         fail(str(exc))
@@ -613,12 +916,24 @@ def bench_cmd(
 @app.command("reproduce")
 def reproduce_cmd(
     recipe: str = typer.Argument(None, help="Recipe NAME (see --list) or a .toml file."),
-    list_: bool = typer.Option(False, "--list", help="List every recipe, the data it needs and whether it is here."),
-    out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/reproduce-NAME-TIME)."),
-    epochs: int = typer.Option(None, "--epochs", help="Override [train] epochs (smoke runs; the paper number needs the recipe's)."),
+    list_: bool = typer.Option(
+        False, "--list", help="List every recipe, the data it needs and whether it is here."
+    ),
+    out: str = typer.Option(
+        None, "--out", "-o", help="Output directory (default runs/reproduce-NAME-TIME)."
+    ),
+    epochs: int = typer.Option(
+        None,
+        "--epochs",
+        help="Override [train] epochs (smoke runs; the paper number needs the recipe's).",
+    ),
     threads: int = typer.Option(None, "--threads", help="torch / kernel threads."),
-    train_samples: int = typer.Option(None, "--train-samples", help="Use only the first N training images."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."),
+    train_samples: int = typer.Option(
+        None, "--train-samples", help="Use only the first N training images."
+    ),
+    data_dir: str = typer.Option(
+        None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bars."),
     as_json: bool = typer.Option(False, "--json", help="With --list: print JSON."),
 ) -> None:
@@ -643,8 +958,13 @@ def reproduce_cmd(
 
     try:
         result = R.reproduce(
-            recipe, out, epochs=epochs, data_dir=data_dir, train_samples=train_samples,
-            progress=not no_progress, log=typer.echo,
+            recipe,
+            out,
+            epochs=epochs,
+            data_dir=data_dir,
+            train_samples=train_samples,
+            progress=not no_progress,
+            log=typer.echo,
         )
     except TrainingDiverged as exc:
         fail(str(exc), code=1)
