@@ -126,28 +126,11 @@ def train_budgeted(
     """Train ``spec`` on ``splits`` with the Trainer, one epoch per call so that a wall-clock
     ``deadline`` (``time.perf_counter()`` value) can end it early (at least one epoch runs; the run
     directory stays resumable). ``init_state``: float weights loaded before quantizing."""
-    from lowbit.train import TrainConfig, Trainer
-    from lowbit.train.runs import build_model
+    from lowbit.train.runs import make_trainer
 
     t0 = time.perf_counter()
-    cfg = TrainConfig.from_dict(dict(spec["train"]))
-    torch.manual_seed(cfg.seed)
-    model = build_model(spec["model"], splits)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    method, options = _method_parts(spec["method"])
-    info = {k: spec.get(k, {}) for k in ("recipe", "paper", "model", "data", "method")}
-    trainer = Trainer(
-        model,
-        splits,
-        cfg,
-        method=method,
-        method_options=options,
-        run_dir=run_dir,
-        progress=progress,
-        run_info=info,
-        model_name=spec["model"]["name"],
-    )
+    trainer = make_trainer(spec, splits, run_dir, progress, init_state)
+    cfg = trainer.config
     summary: dict[str, Any] = {}
     while trainer.epoch < cfg.epochs:
         summary = trainer.fit(stop_after_epochs=1)

@@ -117,6 +117,35 @@ def read_run_spec(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+def make_trainer(
+    spec: dict[str, Any],
+    splits: DataSplits,
+    run_dir: str | Path | None,
+    progress: bool = True,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> Trainer:
+    """The Trainer for run ``spec`` on ``splits``: the model built after seeding (so runs are
+    reproducible), ``init_state`` (float weights) loaded before the method quantizes it."""
+    cfg = TrainConfig.from_dict(dict(spec["train"]))
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec["model"], splits)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    method, options = _method_parts(spec["method"])
+    info = {k: spec.get(k, {}) for k in ("recipe", "paper", "model", "data", "method")}
+    return Trainer(
+        model,
+        splits,
+        cfg,
+        method=method,
+        method_options=options,
+        run_dir=run_dir,
+        progress=progress,
+        run_info=info,
+        model_name=spec["model"]["name"],
+    )
+
+
 def train_spec(
     spec: dict[str, Any],
     run_dir: str | Path,
@@ -139,23 +168,7 @@ def train_spec(
                 raise ValueError(
                     f"cannot resume {run_dir}: its {table} is {stored.get(table)} but this command asks for {spec.get(table)}"
                 )
-    cfg = TrainConfig.from_dict(spec["train"])
-    torch.manual_seed(cfg.seed)
-    splits = build_data(spec["data"], data_dir)
-    model = build_model(spec["model"], splits)
-    method, options = _method_parts(spec["method"])
-    info = {k: spec.get(k, {}) for k in ("recipe", "paper", "model", "data", "method")}
-    trainer = Trainer(
-        model,
-        splits,
-        cfg,
-        method=method,
-        method_options=options,
-        run_dir=run_dir,
-        progress=progress,
-        run_info=info,
-        model_name=spec["model"]["name"],
-    )
+    trainer = make_trainer(spec, build_data(spec["data"], data_dir), run_dir, progress)
     try:
         return trainer.fit(resume=resume, stop_after_epochs=stop_after_epochs)
     finally:
