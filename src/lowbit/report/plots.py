@@ -176,6 +176,21 @@ def plot_tradeoff(rows: Sequence[ModelRow], path: str | Path) -> Path | None:
         ylabel="test error (%), packed",
         title="speed vs error",
     )
+    from matplotlib.ticker import FuncFormatter
+
+    def short(value: float, _pos: int) -> str:
+        # Label 1, 2 and 5 times powers of ten only, compactly: the default log-axis labels
+        # ("2x10^2 3x10^2 ...") overlap.
+        if value <= 0:
+            return ""
+        lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        if round(lead, 6) not in (1.0, 2.0, 5.0):
+            return ""
+        return f"{value / 1000:g}k" if value >= 1000 else f"{value:g}"
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_formatter(FuncFormatter(short))
+        ax.xaxis.set_minor_formatter(FuncFormatter(short))
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
