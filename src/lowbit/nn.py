@@ -389,7 +389,29 @@ class QuantModule:
         raise NotImplementedError
 
 
-class QuantLinear(nn.Linear, QuantModule):
+class _OneWeightQuant(QuantModule):
+    """What QuantLinear and QuantConv2d share: one ``weight`` and its ``weight_quantizer``.
+
+    Listed before the torch layer in the bases, so ``super().extra_repr()`` is the torch layer's.
+    """
+
+    weight_quantizer: Any
+    input_quantizer: Any
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return self.weight_quantizer.export(self.weight)  # type: ignore[attr-defined]
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        return {"weight": self.quantized_weight()}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, weight={_describe_weight(self.weight_quantizer)}, "  # type: ignore[misc]
+            f"input={_describe_input(self.input_quantizer)}"
+        )
+
+
+class QuantLinear(_OneWeightQuant, nn.Linear):
     """``nn.Linear`` whose forward uses ``weight_quantizer(weight)`` and ``input_quantizer(x)``."""
 
     weight_quantizer: Any  # a WeightQuantizer (any module with forward(w) and export(w))
@@ -435,20 +457,8 @@ class QuantLinear(nn.Linear, QuantModule):
             x = self.input_quantizer(x)
         return TF.linear(x, self.weight_quantizer(self.weight), self.bias)
 
-    def quantized_weight(self) -> QuantizedWeight:
-        return self.weight_quantizer.export(self.weight)
 
-    def quantized_weights(self) -> dict[str, QuantizedWeight]:
-        return {"weight": self.quantized_weight()}
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, weight={_describe_weight(self.weight_quantizer)}, "
-            f"input={_describe_input(self.input_quantizer)}"
-        )
-
-
-class QuantConv2d(nn.Conv2d, QuantModule):
+class QuantConv2d(_OneWeightQuant, nn.Conv2d):
     """``nn.Conv2d`` (any stride/padding/dilation/groups/padding_mode) with quantized weight and input.
 
     Zero padding is applied to the *quantized* input, so binary activations see 0 at the border
@@ -499,18 +509,6 @@ class QuantConv2d(nn.Conv2d, QuantModule):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
-
-    def quantized_weight(self) -> QuantizedWeight:
-        return self.weight_quantizer.export(self.weight)
-
-    def quantized_weights(self) -> dict[str, QuantizedWeight]:
-        return {"weight": self.quantized_weight()}
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, weight={_describe_weight(self.weight_quantizer)}, "
-            f"input={_describe_input(self.input_quantizer)}"
-        )
 
 
 GATES = ("i", "f", "g", "o")  # PyTorch's row order inside weight_ih / weight_hh
