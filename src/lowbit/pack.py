@@ -358,20 +358,20 @@ class PackedLinear(nn.Module):
         current = (self.tiles, self.scale, self.scale2, self.bias)
         kernel = self._kernel
         if kernel is None or any(a is not b for a, b in zip(kernel.tensors, current, strict=True)):
-            kernel = kernels.LinearKernel(
-                self.tiles,
-                self.scale,
-                self.scale2,
-                self.bias,
-                out_features=self.out_features,
-                bits=self.bits,
-                group_size=self.group_size,
-                act=self._act_name(),
-                exponent=self._fused_exponent(),
-                relu=self._kernel_relu(),
-            )
+            kernel = kernels.LinearKernel(*current, **self._kernel_options())
             self._kernel = kernel
         return kernel
+
+    def _kernel_options(self) -> dict[str, Any]:
+        """The fused kernel's settings (shared by the cached kernel and the traced custom op)."""
+        return {
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "act": self._act_name(),
+            "exponent": self._fused_exponent(),
+            "relu": self._kernel_relu(),
+        }
 
     def _fused_exponent(self) -> int | None:
         return self.exponent if self.activations == "dfp" and self._fused() else None
@@ -439,17 +439,7 @@ class PackedLinear(nn.Module):
             # Traced (fake) tensors cannot reach NumPy: go through the custom op, which has a
             # fake implementation, and cache nothing built from traced buffers.
             return kernels.LinearKernel.call_op(
-                x,
-                self.tiles,
-                self.scale,
-                self.scale2,
-                self.bias,
-                out_features=self.out_features,
-                bits=self.bits,
-                group_size=self.group_size,
-                act=self._act_name(),
-                exponent=self._fused_exponent(),
-                relu=self._kernel_relu(),
+                x, self.tiles, self.scale, self.scale2, self.bias, **self._kernel_options()
             )
         return self._get_kernel()(x)
 
