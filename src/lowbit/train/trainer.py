@@ -147,15 +147,17 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
+    # RNG states are CPU byte tensors whatever device the run trains on (a checkpoint loaded
+    # with map_location="cuda" would otherwise hand torch a CUDA tensor and fail).
+    torch.set_rng_state(state["torch"].cpu())
+    generator.set_state(state["generator"].cpu())
     n = state["numpy"]
     legacy = ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
     np.random.set_state(legacy)  # noqa: NPY002
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class Trainer:
@@ -341,7 +343,9 @@ class Trainer:
         path = latest(self.checkpoint_dir)
         if path is None:
             return False
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        # Loaded on the CPU: load_state_dict copies weights onto the model's device and the
+        # optimizer casts its state to its parameters' device; RNG states must stay on the CPU.
+        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
         if self.dist.is_main and self.run_dir is not None:
             MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(self.epoch)
         return True
