@@ -417,3 +417,21 @@ def test_status_reports_embedded_and_missing(tmp_path) -> None:
     )
     synthetic.write_cifar(tmp_path / "cifar10", "cifar10", n_per_batch=2)
     assert {r["name"]: r for r in data.status(tmp_path)}["cifar10"]["available"]
+
+
+def test_stdlib_splits_interleave_blocks_from_across_the_library() -> None:
+    files = text.stdlib_files(400_000)
+    assert not any(rel.startswith(("encodings/", "pydoc_data/", "test/")) for rel, _ in files)
+    corpus = "".join(t for _, t in files)
+    assert len(corpus) == 400_000  # the last file is cut at max_chars
+    train, valid, test = text.interleaved_splits(corpus)
+    # by hand: 200 blocks of 2000 characters; blocks 9, 29, ... -> valid; 19, 39, ... -> test
+    assert valid == "".join(corpus[i * 2000 : (i + 1) * 2000] for i in range(9, 200, 20))
+    assert test == "".join(corpus[i * 2000 : (i + 1) * 2000] for i in range(19, 200, 20))
+    assert len(train) == 360_000 and len(valid) == len(test) == 20_000
+    assert corpus.startswith(train[:18_000]) and valid[:2000] == corpus[18_000:20_000]
+    loaded = data.load("stdlib", max_chars=400_000, seq_len=50)
+    assert loaded.info["chars"] == [360_000, 20_000, 20_000]
+    contiguous = data.load("stdlib", max_chars=400_000, seq_len=50, fractions=(0.9, 0.05, 0.05))
+    assert contiguous.info["chars"] == [360_000, 20_000, 20_000]
+    assert not torch.equal(contiguous.test.x, loaded.test.x)

