@@ -107,6 +107,62 @@ def _row_or_group_scales(qw: QuantizedWeight) -> tuple[torch.Tensor, int]:
     raise ValueError(f"unsupported granularity {qw.granularity_spec.describe()}")
 
 
+def _compact_scales(qw: QuantizedWeight, factor: float, step: float) -> torch.Tensor:
+    """The weight scales at the granularity ``qw`` really has (layout 2's ``wscale``), fp32:
+    ``(1,)`` per tensor, ``(2,)`` = ``[Wp, Wn]`` asymmetric per tensor, ``(N,)`` / ``(N, 2)`` per
+    row (groups along the output axis expanded to rows), ``(N, ceil(K/G))`` groups along K;
+    times the kernel factor (a power of two) and the k-bit input step."""
+    s = qw.scales.detach().to(torch.float64)
+    if factor != 1.0 or step != 1.0:
+        s = s * factor * step
+    asym = qw.format == "ternary_asym"
+    if qw.granularity == "tensor" or (qw.granularity == "channel" and s.numel() == (2 if asym else 1)):
+        return s.reshape(2 if asym else 1).float()
+    rows, _ = _row_or_group_scales(
+        QuantizedWeight(qw.codes, s, qw.format, qw.bits, qw.granularity, qw.group_size,
+                        qw.group_axis, qw.shape)
+    )
+    return rows.to(torch.float64).float().contiguous()
+
+
+def _is_per_tensor(shape: tuple[int, ...], asym: bool) -> bool:
+    return tuple(shape) == ((2,) if asym else (1,))
+
+
+def _scale_shapes(cfg: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The ``wscale`` shapes a layout-2 config may have."""
+    n, k, gs = cfg["out_features"], cfg["in_features"], cfg["group_size"]
+    if cfg["asym"]:
+        return [(2,), (n, 2)]
+    if gs:
+        return [(n, (k + gs - 1) // gs)]
+    return [(1,), (n,)]
+
+
+def _kernel_scales(
+    wscale: torch.Tensor, row_scale: torch.Tensor | None, n: int, k: int, group_size: int, asym: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernel-layout ``(scale, scale2)`` expanded from layout 2's compact ``wscale`` (times the
+    per-row ``row_scale`` of a folded BatchNorm, in float64, rounded once)."""
+    s = wscale.detach().to(torch.float64)
+    if row_scale is not None:
+        r = row_scale.detach().to(torch.float64)
+        s = s.reshape(1, 2) * r[:, None] if asym else s.reshape(1) * r
+    return kernels.pack_ternary_scales(s, n, k, group_size=group_size, asym=asym)
+
+
+def _signs_shape(n: int, k: int) -> tuple[int, int]:
+    return (n, kernels.packed_row_bytes(k))
+
+
+def _codes_from_signs(signs: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """±1 int8 codes ``(n, k)`` of layout 2's 1-bit ``signs`` (bit 1 = -1; padding bits ignored)."""
+    import numpy as np
+
+    bits = np.unpackbits(signs.detach().numpy().reshape(n, -1), axis=1, bitorder="little")[:, :k]
+    return torch.from_numpy(1 - 2 * bits.astype(np.int8))
+
+
 def _conv_scale_rows(qw: QuantizedWeight) -> QuantizedWeight:
     """A conv weight ``(out, in/g, kh, kw)`` viewed as the ``(out, K)`` matrix the GEMM runs."""
     if len(qw.shape) == 2:

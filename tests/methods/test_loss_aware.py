@@ -272,6 +272,29 @@ def test_alternating_never_worse_than_start_and_stationary(scheme: str) -> None:
             assert torch.all((w_hat - w).abs() <= dist + 1e-12)
 
 
+@pytest.mark.parametrize("scheme", ALT)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_gpu_style_loops_without_early_exit_give_the_same_solution(
+    scheme: str, granularity: str, monkeypatch
+) -> None:
+    # On a GPU the alternating loops never read `done` on the host and run max_iter rounds with
+    # converged units masked; that must be the same computation as the CPU's early exit.
+    for seed in range(12):
+        rows = 4 + seed % 3
+        w, d = _rand(rows * 20, 300 + seed, wide_d=seed % 2 == 0)
+        w, d = w.reshape(rows, 20), d.reshape(rows, 20)
+        g = torch.Generator().manual_seed(seed)
+        prev = torch.randint(-1, 2, w.shape, generator=g).to(torch.int8) if seed % 2 else None
+        kw = {"prev_codes": prev, "granularity": granularity, "return_info": True}
+        cpu = la.solve(w, d, scheme, **kw)
+        monkeypatch.setattr(la, "_sync_free", lambda t: True)
+        gpu = la.solve(w, d, scheme, **kw)
+        monkeypatch.undo()
+        for a, b in zip(cpu[:3], gpu[:3], strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(cpu[3]["iterations"], gpu[3]["iterations"])
+
+
 @pytest.mark.parametrize("scheme", ["laq_linear", "laq_log"])
 def test_laq_close_to_exhaustive_optimum(scheme: str) -> None:
     # The alternating solver is not exact for m-bit levels; it must never beat the true optimum

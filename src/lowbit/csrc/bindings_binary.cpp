@@ -14,7 +14,9 @@
 #include <nanobind/stl/string.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <stdexcept>
@@ -192,6 +194,61 @@ void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t n, in
     run(j, n_threads);
 }
 
+struct ConvGeom {
+    int64_t b, h, w, cb, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
+};
+
+ConvGeom geom_of(int64_t b, int64_t h, int64_t w, int64_t cb, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                 int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+    ConvGeom g{b, h, w, cb, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0)
+        throw std::invalid_argument("kernel, stride and dilation must be >= 1 and padding >= 0");
+    g.oh = (g.h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    g.ow = (g.w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+    if (g.oh < 1 || g.ow < 1) throw std::invalid_argument("the kernel does not fit the padded input");
+    return g;
+}
+
+ConvGeom geom(const Image& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+              int64_t dw) {
+    return geom_of((int64_t)x.shape(0), (int64_t)x.shape(1), (int64_t)x.shape(2), (int64_t)x.shape(3), kh, kw, sh, sw,
+                   ph, pw, dh, dw);
+}
+
+// im2col on packed words: row (b, oy, ox) holds the kh*kw taps' channel words; taps in the
+// padding are zero words (= +1 inputs; the exact zero-padding correction is added in the
+// epilogue through `corr`). Call without the GIL.
+void im2col_raw(const ConvGeom& g, const uint8_t* src, uint8_t* dst, int n_threads) {
+    const int64_t kh = g.kh, kw = g.kw;
+    lowbit::parallel_for(g.b * g.oh, n_threads, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t bi = r / g.oh, oy = r % g.oh;
+            for (int64_t ox = 0; ox < g.ow; ++ox) {
+                uint8_t* o = dst + ((r * g.ow) + ox) * kh * kw * g.cb;
+                for (int64_t ky = 0; ky < kh; ++ky) {
+                    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+                    for (int64_t kx = 0; kx < kw; ++kx, o += g.cb) {
+                        const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+                        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) std::memset(o, 0, (size_t)g.cb);
+                        else std::memcpy(o, src + ((bi * g.h + iy) * g.w + ix) * g.cb, (size_t)g.cb);
+                    }
+                }
+            }
+        }
+    });
+}
+
+void binary_im2col(Image x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                   int64_t dw, Dense<uint8_t> out, int n_threads) {
+    const ConvGeom g = geom(x, kh, kw, sh, sw, ph, pw, dh, dw);
+    if ((int64_t)out.shape(0) != g.b * g.oh * g.ow || (int64_t)out.shape(1) != kh * kw * g.cb)
+        throw std::invalid_argument("im2col output must be (B*OH*OW, KH*KW*channel bytes)");
+    const uint8_t* src = x.data();
+    uint8_t* dst = out.data();
+    nb::gil_scoped_release release;
+    im2col_raw(g, src, dst, n_threads);
+}
+
 // A layer's constant operands (weights, epilogue vectors) checked and converted once, so a call
 // converts only the activations and the output: a batch-1 layer takes ~25 us, and each
 // NumPy -> ndarray argument conversion costs about a microsecond.
@@ -227,6 +284,100 @@ class LinearPlan {
         job_.out_stride = mode == kBits ? 8 * ((n + 63) / 64) : n;
     }
 
+    // Conv layers: the geometry forward_conv() uses (set once by the module).
+    void set_conv(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                  int64_t channel_bytes) {
+        if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 || channel_bytes < 8 ||
+            channel_bytes % 8 || kh * kw * channel_bytes != 8 * job_.words)
+            throw std::invalid_argument("conv geometry does not match the packed weights");
+        conv_ = {kh, kw, sh, sw, ph, pw, dh, dw, channel_bytes};
+        is_conv_ = true;
+    }
+
+    // One whole layer call, for the eager hot path (a batch-1 layer runs in ~25 us, so the
+    // Python around it matters): `x` is packed bits, uint8 (M, ...) whose trailing dimensions
+    // hold the layer's row bytes, or float32 (..., K) binarized and packed here (lowbit's sign
+    // rule: the ISA packer of kernels.h). Returns a new NumPy array (M, N), or (M, packed
+    // bytes of N) for bit outputs. Arguments of another dtype raise TypeError (the caller
+    // falls back to the general path); wrong shapes raise ValueError.
+    nb::ndarray<nb::numpy> forward(nb::ndarray<nb::device::cpu, nb::c_contig> x,
+                                   std::optional<Dense<const int32_t>> corr, int n_threads) const {
+        Job j = job_;
+        const bool is_float = x.dtype() == nb::dtype<float>();
+        if (!is_float && x.dtype() != nb::dtype<uint8_t>())
+            throw nb::type_error("packed bits (uint8) or float32 inputs");
+        if (x.ndim() < 1 + (is_float ? 0 : 1)) throw std::invalid_argument("input has too few dimensions");
+        int64_t m = 1, row = 1;
+        if (is_float) {
+            for (size_t d = 0; d + 1 < x.ndim(); ++d) m *= (int64_t)x.shape(d);
+            row = (int64_t)x.shape(x.ndim() - 1);
+            if (row != j.k || 8 * ((j.k + 63) / 64) != 8 * j.words)
+                throw std::invalid_argument("float inputs must be (..., " + std::to_string(j.k) + ") for this layer");
+        } else {
+            m = (int64_t)x.shape(0);
+            for (size_t d = 1; d < x.ndim(); ++d) row *= (int64_t)x.shape(d);
+            if (row != 8 * j.words)
+                throw std::invalid_argument("packed activations have " + std::to_string(row) +
+                                            " bytes per row; the layer expects " + std::to_string(8 * j.words));
+        }
+        set_corr(j, corr);
+        void* out = nullptr;
+        auto result = new_output(j, {(size_t)m, (size_t)j.out_stride}, &out);
+        j.m = m;
+        j.out = out;
+        j.a_stride = 8 * j.words;
+        j.table = &binary_active();
+        std::vector<uint8_t> packed;
+        {
+            nb::gil_scoped_release release;
+            if (is_float) {
+                packed.resize((size_t)(m * 8 * j.words));
+                const float* src = (const float*)x.data();
+                const lowbit_isa_table& t = lowbit::active();
+                const int64_t k = j.k, rb = 8 * j.words;
+                uint8_t* dst = packed.data();
+                lowbit::parallel_for(m, m * k < (1 << 16) ? 1 : n_threads, 16, [&](int64_t b, int64_t e) {
+                    t.pack_signs_f32(src + b * k, e - b, k, k, dst + b * rb, rb);
+                });
+                j.a = packed.data();
+            } else {
+                j.a = (const uint8_t*)x.data();
+            }
+            if (m > 0) run(j, n_threads);
+        }
+        return result;
+    }
+
+    // One whole conv layer: packed NHWC bits (B, H, W, channel bytes) -> im2col -> GEMM with the
+    // zero-padding correction `corr` ((OH*OW, N) int32 or None) -> (B, OH, OW, N or packed bytes).
+    nb::ndarray<nb::numpy> forward_conv(Image x, std::optional<Dense<const int32_t>> corr, int n_threads) const {
+        if (!is_conv_) throw std::invalid_argument("not a conv plan (set_conv was not called)");
+        const ConvGeom g = geom(x, conv_[0], conv_[1], conv_[2], conv_[3], conv_[4], conv_[5], conv_[6], conv_[7]);
+        if (g.cb != conv_[8])
+            throw std::invalid_argument("packed input has " + std::to_string(g.cb) + " bytes per pixel; the layer expects " +
+                                        std::to_string(conv_[8]));
+        Job j = job_;
+        set_corr(j, corr);
+        if (corr && (int64_t)corr->shape(0) != g.oh * g.ow)
+            throw std::invalid_argument("corr must have one row per output pixel (OH*OW)");
+        const int64_t m = g.b * g.oh * g.ow;
+        void* out = nullptr;
+        auto result = new_output(j, {(size_t)g.b, (size_t)g.oh, (size_t)g.ow, (size_t)j.out_stride}, &out);
+        j.m = m;
+        j.out = out;
+        j.a_stride = 8 * j.words;
+        j.table = &binary_active();
+        std::vector<uint8_t> cols((size_t)(m * 8 * j.words));
+        const uint8_t* src = x.data();
+        {
+            nb::gil_scoped_release release;
+            im2col_raw(g, src, cols.data(), n_threads);
+            j.a = cols.data();
+            if (m > 0) run(j, n_threads);
+        }
+        return result;
+    }
+
     void call(Dense<const uint8_t> a, std::optional<Dense<const int32_t>> corr,
               nb::ndarray<nb::device::cpu, nb::c_contig> out, int n_threads) const {
         Job j = job_;
@@ -255,57 +406,37 @@ class LinearPlan {
     }
 
    private:
+    static void set_corr(Job& j, const std::optional<Dense<const int32_t>>& corr) {
+        if (!corr) return;
+        if ((int64_t)corr->shape(1) != j.n || corr->shape(0) == 0)
+            throw std::invalid_argument("corr must be (P, N) int32");
+        j.corr = corr->data();
+        j.corr_period = (int64_t)corr->shape(0);
+    }
+
+    // A new 64-byte aligned NumPy array of the layer's output dtype, owned by a capsule.
+    static nb::ndarray<nb::numpy> new_output(const Job& j, std::initializer_list<size_t> shape, void** data) {
+        static const nb::dlpack::dtype kinds[] = {nb::dtype<int32_t>(), nb::dtype<float>(), nb::dtype<int8_t>(),
+                                                  nb::dtype<uint8_t>()};
+        size_t count = 1;
+        for (size_t d : shape) count *= d;
+        const size_t item = (j.mode == kInt32 || j.mode == kFloat) ? 4 : 1;
+        const size_t bytes = std::max<size_t>(64, (count * item + 63) / 64 * 64);
+        void* p = std::aligned_alloc(64, bytes);
+        if (!p) throw std::bad_alloc();
+        nb::capsule owner(p, [](void* q) noexcept { std::free(q); });
+        *data = p;
+        return nb::ndarray<nb::numpy>(p, shape.size(), shape.begin(), owner, nullptr, kinds[j.mode]);
+    }
+
+    std::array<int64_t, 9> conv_{};
+    bool is_conv_ = false;
     Dense<const uint8_t> w_;  // held so the buffers outlive the plan's raw pointers
     std::optional<Vector<const float>> scale_, bias_;
     std::optional<Vector<const int32_t>> thr_;
     std::optional<Vector<const uint8_t>> flip_;
     Job job_{};
 };
-
-struct ConvGeom {
-    int64_t b, h, w, cb, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
-};
-
-ConvGeom geom(const Image& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-              int64_t dw) {
-    ConvGeom g{(int64_t)x.shape(0), (int64_t)x.shape(1), (int64_t)x.shape(2), (int64_t)x.shape(3), kh, kw, sh, sw,
-               ph, pw, dh, dw, 0, 0};
-    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0)
-        throw std::invalid_argument("kernel, stride and dilation must be >= 1 and padding >= 0");
-    g.oh = (g.h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-    g.ow = (g.w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-    if (g.oh < 1 || g.ow < 1) throw std::invalid_argument("the kernel does not fit the padded input");
-    return g;
-}
-
-// im2col on packed words: row (b, oy, ox) holds the kh*kw taps' channel words; taps in the
-// padding are zero words (= +1 inputs; the exact zero-padding correction is added in the
-// epilogue through `corr`).
-void binary_im2col(Image x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                   int64_t dw, Dense<uint8_t> out, int n_threads) {
-    const ConvGeom g = geom(x, kh, kw, sh, sw, ph, pw, dh, dw);
-    if ((int64_t)out.shape(0) != g.b * g.oh * g.ow || (int64_t)out.shape(1) != kh * kw * g.cb)
-        throw std::invalid_argument("im2col output must be (B*OH*OW, KH*KW*channel bytes)");
-    const uint8_t* src = x.data();
-    uint8_t* dst = out.data();
-    nb::gil_scoped_release release;
-    lowbit::parallel_for(g.b * g.oh, n_threads, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            const int64_t bi = r / g.oh, oy = r % g.oh;
-            for (int64_t ox = 0; ox < g.ow; ++ox) {
-                uint8_t* o = dst + ((r * g.ow) + ox) * kh * kw * g.cb;
-                for (int64_t ky = 0; ky < kh; ++ky) {
-                    const int64_t iy = oy * sh - ph + ky * dh;
-                    for (int64_t kx = 0; kx < kw; ++kx, o += g.cb) {
-                        const int64_t ix = ox * sw - pw + kx * dw;
-                        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) std::memset(o, 0, (size_t)g.cb);
-                        else std::memcpy(o, src + ((bi * g.h + iy) * g.w + ix) * g.cb, (size_t)g.cb);
-                    }
-                }
-            }
-        }
-    });
-}
 
 // Max-pool of ±1 maps on packed bits (bit 1 = -1): max(±1) is +1 when any input is +1, i.e. the
 // AND of the sign bits. Channels whose bit in or_mask is 1 take the OR instead (min-pool: the
@@ -362,7 +493,11 @@ void register_binary(nb::module_& m) {
                       std::optional<Vector<const float>>, std::optional<Vector<const int32_t>>,
                       std::optional<Vector<const uint8_t>>, int>(),
              "w"_a, "n"_a, "k"_a, "scale"_a.none(), "bias"_a.none(), "thr"_a.none(), "flip"_a.none(), "mode"_a)
-        .def("__call__", &LinearPlan::call, "a"_a, "corr"_a.none(), "out"_a, "n_threads"_a = 1);
+        .def("__call__", &LinearPlan::call, "a"_a, "corr"_a.none(), "out"_a, "n_threads"_a = 1)
+        .def("forward", &LinearPlan::forward, "x"_a, "corr"_a.none(), "n_threads"_a = 1)
+        .def("forward_conv", &LinearPlan::forward_conv, "x"_a, "corr"_a.none(), "n_threads"_a = 1)
+        .def("set_conv", &LinearPlan::set_conv, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,
+             "channel_bytes"_a);
     m.def("binary_im2col", &binary_im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,
           "out"_a, "n_threads"_a = 1);
     m.def("binary_maxpool", &binary_maxpool, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "or_mask"_a,
