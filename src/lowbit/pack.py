@@ -183,17 +183,41 @@ def _conv_scale_rows(qw: QuantizedWeight) -> QuantizedWeight:
     )
 
 
+# Buffer layouts of PackedLinear (the ``layout`` config key; docs/format.md):
+#   1 (files written before layout 2; config without "layout"): the kernel's own arrays,
+#     ``scale`` / ``scale2`` / ``bias`` per row and padded to Np, grouped scales tiled;
+#   2 (written since): ``wscale`` at the QuantizedWeight's real granularity, ``row_scale`` (N,)
+#     only for a BatchNorm folded into per-tensor scales, ``bias`` (N,) unpadded and, for binary
+#     weights, 1-bit ``signs`` instead of 2-bit ``tiles``; the kernel arrays are expanded from
+#     them when the layer is built or loaded and are not saved.
+LAYOUTS = (1, 2)
+
+
 def _expected_buffers(cfg: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """dtype and shape of every buffer a PackedLinear with this config holds (file validation)."""
+    """dtype and shape of every tensor a PackedLinear with this config saves (file validation)."""
     n, k, bits, gs = cfg["out_features"], cfg["in_features"], cfg["bits"], cfg["group_size"]
     np_ = (n + 15) // 16 * 16
     tiles = kernels.ternary_tiles_shape(n, k) if bits == 2 else kernels.int4_tiles_shape(n, k)
+    if cfg.get("layout", 1) == 2:
+        out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        if _one_bit(cfg):
+            out["signs"] = (torch.uint8, _signs_shape(n, k))
+        else:
+            out["tiles"] = (torch.uint8, tuple(tiles))
+        out["wscale"] = (torch.float32, tuple(cfg["scale_shape"]))
+        if cfg["has_row_scale"]:
+            out["row_scale"] = (torch.float32, (n,))
+        if cfg["has_bias"]:
+            out["bias"] = (torch.float32, (n,))
+        if cfg["has_shift"]:
+            out["shift"] = (torch.float32, (n,))
+        return out
     if gs:
         kp = (k + 15) // 16 * 16
         scale: tuple[int, ...] = (np_ * ((kp + gs - 1) // gs),)
     else:
         scale = (np_,)
-    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+    out = {
         "tiles": (torch.uint8, tuple(tiles)),
         "scale": (torch.float32, scale),
     }
@@ -204,6 +228,11 @@ def _expected_buffers(cfg: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple
     if cfg["has_shift"]:
         out["shift"] = (torch.float32, (n,))
     return out
+
+
+def _one_bit(cfg: dict[str, Any]) -> bool:
+    """Layout 2 stores binary weights as 1-bit signs (expanded to 2-bit tiles for the kernel)."""
+    return cfg.get("layout", 1) == 2 and cfg["weight_format"] == "binary" and cfg["bits"] == 2
 
 
 def _check_config(cfg: dict[str, Any]) -> None:
@@ -243,14 +272,36 @@ def _check_config(cfg: dict[str, Any]) -> None:
         raise ValueError(f"packed layer config: exponent must be an int in [-126, 127], got {e!r}")
     if cfg["act_bits"] > 8:
         raise ValueError("packed layer config: integer activations have at most 8 bits")
+    layout = cfg.get("layout", 1)
+    if layout not in LAYOUTS or isinstance(layout, bool):
+        raise ValueError(
+            f"packed layer config: unknown buffer layout {layout!r} (this lowbit reads "
+            f"{', '.join(map(str, LAYOUTS))}): upgrade lowbit"
+        )
+    if layout == 2:
+        shape = cfg.get("scale_shape")
+        if not isinstance(shape, list) or tuple(shape) not in _scale_shapes(cfg):
+            raise ValueError(
+                f"packed layer config: scale_shape {shape!r} does not fit the layer "
+                f"(expected one of {[list(s) for s in _scale_shapes(cfg)]})"
+            )
+        if not isinstance(cfg.get("has_row_scale"), bool):
+            raise ValueError("packed layer config: has_row_scale must be a bool")
+        if cfg["has_row_scale"] and not _is_per_tensor(tuple(shape), cfg["asym"]):
+            raise ValueError("packed layer config: row_scale only goes with per-tensor scales")
 
 
 class PackedLinear(nn.Module):
     """Inference-only ``nn.Linear`` replacement on packed low-bit weights (C++ kernels).
 
-    Buffers (all saved in ``state_dict``): ``tiles`` (uint8, docs/format.md), ``scale`` and, for
-    asymmetric ternary, ``scale2`` (fp32, kernel layout), ``bias`` (fp32 padded, optional) and,
-    for unsigned 8-bit inputs, ``shift`` (fp32 ``(N,)``: ``128 * sum_k w[n, k]``).
+    Saved (``state_dict``, buffer layout 2 of docs/format.md): ``tiles`` (uint8; 1-bit
+    ``signs`` for binary weights), ``wscale`` (fp32 at the QuantizedWeight's own granularity:
+    ``(1,)``, ``(2,)`` = ``[Wp, Wn]``, ``(N,)``, ``(N, 2)`` or ``(N, groups)``), ``row_scale``
+    (fp32 ``(N,)``, only when a BatchNorm was folded into per-tensor scales), ``bias`` (fp32
+    ``(N,)``, optional) and, for unsigned 8-bit inputs, ``shift`` (fp32 ``(N,)``:
+    ``128 * sum_k w[n, k]``). The kernel's arrays (``tiles``, ``scale``, ``scale2``, padded
+    ``kbias``) are expanded from them at construction / load time and not saved. Layers loaded
+    from files written before layout 2 keep their saved kernel arrays (``layout=1``).
     ``forward`` accepts ``(..., in_features)`` float tensors and returns fp32
     ``(..., out_features)``. In eager mode it calls the kernel directly; under torch.compile /
     torch.export it goes through the ``torch.ops.lowbit`` custom ops (with fake implementations).
@@ -264,7 +315,10 @@ class PackedLinear(nn.Module):
     scale: torch.Tensor
     scale2: torch.Tensor | None
     bias: torch.Tensor | None
+    kbias: torch.Tensor | None
     shift: torch.Tensor | None
+    wscale: torch.Tensor | None
+    row_scale: torch.Tensor | None
     _kernel: kernels.LinearKernel | None
 
     def __init__(
@@ -286,9 +340,17 @@ class PackedLinear(nn.Module):
             assert _config is not None
             _check_config(_config)
             self._set_config(_config)
-            for name, (dtype, shape) in _expected_buffers(_config).items():
-                self.register_buffer(name, torch.zeros(shape, dtype=dtype))
-            for name in ("scale2", "bias", "shift"):
+            saved = _expected_buffers(_config)
+            for name, (dtype, shape) in saved.items():
+                if name != "signs":
+                    self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+            if self.layout == 2:
+                n, k = self.out_features, self.in_features
+                tiles = kernels.ternary_tiles_shape(n, k) if self.bits == 2 else kernels.int4_tiles_shape(n, k)
+                if "tiles" not in saved:
+                    self.register_buffer("tiles", torch.zeros(tiles, dtype=torch.uint8), persistent=False)
+                self._expand_kernel_buffers()
+            for name in ("scale2", "bias", "kbias", "shift", "wscale", "row_scale"):
                 if name not in self._buffers:
                     self.register_buffer(name, None)
             return
@@ -314,6 +376,7 @@ class PackedLinear(nn.Module):
             scales = scales.double() * step
         asym = qweight.format == "ternary_asym"
         has_shift = hi > 127
+        wscale = _compact_scales(qweight, factor, step)
         self._set_config(
             {
                 "in_features": int(k),
@@ -330,15 +393,22 @@ class PackedLinear(nn.Module):
                 "act_bits": int(act_bits) if activations in ("dfp", "kbit") else 8,
                 "act_signed": bool(act_signed) if activations in ("dfp", "kbit") else True,
                 "act_step": step,
+                "layout": 2,
+                "scale_shape": list(wscale.shape),
+                "has_row_scale": False,
             }
         )
         _check_config(self.config())
         tiles = kernels.pack_ternary(codes) if bits == 2 else kernels.pack_int4(codes)
-        scale, scale2 = kernels.pack_ternary_scales(scales, n, k, group_size=group_size, asym=asym)
-        self.register_buffer("tiles", tiles)
-        self.register_buffer("scale", scale)
-        self.register_buffer("scale2", scale2)
-        self.register_buffer("bias", kernels.pad_bias(bias, n))
+        # 1-bit layers save signs instead: the 2-bit tiles are then only the kernel's copy.
+        self.register_buffer("tiles", tiles, persistent=not _one_bit(self.config()))
+        self.register_buffer("wscale", wscale)
+        self.register_buffer("row_scale", None)
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().reshape(-1).to(torch.float32).clone()
+        )
+        self._expand_kernel_buffers()
+        del scales  # the per-row / grouped expansion is _expand_kernel_buffers' job now
         shift = None
         if has_shift:
             # Codes 0..255 enter the kernel as q - 128; this row constant adds the 128s back.
@@ -347,6 +417,62 @@ class PackedLinear(nn.Module):
         self.register_buffer("shift", shift)
 
     # -- configuration (what a .lowbit manifest stores for this layer) ------------------------
+    def _expand_kernel_buffers(self) -> None:
+        """Layout 2: the kernel's ``scale`` / ``scale2`` / ``kbias`` from the saved compact
+        buffers (non-persistent; rebuilt after every load and BatchNorm fold)."""
+        n, k = self.out_features, self.in_features
+        assert self.wscale is not None
+        scale, scale2 = _kernel_scales(
+            self.wscale, self.row_scale, n, k, self.group_size, self.asym
+        )
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("scale2", scale2, persistent=False)
+        self.register_buffer("kbias", kernels.pad_bias(self.bias, n), persistent=False)
+        self._kernel = None
+
+    def _kernel_bias(self) -> torch.Tensor | None:
+        return self.kbias if self.layout == 2 else self.bias
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == 2 and _one_bit(self.config()):
+            codes = kernels.unpack_ternary(self.tiles, self.out_features, self.in_features)
+            destination[prefix + "signs"] = kernels.pack_signs(codes.to(torch.float32))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        one_bit = self.layout == 2 and _one_bit(self.config())
+        signs = state_dict.get(prefix + "signs") if one_bit else None
+        if one_bit:
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "signs"}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.layout != 2:
+            self._kernel = None
+            return
+        if one_bit:
+            n, k = self.out_features, self.in_features
+            if signs is None:
+                missing_keys.append(prefix + "signs")
+            elif tuple(signs.shape) != _signs_shape(n, k) or signs.dtype != torch.uint8:
+                error_msgs.append(
+                    f"size mismatch for {prefix}signs: copying uint8{tuple(signs.shape)}, the "
+                    f"layer needs uint8{_signs_shape(n, k)}"
+                )
+            else:
+                with torch.no_grad():
+                    self.tiles.copy_(kernels.pack_ternary(_codes_from_signs(signs, n, k)))
+        self._expand_kernel_buffers()
+
     def _set_config(self, cfg: dict[str, Any]) -> None:
         self.in_features, self.out_features = cfg["in_features"], cfg["out_features"]
         self.bits, self.group_size = cfg["bits"], cfg["group_size"]
@@ -356,6 +482,9 @@ class PackedLinear(nn.Module):
         self.act_step = float(cfg.get("act_step", 1.0))
         self.has_bias, self.has_shift = cfg["has_bias"], cfg["has_shift"]
         self.relu = bool(cfg.get("relu", False))
+        self.layout = int(cfg.get("layout", 1))
+        self.scale_shape = list(cfg.get("scale_shape", []))
+        self.has_row_scale = bool(cfg.get("has_row_scale", False))
 
     def config(self) -> dict[str, Any]:
         """Everything but the buffers, as JSON-serialisable values."""
@@ -374,6 +503,15 @@ class PackedLinear(nn.Module):
             "act_signed": self.act_signed,
             "act_step": self.act_step,
             "relu": self.relu,
+            **(
+                {
+                    "layout": 2,
+                    "scale_shape": list(self.scale_shape),
+                    "has_row_scale": self.has_row_scale,
+                }
+                if self.layout == 2
+                else {}
+            ),
         }
 
     @staticmethod
@@ -411,7 +549,7 @@ class PackedLinear(nn.Module):
 
     def _get_kernel(self) -> kernels.LinearKernel:
         # Rebuilt when a buffer object is replaced (e.g. .float()); in-place loads keep it valid.
-        current = (self.tiles, self.scale, self.scale2, self.bias)
+        current = (self.tiles, self.scale, self.scale2, self._kernel_bias())
         kernel = self._kernel
         if kernel is None or any(a is not b for a, b in zip(kernel.tensors, current, strict=True)):
             kernel = kernels.LinearKernel(*current, **self._kernel_options())
@@ -468,7 +606,7 @@ class PackedLinear(nn.Module):
                 self.tiles,
                 self.scale,
                 self.scale2,
-                self.bias,
+                self._kernel_bias(),
                 out_features=self.out_features,
                 bits=self.bits,
                 group_size=self.group_size,
@@ -495,7 +633,7 @@ class PackedLinear(nn.Module):
             # Traced (fake) tensors cannot reach NumPy: go through the custom op, which has a
             # fake implementation, and cache nothing built from traced buffers.
             return kernels.LinearKernel.call_op(
-                x, self.tiles, self.scale, self.scale2, self.bias, **self._kernel_options()
+                x, self.tiles, self.scale, self.scale2, self._kernel_bias(), **self._kernel_options()
             )
         return self._get_kernel()(x)
 
@@ -519,6 +657,9 @@ class PackedLinear(nn.Module):
             beta[:n] = bn.bias.double()
         mean = torch.zeros(np_, dtype=torch.float64)
         mean[:n] = bn.running_mean.double()
+        if self.layout == 2:
+            self._fold_compact(g[:n], beta[:n], mean[:n])
+            return
         if self.group_size:
             view = self.scale.view(np_ // 16, -1, 16)
             view.copy_((view.double() * g.view(np_ // 16, 1, 16)).float())
@@ -534,6 +675,24 @@ class PackedLinear(nn.Module):
         self.bias = bias  # a new buffer object: the cached kernel is rebuilt
         self.has_bias = True
         self._kernel = None
+
+    def _fold_compact(self, g: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor) -> None:
+        """Layout 2 of fold_batchnorm: per-tensor scales keep their size and gain a per-row
+        ``row_scale``; per-row and grouped scales absorb ``g`` themselves."""
+        assert self.wscale is not None
+        if _is_per_tensor(tuple(self.wscale.shape), self.asym):
+            old = self.row_scale.double() if self.row_scale is not None else 1.0
+            self.register_buffer("row_scale", (old * g).float())
+            self.has_row_scale = True
+        else:
+            w = self.wscale.double()
+            self.wscale.copy_((w * (g[:, None] if w.dim() == 2 else g)).float())
+        if self.shift is not None:
+            self.shift.copy_((self.shift.double() * g).float())
+        old_b = self.bias.double() if self.bias is not None else torch.zeros_like(g)
+        self.register_buffer("bias", ((old_b - mean) * g + beta).float())
+        self.has_bias = True
+        self._expand_kernel_buffers()
 
     def extra_repr(self) -> str:
         kind = {2: "ternary", 4: "int4"}[self.bits]
