@@ -116,11 +116,14 @@ def _compact_scales(qw: QuantizedWeight, factor: float, step: float) -> torch.Te
     if factor != 1.0 or step != 1.0:
         s = s * factor * step
     asym = qw.format == "ternary_asym"
-    if qw.granularity == "tensor" or (qw.granularity == "channel" and s.numel() == (2 if asym else 1)):
+    if qw.granularity == "tensor" or (
+        qw.granularity == "channel" and s.numel() == (2 if asym else 1)
+    ):
         return s.reshape(2 if asym else 1).float()
     rows, _ = _row_or_group_scales(
-        QuantizedWeight(qw.codes, s, qw.format, qw.bits, qw.granularity, qw.group_size,
-                        qw.group_axis, qw.shape)
+        QuantizedWeight(
+            qw.codes, s, qw.format, qw.bits, qw.granularity, qw.group_size, qw.group_axis, qw.shape
+        )
     )
     return rows.to(torch.float64).float().contiguous()
 
@@ -140,7 +143,12 @@ def _scale_shapes(cfg: dict[str, Any]) -> list[tuple[int, ...]]:
 
 
 def _kernel_scales(
-    wscale: torch.Tensor, row_scale: torch.Tensor | None, n: int, k: int, group_size: int, asym: bool
+    wscale: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    n: int,
+    k: int,
+    group_size: int,
+    asym: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kernel-layout ``(scale, scale2)`` expanded from layout 2's compact ``wscale`` (times the
     per-row ``row_scale`` of a folded BatchNorm, in float64, rounded once)."""
@@ -346,9 +354,15 @@ class PackedLinear(nn.Module):
                     self.register_buffer(name, torch.zeros(shape, dtype=dtype))
             if self.layout == 2:
                 n, k = self.out_features, self.in_features
-                tiles = kernels.ternary_tiles_shape(n, k) if self.bits == 2 else kernels.int4_tiles_shape(n, k)
+                tiles = (
+                    kernels.ternary_tiles_shape(n, k)
+                    if self.bits == 2
+                    else kernels.int4_tiles_shape(n, k)
+                )
                 if "tiles" not in saved:
-                    self.register_buffer("tiles", torch.zeros(tiles, dtype=torch.uint8), persistent=False)
+                    self.register_buffer(
+                        "tiles", torch.zeros(tiles, dtype=torch.uint8), persistent=False
+                    )
                 self._expand_kernel_buffers()
             for name in ("scale2", "bias", "kbias", "shift", "wscale", "row_scale"):
                 if name not in self._buffers:
@@ -367,13 +381,9 @@ class PackedLinear(nn.Module):
             raise ValueError(f"integer activations need 1..8 bits; got {act_bits}")
         _, hi = self._code_range(activations, act_bits, act_signed)
         codes, bits, factor = _kernel_codes(qweight)
-        scales, group_size = _row_or_group_scales(qweight)
-        if factor != 1.0:
-            scales = scales * factor  # a power of two: exact
+        _, group_size = _row_or_group_scales(qweight)
+        # QNN's activation step is a per-layer constant: folded into the weight scales.
         step = float(act_step) if activations == "kbit" else 1.0
-        if step != 1.0:
-            # QNN's activation step is a per-layer constant: fold it into the weight scales.
-            scales = scales.double() * step
         asym = qweight.format == "ternary_asym"
         has_shift = hi > 127
         wscale = _compact_scales(qweight, factor, step)
@@ -408,7 +418,6 @@ class PackedLinear(nn.Module):
             "bias", None if bias is None else bias.detach().reshape(-1).to(torch.float32).clone()
         )
         self._expand_kernel_buffers()
-        del scales  # the per-row / grouped expansion is _expand_kernel_buffers' job now
         shift = None
         if has_shift:
             # Codes 0..255 enter the kernel as q - 128; this row constant adds the 128s back.
@@ -633,7 +642,12 @@ class PackedLinear(nn.Module):
             # Traced (fake) tensors cannot reach NumPy: go through the custom op, which has a
             # fake implementation, and cache nothing built from traced buffers.
             return kernels.LinearKernel.call_op(
-                x, self.tiles, self.scale, self.scale2, self._kernel_bias(), **self._kernel_options()
+                x,
+                self.tiles,
+                self.scale,
+                self.scale2,
+                self._kernel_bias(),
+                **self._kernel_options(),
             )
         return self._get_kernel()(x)
 
