@@ -354,14 +354,14 @@ class PackedLinear(nn.Module):
                     self.register_buffer(name, torch.zeros(shape, dtype=dtype))
             if self.layout == 2:
                 n, k = self.out_features, self.in_features
-                tiles = (
+                tshape = (
                     kernels.ternary_tiles_shape(n, k)
                     if self.bits == 2
                     else kernels.int4_tiles_shape(n, k)
                 )
                 if "tiles" not in saved:
                     self.register_buffer(
-                        "tiles", torch.zeros(tiles, dtype=torch.uint8), persistent=False
+                        "tiles", torch.zeros(tshape, dtype=torch.uint8), persistent=False
                     )
                 self._expand_kernel_buffers()
             for name in ("scale2", "bias", "kbias", "shift", "wscale", "row_scale"):
