@@ -402,7 +402,7 @@ def test_distributed_shares_partition_each_global_batch() -> None:
 
 def test_unknown_names_list_the_valid_ones(tmp_path) -> None:
     with pytest.raises(ValueError, match="valid: mnist, cifar10"):
-        data.load("imagenet")
+        data.load("coco")
     with pytest.raises(ValueError, match="valid: paper, full"):
         data.load("mnist", split="weird")
     with pytest.raises(ValueError, match="gcn_zca"):

@@ -100,7 +100,7 @@ def test_resume_with_only_the_run_dir_continues_the_run(run_dir: Path, tmp_path:
 def test_unknown_names_list_the_valid_ones() -> None:
     res = _invoke("train", "--model", "vgg16", "--dataset", "mnist")
     assert res.exit_code == 2 and "unknown model 'vgg16'; valid: mlp" in res.output
-    res = _invoke("train", "--model", "mlp", "--dataset", "imagenet")
+    res = _invoke("train", "--model", "mlp", "--dataset", "coco")
     assert res.exit_code == 2 and "valid: mnist, cifar10" in res.output
     res = _invoke(
         "train",

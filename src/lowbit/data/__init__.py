@@ -9,6 +9,9 @@
 :class:`DataSplits` (train / valid / test :class:`ArrayDataset` s). Files live in ``data_dir``
 (default ``$LOWBIT_DATA_DIR`` or ``~/.cache/lowbit``); missing files are downloaded and checked
 when the network allows, otherwise :class:`DataNotFoundError` names the file and where to put it.
+ImageNet (``load("imagenet", path=DIR)``) is the exception: its splits are
+:class:`~lowbit.data.imagenet.FolderDataset` s that stream images from disk with the same batch
+interface.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.data import cifar, mnist, svhn, synthetic, text
+from lowbit.data import cifar, imagenet, mnist, svhn, synthetic, text
 from lowbit.data.core import ArrayDataset, BatchTransform, DataSplits
 from lowbit.data.files import DataNotFoundError, default_data_dir
+from lowbit.data.imagenet import FolderDataset
 from lowbit.data.transforms import AUGMENTATIONS, PREPROCESSING, apply_preprocessing, augmentation
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "DataNotFoundError",
     "DataSplits",
     "DatasetSpec",
+    "FolderDataset",
     "available",
     "default_data_dir",
     "load",
@@ -54,6 +59,8 @@ class DatasetSpec:
     loader: Callable[..., DataSplits]
     embedded: bool = False
     options: dict[str, str] = field(default_factory=dict)
+    #: Streamed from disk: the loader takes ``preprocess`` and ``augment`` itself (ImageNet).
+    streamed: bool = False
 
 
 def _mnist(data_dir: Path, split: str, download: bool, source: str = "embedded") -> DataSplits:
@@ -88,6 +95,10 @@ def _text_loader(name: str) -> Callable[..., DataSplits]:
         return text.load(name, data_dir, download=download, **options)
 
     return loader
+
+
+def _imagenet(data_dir: Path, split: str, download: bool, **options: Any) -> DataSplits:
+    return imagenet.load(data_dir, split=split, download=download, **options)
 
 
 def _synthetic(data_dir: Path, split: str, download: bool, **options: Any) -> DataSplits:
@@ -198,6 +209,25 @@ DATASETS: dict[str, DatasetSpec] = {
             options={"seq_len": "100"},
         ),
         DatasetSpec(
+            "imagenet",
+            "image",
+            "ImageNet ILSVRC2012 3x224x224, 1000 classes, streamed from train/ and val/ class folders",
+            ("paper", "full"),
+            "paper",
+            "center",
+            lambda d: [d / "imagenet" / "train", d / "imagenet" / "val"],
+            _imagenet,
+            options={
+                "path": "DIR",
+                "augment": "rrcflip|ttq|flip|none",
+                "mean_images": "10000",
+                "valid_images": "10000",
+                "max_per_class": "N",
+                "threads": "8",
+            },
+            streamed=True,
+        ),
+        DatasetSpec(
             "synthetic",
             "image",
             "learnable random images for smoke tests (in memory)",
@@ -229,7 +259,7 @@ def load(
     *,
     split: str | None = None,
     preprocess: str | None = None,
-    augment: str = "none",
+    augment: str | None = None,
     data_dir: str | Path | None = None,
     download: bool = True,
     **options: Any,
@@ -239,7 +269,9 @@ def load(
     ``split`` and ``preprocess`` default per dataset (``lowbit datasets`` shows them); preprocessing
     statistics are fitted on the training split only (see :mod:`lowbit.data.transforms`).
     Extra ``options`` go to the dataset's loader (``source=`` for MNIST, ``seq_len=``/``path=`` for
-    text, sizes for ``synthetic``).
+    text, sizes for ``synthetic``, ``path=``/``max_per_class=``/... for ``imagenet``).
+    ``augment`` defaults to ``none`` (``rrcflip`` for ImageNet, which streams from disk and
+    preprocesses/augments while decoding: see :mod:`lowbit.data.imagenet`).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -249,9 +281,19 @@ def load(
         raise ValueError(f"unknown split {split!r} for {name}; valid: {', '.join(spec.splits)}")
     if preprocess is not None and preprocess != "none" and preprocess not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {preprocess!r}; valid: {', '.join(PREPROCESSING)}")
+    d = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if spec.streamed:
+        return spec.loader(
+            d,
+            split=split,
+            download=download,
+            preprocess=preprocess or spec.default_preprocess,
+            augment=augment,
+            **options,
+        )
+    augment = augment if augment is not None else "none"
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
-    d = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     splits = spec.loader(d, split=split, download=download, **options)
     splits.info.setdefault("split", split)
     if spec.kind == "image":

@@ -121,7 +121,13 @@ class DataSplits:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input sample, e.g. (1, 28, 28) or (T,) for character sequences."""
+        """Shape of one input sample, e.g. (1, 28, 28) or (T,) for character sequences.
+
+        Datasets streamed from disk (:class:`lowbit.data.imagenet.FolderDataset`) give it as
+        ``sample_shape``."""
+        shape = getattr(self.train, "sample_shape", None)
+        if shape is not None:
+            return tuple(shape)
         return tuple(self.train.x.shape[1:])
 
     def splits(self) -> dict[str, ArrayDataset]:
