@@ -127,12 +127,14 @@ def test_float_activations_run_the_exact_path(
 def test_state_dict_round_trip_and_batch_dims() -> None:
     qw = _qweight("ternary", 2, "channel")
     src = PackedLinear(qw, torch.randn(N))
-    dst = PackedLinear(_qweight("ternary", 2, "tensor"), torch.zeros(N))
+    dst = PackedLinear.from_config(src.config())
     dst.load_state_dict(src.state_dict())
     x = torch.randn(2, 5, K)
     assert torch.equal(dst(x), src(x))
     assert torch.equal(src(x).reshape(10, N), src(x.reshape(10, K)))
-    assert set(src.state_dict()) == {"tiles", "scale", "bias"}
+    # Layout 2: per-row scales as they are, unpadded bias; the kernel arrays are not saved.
+    assert set(src.state_dict()) == {"tiles", "wscale", "bias"}
+    assert src.state_dict()["wscale"].shape == (N,) and src.state_dict()["bias"].shape == (N,)
     # A deep copy runs on its own buffers (not on copies of the original's cached views), so
     # in-place updates of the copy's buffers are seen.
     clone = copy.deepcopy(src)

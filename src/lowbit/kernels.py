@@ -221,7 +221,9 @@ def binary_matmul_reference(a_signs: np.ndarray, w_signs: np.ndarray) -> np.ndar
 #   * D = sum (code - 1) * a = sum code * a - sum a ("code trick"); asymmetric ternary (TTQ) also
 #     accumulates P = sum over w = +1 of a (the code's high bit): y = Wn * D + (Wp - Wn) * P.
 
-ACT_MODES = {"absmax": 0, "dfp": 1, "dfp_tensor": 2, "dfp_fixed": 3, "float": 4}
+# "udfp": unsigned 8-bit DFP with a fixed exponent, u = clamp(round(x * 2^-E), 0, 255), run by
+# the grouped kernel with the activations as the unsigned vpdpbusd operand (group_size > 0 only).
+ACT_MODES = {"absmax": 0, "dfp": 1, "dfp_tensor": 2, "dfp_fixed": 3, "float": 4, "udfp": 5}
 ACT_FLOAT = ACT_MODES["float"]  # exact path: fp32 activations, fp32 accumulation
 ABSMAX_EPS = 1e-5  # BitNet's floor on max|x|: keeps the scale finite for all-zero tokens.
 
@@ -353,9 +355,13 @@ def pad_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 def _act_mode(act: str, exponent: int | None) -> tuple[int, int]:
     if exponent is not None:
+        if act == "udfp":
+            return ACT_MODES["udfp"], int(exponent)
         if act not in ("dfp", "dfp_fixed"):
-            raise ValueError("a fixed exponent only applies to act='dfp'")
+            raise ValueError("a fixed exponent only applies to act='dfp' or 'udfp'")
         return ACT_MODES["dfp_fixed"], int(exponent)
+    if act == "udfp":
+        raise ValueError("act='udfp' (unsigned 8-bit DFP) needs a fixed exponent")
     if act not in ACT_MODES or act == "dfp_fixed":
         raise ValueError(
             f"unknown activation mode {act!r}: use 'absmax', 'dfp', 'dfp_tensor' (or exponent=E) "
@@ -381,6 +387,8 @@ def quantize_activations(
       ``E >= -126``), ``q = clamp(round(x * 2**-E), -128, 127)``; ``"dfp_tensor"``: one ``E`` for the
       whole batch (what ``functional.dfp_quantize`` does on a batch); ``exponent=E``: a fixed
       (calibrated) exponent, values beyond the int8 range saturate.
+    * ``"udfp"`` with ``exponent=E``: unsigned 8-bit DFP, ``q = clamp(round(x * 2**-E), 0, 255)``,
+      returned as uint8 (what the grouped kernel reads with ``act="udfp"``).
 
     Inputs must be finite (NaN/inf give unspecified codes).
     """
@@ -407,6 +415,8 @@ def quantize_activations(
     )
     if group_size:
         sums = sums[:, : (k + group_size - 1) // group_size]
+    if act == "udfp":
+        q = q.view(torch.uint8)
     return q[:, :k], a_inv, sums
 
 

@@ -352,6 +352,9 @@ class PackedLinear(nn.Module):
             for name, (dtype, shape) in saved.items():
                 if name != "signs":
                     self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+            for name in ("scale2", "bias", "kbias", "shift", "wscale", "row_scale"):
+                if name not in self._buffers:
+                    self.register_buffer(name, None)
             if self.layout == 2:
                 n, k = self.out_features, self.in_features
                 tshape = (
@@ -364,9 +367,6 @@ class PackedLinear(nn.Module):
                         "tiles", torch.zeros(tshape, dtype=torch.uint8), persistent=False
                     )
                 self._expand_kernel_buffers()
-            for name in ("scale2", "bias", "kbias", "shift", "wscale", "row_scale"):
-                if name not in self._buffers:
-                    self.register_buffer(name, None)
             return
         if len(qweight.shape) != 2:
             raise ValueError(
@@ -551,9 +551,24 @@ class PackedLinear(nn.Module):
         return state
 
     def _fused(self) -> bool:
-        """Whether the C++ side quantizes the inputs itself (int8 absmax, float, signed dfp8)."""
-        return self.activations in ("int8", "float") or (
-            self.activations == "dfp" and self.act_bits == 8 and self.act_signed
+        """Whether the C++ side quantizes the inputs itself (int8 absmax, float, signed dfp8,
+        and unsigned dfp8 with a calibrated exponent on the grouped kernel)."""
+        return (
+            self.activations in ("int8", "float")
+            or (self.activations == "dfp" and self.act_bits == 8 and self.act_signed)
+            or self._unsigned_fused()
+        )
+
+    def _unsigned_fused(self) -> bool:
+        """Unsigned 8-bit DFP inputs with a fixed exponent on groups along K (FGQ after a ReLU):
+        the kernel takes the codes 0..255 as they are, so no ``shift`` term is added."""
+        return (
+            self.activations == "dfp"
+            and self.act_bits == 8
+            and not self.act_signed
+            and self.exponent is not None
+            and self.group_size > 0
+            and not self.asym
         )
 
     def _get_kernel(self) -> kernels.LinearKernel:
@@ -584,6 +599,8 @@ class PackedLinear(nn.Module):
             return "absmax" if self.activations == "int8" else "float"
         if not self._fused():
             return "dfp"  # placeholder: every call passes its own fixed exponent
+        if self._unsigned_fused():
+            return "udfp"
         # DFP: a calibrated exponent, or one exponent per batch like functional.dfp_quantize.
         return "dfp" if self.exponent is not None else "dfp_tensor"
 
@@ -652,7 +669,7 @@ class PackedLinear(nn.Module):
         return self._get_kernel()(x)
 
     def _kernel_relu(self) -> bool:
-        return self.relu and not self.has_shift
+        return self.relu and (not self.has_shift or self._unsigned_fused())
 
     @torch.no_grad()
     def fold_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:

@@ -143,7 +143,7 @@ void quantize_act(Matrix<const float> x, int mode, int exponent, int64_t group, 
                   Vector<float> a_inv, int n_threads) {
     require_row_contiguous(x, "x");
     check_group(group);
-    if (mode < 0 || mode > 3) throw std::invalid_argument("unknown activation mode");
+    if (mode < 0 || (mode > 3 && mode != lowbit::kActUdfpFixed)) throw std::invalid_argument("unknown activation mode");
     const int64_t m = (int64_t)x.shape(0), k = (int64_t)x.shape(1), kq = (int64_t)q.shape(1);
     if ((int64_t)q.shape(0) != m || kq < k) throw std::invalid_argument("q must be (M, kq) with kq >= K");
     const int64_t ng = group > 0 ? (kq + group - 1) / group : 1;
@@ -214,7 +214,9 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     require_row_contiguous(x, "x");
     require_row_contiguous(out, "out");
     check_group(group_k);
-    if (mode < 0 || mode > 3) throw std::invalid_argument("unknown activation mode");
+    if (mode < 0 || (mode > 3 && mode != lowbit::kActUdfpFixed)) throw std::invalid_argument("unknown activation mode");
+    if (mode == lowbit::kActUdfpFixed && (group_k == 0 || scale2))
+        throw std::invalid_argument("unsigned 8-bit DFP activations run the grouped kernel only (group_k > 0, symmetric weights)");
     const int64_t m = (int64_t)x.shape(0), k = (int64_t)x.shape(1);
     check_tiles(w, n, k, bits);
     if (scale2 && bits != 2) throw std::invalid_argument("asymmetric scales exist for ternary weights only");
@@ -253,6 +255,7 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     std::vector<float> a_inv((size_t)m);
     lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kp, group_k, q.data(), q_stride, sums.data(), ng,
                                  a_inv.data(), n_threads);
+    args.a_unsigned = mode == lowbit::kActUdfpFixed ? 1 : 0;
     args.a = q.data();
     args.a_stride = q_stride;
     args.a_sums = sums.data();

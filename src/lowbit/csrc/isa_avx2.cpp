@@ -93,15 +93,16 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
     }
 }
 
-inline int32_t round_clamp(float t, float lo) {
-    t = t < lo ? lo : (t > 127.0f ? 127.0f : t);
+inline int32_t round_clamp(float t, float lo, float hi) {
+    t = t < lo ? lo : (t > hi ? hi : t);
     return _mm_cvtss_si32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
-                 float lo, int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
-                 int64_t sums_stride) {
-    const __m256 vlo = _mm256_set1_ps(lo), hi = _mm256_set1_ps(127.0f);
+                 float lo, float hi_f, int8_t* q, int64_t q_stride, int64_t kq, int64_t group,
+                 int32_t* sums, int64_t sums_stride) {
+    const __m256 vlo = _mm256_set1_ps(lo), hi = _mm256_set1_ps(hi_f);
+    const bool u8 = hi_f > 127.0f;  // unsigned 0..255: pack with unsigned saturation
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
@@ -120,7 +121,8 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
                 total = _mm256_add_epi32(total, v[i]);
             }
             // packs work per 128-bit lane; the final permute restores element order.
-            const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            const __m256i w0 = _mm256_packs_epi32(v[0], v[1]), w1 = _mm256_packs_epi32(v[2], v[3]);
+            const __m256i b = u8 ? _mm256_packus_epi16(w0, w1) : _mm256_packs_epi16(w0, w1);
             _mm256_storeu_si256((__m256i*)(qr + j), _mm256_permutevar8x32_epi32(b, order));
         }
         int32_t lanes[8];
@@ -129,8 +131,8 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         #pragma GCC unroll 16
         for (int i = 0; i < 8; ++i) sum += lanes[i];
         for (; j < kq; ++j) {
-            const int32_t v = j < k ? round_clamp(xr[j] * sf, lo) : 0;
-            qr[j] = (int8_t)v;
+            const int32_t v = j < k ? round_clamp(xr[j] * sf, lo, hi_f) : 0;
+            qr[j] = (int8_t)(uint8_t)v;
             sum += v;
         }
         int32_t* sr = sums + r * sums_stride;
@@ -139,7 +141,7 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         } else {
             for (int64_t i = 0; i < kq; ++i) {
                 if (i % group == 0) sr[i / group] = 0;
-                sr[i / group] += qr[i];
+                sr[i / group] += u8 ? (int32_t)(uint8_t)qr[i] : (int32_t)qr[i];
             }
         }
     }
@@ -253,7 +255,7 @@ void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     }
 }
 
-template <int HB, int NR, int BITS>
+template <int HB, int NR, int BITS, bool U>
 void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     using F = Fmt<BITS>;
     const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
@@ -262,6 +264,7 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     const int8_t* a = p->a + m * p->a_stride;
     const int64_t as = p->a_stride;
     const __m256i mcode = _mm256_set1_epi8((char)F::mask), ones = _mm256_set1_epi16(1);
+    const __m256i zero8 = _mm256_set1_epi8((char)F::zero);
     __m256 f[HB][NR];
 #pragma GCC unroll 16
     for (int r = 0; r < HB; ++r)
@@ -283,13 +286,18 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
                 const int64_t hr = hb + r;
                 const uint8_t* wt = p->w + (hr >> 1) * rbs + tile * 64 + (hr & 1) * 32;
                 code[r] = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i*)wt), shift), mcode);
+                // Unsigned activations: the weights become the signed operand (code - zero).
+                if (U) code[r] = _mm256_sub_epi8(code[r], zero8);
             }
 #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m256i b = bcast4(a + n * as + 4 * q);
 #pragma GCC unroll 16
-                for (int r = 0; r < HB; ++r)
-                    d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(_mm256_maddubs_epi16(code[r], b), ones));
+                for (int r = 0; r < HB; ++r) {
+                    // u8 x s8 pairs: at most 2 * 255 * 8 = 4080, no int16 saturation.
+                    const __m256i pr = U ? _mm256_maddubs_epi16(b, code[r]) : _mm256_maddubs_epi16(code[r], b);
+                    d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(pr, ones));
+                }
             }
         }
 #pragma GCC unroll 16
@@ -298,8 +306,10 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             const __m256 sc = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
 #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
-                const __m256i sa = _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride + g]);
-                f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d[r][n], sa)), sc, f[r][n]);
+                const __m256i dd =
+                    U ? d[r][n]
+                      : _mm256_sub_epi32(d[r][n], _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride + g]));
+                f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), sc, f[r][n]);
             }
         }
     }
@@ -318,7 +328,7 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     }
 }
 
-enum Mode { kBlock, kBlockAsym, kGroup };
+enum Mode { kBlock, kBlockAsym, kGroup, kGroupU };
 
 template <int HB, int NR, int MODE, int BITS>
 void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
@@ -330,7 +340,8 @@ void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int6
     }
     if constexpr (MODE == kBlock) block_kernel<HB, NR, false, BITS>(p, hb, m);
     if constexpr (MODE == kBlockAsym) block_kernel<HB, NR, true, BITS>(p, hb, m);
-    if constexpr (MODE == kGroup) group_kernel<HB, NR, BITS>(p, hb, m);
+    if constexpr (MODE == kGroup) group_kernel<HB, NR, BITS, false>(p, hb, m);
+    if constexpr (MODE == kGroupU) group_kernel<HB, NR, BITS, true>(p, hb, m);
 }
 
 template <int HB, int NR, int MODE, int BITS>
@@ -348,7 +359,10 @@ void drive(const lowbit_t2_args* p) {
 template <int BITS>
 void gemm_bits(const lowbit_t2_args* p) {
     const bool gemv = p->m1 - p->m0 == 1;
-    if (p->group_k > 0) {
+    if (p->group_k > 0 && p->a_unsigned) {
+        if (gemv) drive<4, 1, kGroupU, BITS>(p);
+        else drive<2, 3, kGroupU, BITS>(p);
+    } else if (p->group_k > 0) {
         if (gemv) drive<4, 1, kGroup, BITS>(p);
         else drive<2, 3, kGroup, BITS>(p);
     } else if (p->asym) {

@@ -95,9 +95,11 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
 }
 
 void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
-                 float lo, int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
-                 int64_t sums_stride) {
-    const __m512 vlo = _mm512_set1_ps(lo), hi = _mm512_set1_ps(127.0f);
+                 float lo, float hi_f, int8_t* q, int64_t q_stride, int64_t kq, int64_t group,
+                 int32_t* sums, int64_t sums_stride) {
+    // vpmovdb truncates to the low byte: 0..255 (unsigned mode) is stored as its uint8 byte.
+    const __m512 vlo = _mm512_set1_ps(lo), hi = _mm512_set1_ps(hi_f);
+    const bool u8 = hi_f > 127.0f;
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
         int8_t* qr = q + r * q_stride;
@@ -121,7 +123,7 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         } else {
             for (int64_t j = 0; j < kq; ++j) {
                 if (j % group == 0) sr[j / group] = 0;
-                sr[j / group] += qr[j];
+                sr[j / group] += u8 ? (int32_t)(uint8_t)qr[j] : (int32_t)qr[j];
             }
         }
     }
@@ -296,7 +298,10 @@ void gemv_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
 
 // Per-group scales: int32 dot products per group of group_k (a multiple of 4) k, each turned
 // into float and scaled by its group's 16 row scales (one zmm load), accumulated in fp32.
-template <int RB, int NR, int BITS>
+// U (unsigned activations, a_unsigned): the activations are vpdpbusd's unsigned operand and the
+// weights, decoded to signed bytes (code - zero), its signed one: D_g = sum w * u directly, no
+// activation-sum correction per group.
+template <int RB, int NR, int BITS, bool U>
 void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
     using F = Fmt<BITS>;
     const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
@@ -305,7 +310,7 @@ void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
     const uint8_t* w = p->w + rb * rbs;
     const int8_t* a = p->a + m * p->a_stride;
     const int64_t as = p->a_stride;
-    const __m512i mcode = _mm512_set1_epi8((char)F::mask);
+    const __m512i mcode = _mm512_set1_epi8((char)F::mask), zero8 = _mm512_set1_epi8((char)F::zero);
     __m512 f[RB][NR];
 #pragma GCC unroll 16
     for (int r = 0; r < RB; ++r)
@@ -327,12 +332,14 @@ void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
                 const uint8_t* wt = w + r * rbs + tile * 64;
                 if (pl == 0) _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
                 code[r] = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(wt), shift), mcode);
+                if (U) code[r] = _mm512_sub_epi8(code[r], zero8);
             }
 #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m512i b = bcast4(a + n * as + 4 * q);
 #pragma GCC unroll 16
-                for (int r = 0; r < RB; ++r) d[r][n] = _mm512_dpbusd_epi32(d[r][n], code[r], b);
+                for (int r = 0; r < RB; ++r)
+                    d[r][n] = U ? _mm512_dpbusd_epi32(d[r][n], b, code[r]) : _mm512_dpbusd_epi32(d[r][n], code[r], b);
             }
         }
 #pragma GCC unroll 16
@@ -340,8 +347,10 @@ void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
             const __m512 sc = _mm512_loadu_ps(p->scale + ((rb + r) * n_groups + g) * 16);
 #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
-                const __m512i sa = _mm512_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride + g]);
-                f[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d[r][n], sa)), sc, f[r][n]);
+                const __m512i dd =
+                    U ? d[r][n]
+                      : _mm512_sub_epi32(d[r][n], _mm512_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride + g]));
+                f[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), sc, f[r][n]);
             }
         }
     }
@@ -359,7 +368,67 @@ void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
     }
 }
 
-enum Mode { kBlock, kBlockAsym, kGroup, kGemv, kGemvAsym };
+// Groups of exactly 4 k (FGQ's N = 4) with unsigned activations: every 4-k plane is one group,
+// so each vpdpbusd result is converted and scaled at once (no int32 accumulators kept across
+// planes), which leaves registers for 8 tokens x 2 row blocks of fp32 accumulators; the tile is
+// loaded once for all its planes.
+template <int RB, int NR, int BITS>
+void group4u_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64, n_groups = p->kp / 4;
+    const uint8_t* w = p->w + rb * rbs;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m512i mcode = _mm512_set1_epi8((char)F::mask), zero8 = _mm512_set1_epi8((char)F::zero);
+    __m512 f[RB][NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) f[r][n] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < kt; ++t) {
+        __m512i v[RB];
+#pragma GCC unroll 16
+        for (int r = 0; r < RB; ++r) {
+            const uint8_t* wt = w + r * rbs + t * 64;
+            _mm_prefetch((const char*)(wt + kPrefetch), _MM_HINT_T0);
+            v[r] = _mm512_loadu_si512(wt);
+        }
+#pragma GCC unroll 4
+        for (int pl = 0; pl < F::planes; ++pl) {
+            const int64_t g = t * F::planes + pl;
+            __m512i code[RB];
+            __m512 sc[RB];
+#pragma GCC unroll 16
+            for (int r = 0; r < RB; ++r) {
+                code[r] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[r], BITS * pl), mcode), zero8);
+                sc[r] = _mm512_loadu_ps(p->scale + ((rb + r) * n_groups + g) * 16);
+            }
+#pragma GCC unroll 16
+            for (int n = 0; n < NR; ++n) {
+                const __m512i b = bcast4(a + n * as + 4 * g);
+#pragma GCC unroll 16
+                for (int r = 0; r < RB; ++r) {
+                    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), b, code[r]);
+                    f[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc[r], f[r][n]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+        const __m512 ai = _mm512_set1_ps(p->a_inv[m + n]);
+#pragma GCC unroll 16
+        for (int r = 0; r < RB; ++r) {
+            const int64_t n0 = (rb + r) * 16;
+            const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
+            __m512 y = _mm512_fmadd_ps(f[r][n], ai, b);
+            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            _mm512_mask_storeu_ps(p->out_f32 + (m + n) * p->out_f32_stride + n0, lane_mask(p->n_valid, n0), y);
+        }
+    }
+}
+
+enum Mode { kBlock, kBlockAsym, kGroup, kGroupU, kGroup4U, kGemv, kGemvAsym };
 
 // Kernel selection for a block of rbn <= RB row blocks and mn <= NR tokens (tails included).
 template <int RB, int NR, int MODE, int BITS>
@@ -372,7 +441,9 @@ void run_block(const lowbit_t2_args* p, int64_t rb, int64_t m, int64_t rbn, int6
     }
     if constexpr (MODE == kBlock) block_kernel<RB, NR, false, (NR == 1 ? 2 : 1), BITS>(p, rb, m);
     if constexpr (MODE == kBlockAsym) block_kernel<RB, NR, true, (NR == 1 ? 2 : 1), BITS>(p, rb, m);
-    if constexpr (MODE == kGroup) group_kernel<RB, NR, BITS>(p, rb, m);
+    if constexpr (MODE == kGroup) group_kernel<RB, NR, BITS, false>(p, rb, m);
+    if constexpr (MODE == kGroupU) group_kernel<RB, NR, BITS, true>(p, rb, m);
+    if constexpr (MODE == kGroup4U) group4u_kernel<RB, NR, BITS>(p, rb, m);
     if constexpr (MODE == kGemv) gemv_kernel<RB, false, BITS>(p, rb, m);
     if constexpr (MODE == kGemvAsym) gemv_kernel<RB, true, BITS>(p, rb, m);
 }
@@ -395,7 +466,13 @@ template <int BITS>
 void gemm_bits(const lowbit_t2_args* p) {
     const bool gemv = p->m1 - p->m0 == 1;
     const bool gemv_ok = p->kp < (BITS == 2 ? ((int64_t)1 << 19) : ((int64_t)1 << 17));
-    if (p->group_k > 0) {
+    if (p->group_k == 4 && p->a_unsigned) {
+        if (gemv) drive<4, 1, kGroup4U, BITS>(p);
+        else drive<2, 8, kGroup4U, BITS>(p);
+    } else if (p->group_k > 0 && p->a_unsigned) {
+        if (gemv) drive<4, 1, kGroupU, BITS>(p);
+        else drive<2, 4, kGroupU, BITS>(p);
+    } else if (p->group_k > 0) {
         if (gemv) drive<4, 1, kGroup, BITS>(p);
         else drive<2, 4, kGroup, BITS>(p);
     } else if (p->asym) {

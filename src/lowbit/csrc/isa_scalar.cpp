@@ -53,8 +53,8 @@ void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float
 }
 
 void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, const float* mult,
-                 float lo, int8_t* q, int64_t q_stride, int64_t kq, int64_t group, int32_t* sums,
-                 int64_t sums_stride) {
+                 float lo, float hi, int8_t* q, int64_t q_stride, int64_t kq, int64_t group,
+                 int32_t* sums, int64_t sums_stride) {
     const int64_t g = group > 0 ? group : std::max<int64_t>(kq, 1);
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
@@ -68,10 +68,10 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
                 // integers); nearbyint rounds half to even under the default rounding mode, like
                 // torch.round.
                 float t = xr[j] * s;
-                t = std::min(127.0f, std::max(lo, t));
+                t = std::min(hi, std::max(lo, t));
                 v = (int32_t)std::nearbyint(t);
             }
-            qr[j] = (int8_t)v;
+            qr[j] = (int8_t)(uint8_t)v;  // 0..255 (unsigned mode) as its byte
             if (j % g == 0) sr[j / g] = 0;
             sr[j / g] += v;
         }
@@ -93,6 +93,7 @@ void ternary_gemm(const lowbit_t2_args* p) {
         const uint8_t* wb = p->w + rb * kt * 64;
         for (int64_t m = p->m0; m < p->m1; ++m) {
             const int8_t* a = p->a + m * p->a_stride;
+            const uint8_t* au = (const uint8_t*)a;
             const int32_t* sums = p->a_sums + m * p->sums_stride;
             for (int r = 0; r < 16; ++r) {
                 const int64_t n = rb * 16 + r;
@@ -102,12 +103,19 @@ void ternary_gemm(const lowbit_t2_args* p) {
                 for (int64_t g = 0; g < n_groups; ++g) {
                     int32_t dot = 0;
                     const int64_t k1 = std::min(p->kp, (g + 1) * gk);
-                    for (int64_t k = g * gk; k < k1; ++k) {
-                        const int c = code_at(wb + (k / tile_k) * 64, r, (int)(k % tile_k), bits);
-                        dot += c * a[k];
-                        if (c == 2) hp += a[k];
+                    if (p->a_unsigned) {
+                        // Unsigned activations (grouped kernel only): signed weights times u.
+                        for (int64_t k = g * gk; k < k1; ++k)
+                            dot += (code_at(wb + (k / tile_k) * 64, r, (int)(k % tile_k), bits) - (int)zero) * au[k];
+                        d = dot;
+                    } else {
+                        for (int64_t k = g * gk; k < k1; ++k) {
+                            const int c = code_at(wb + (k / tile_k) * 64, r, (int)(k % tile_k), bits);
+                            dot += c * a[k];
+                            if (c == 2) hp += a[k];
+                        }
+                        d = dot - (int32_t)zero * sums[g];
                     }
-                    d = dot - (int32_t)zero * sums[g];
                     if (p->group_k > 0)
                         acc = std::fma((float)d, p->scale[(rb * n_groups + g) * 16 + r], acc);
                 }

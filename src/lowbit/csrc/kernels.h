@@ -51,6 +51,11 @@ typedef struct lowbit_t2_args {
     int64_t group_k;   // 0: per-row scales (integer path); else K per scale group (multiple of 4)
     int asym;          // 1: also accumulate P (asymmetric ternary; bits == 2 only)
     int bits;          // 2: ternary tiles (code = w + 1); 4: int4 tiles (code = w + 8)
+    // 1: `a` holds unsigned activations u in [0, 255] (unsigned 8-bit DFP) and the grouped
+    // kernel (group_k > 0 only) computes D_g = sum (code - zero) * u directly, with the
+    // activations as vpdpbusd's unsigned operand and the decoded weights as its signed one:
+    // no code trick, a_sums unused.
+    int a_unsigned;
     // Integer outputs (float path when out_i32 == NULL): D and, when asym, P.
     int32_t* out_i32;
     int32_t* out_p32;
@@ -96,14 +101,15 @@ typedef struct lowbit_isa_table {
     // Absolute maximum of each of `rows` float rows of length k (row stride x_stride elements).
     void (*absmax_f32)(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax);
 
-    // q[r, j] = clamp(round_half_even(x[r, j] * mult[r]), lo, 127) for j < k and 0 for
+    // q[r, j] = clamp(round_half_even(x[r, j] * mult[r]), lo, hi) for j < k and 0 for
     // k <= j < kq (the zero padding keeps padded weight codes out of the dot products and out of
     // the sums); sums[r * sums_stride + g] = sum of q[r, j] over j in group g, where groups are
-    // `group` consecutive k (group = 0: one group, the whole row). lo is -127 (symmetric absmax)
-    // or -128 (dynamic fixed point uses the full int8 range).
+    // `group` consecutive k (group = 0: one group, the whole row). (lo, hi) is (-127, 127)
+    // (symmetric absmax), (-128, 127) (dynamic fixed point uses the full int8 range) or (0, 255)
+    // (unsigned 8-bit DFP: q is then stored as uint8 bytes).
     void (*quantize_i8)(const float* x, int64_t rows, int64_t k, int64_t x_stride,
-                        const float* mult, float lo, int8_t* q, int64_t q_stride, int64_t kq,
-                        int64_t group, int32_t* sums, int64_t sums_stride);
+                        const float* mult, float lo, float hi, int8_t* q, int64_t q_stride,
+                        int64_t kq, int64_t group, int32_t* sums, int64_t sums_stride);
 
     // Ternary GEMM over tokens [m0, m1) and row blocks [rb0, rb1) (see lowbit_t2_args).
     void (*ternary_gemm)(const struct lowbit_t2_args* args);

@@ -91,7 +91,7 @@ float act_multiplier(float amax, int mode, int exponent, float* a_inv) {
         *a_inv = 1.0f / s;
         return s;
     }
-    const int e = mode == kActDfpFixed ? exponent : dfp_exponent(amax);
+    const int e = (mode == kActDfpFixed || mode == kActUdfpFixed) ? exponent : dfp_exponent(amax);
     if (e < -126 || e > 127) throw std::invalid_argument("DFP exponent must be in [-126, 127]");
     *a_inv = std::ldexp(1.0f, e);
     return std::ldexp(1.0f, -e);
@@ -104,10 +104,11 @@ void quantize_activations(const lowbit_isa_table& t, const float* x, int64_t m, 
     std::vector<float> amax((size_t)m, 0.0f), mult((size_t)m);
     // absmax is symmetric (BitNet); dynamic fixed point uses the whole int8 range, like
     // lowbit.functional.dfp_quantize.
-    const float lo = mode == kActAbsmax ? -127.0f : -128.0f;
+    const float lo = mode == kActAbsmax ? -127.0f : (mode == kActUdfpFixed ? 0.0f : -128.0f);
+    const float hi = mode == kActUdfpFixed ? 255.0f : 127.0f;
     // A token of 4096 floats quantizes in ~1 us: threads only pay off for batches.
     const int threads = m * k >= (1 << 16) ? n_threads : 1;
-    if (mode != kActDfpFixed)
+    if (mode != kActDfpFixed && mode != kActUdfpFixed)
         parallel_for(m, threads, 8, [&](int64_t b, int64_t e) {
             t.absmax_f32(x + b * x_stride, e - b, k, x_stride, amax.data() + b);
         });
@@ -118,7 +119,7 @@ void quantize_activations(const lowbit_isa_table& t, const float* x, int64_t m, 
     }
     for (int64_t i = 0; i < m; ++i) mult[(size_t)i] = act_multiplier(amax[(size_t)i], mode, exponent, a_inv + i);
     parallel_for(m, threads, 8, [&](int64_t b, int64_t e) {
-        t.quantize_i8(x + b * x_stride, e - b, k, x_stride, mult.data() + b, lo, q + b * q_stride, q_stride, kq, group,
+        t.quantize_i8(x + b * x_stride, e - b, k, x_stride, mult.data() + b, lo, hi, q + b * q_stride, q_stride, kq, group,
                       sums + b * n_groups, n_groups);
     });
 }

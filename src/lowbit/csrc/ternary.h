@@ -37,6 +37,9 @@ enum ActMode : int {
                         // q = clamp(round(x * 2^-E), -128, 127)
     kActDfpTensor = 2,  // one E for the whole batch (same rule over all tokens)
     kActDfpFixed = 3,   // E given by the caller
+    // 4 is lowbit.kernels' "float" (the exact path, never a quantizer mode).
+    kActUdfpFixed = 5,  // unsigned 8-bit DFP, E given: u = clamp(round(x * 2^-E), 0, 255) stored
+                        // as uint8 (grouped kernel with a_unsigned only)
 };
 
 // Quantizes m rows of x (k floats, stride x_stride) into q (m rows of kq bytes, zero padded past
