@@ -75,7 +75,7 @@ def bench_linear(size: int, m: int, reps: int) -> list[tuple[str, float]]:
     float_layer = B.PackedBinaryLinear(w, bias=torch.zeros(size), input="float", out="float")
     xb = B.pack_bits(x)
     bits_layer(xb)  # builds the layer's C++ plan
-    plan = bits_layer.__dict__["_plan"][1]
+    plan = bits_layer.plan()
     xb_np, out_np = xb.numpy(), np.empty((m, B.packed_bytes(size)), dtype=np.uint8)
     with torch.no_grad():
         return [

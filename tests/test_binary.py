@@ -6,6 +6,7 @@ where Hypothesis drives the shapes) and, where work is split, with 1, 2 and 3 th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numpy as np
@@ -400,3 +401,206 @@ def test_lowbit_pack_xnor_gives_the_fully_binary_chain() -> None:
     x = torch.randn(200, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(packed(x).argmax(1), model(x).argmax(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The modules' eager hot path (one C++ call per layer) and its fallbacks
+
+
+@pytest.mark.parametrize("out", ["int32", "float", "int8", "bits"])
+def test_linear_module_inputs_of_every_kind_match_the_reference(isa: str, out: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(70, 100, generator=gen)
+    scale, bias = torch.rand(70, generator=gen) + 0.5, torch.randn(70, generator=gen) * 10
+    thr = (torch.randint(-20, 20, (70,), generator=gen, dtype=torch.int32), torch.rand(70) < 0.5)
+    eps = {"scale": scale, "bias": bias} if out in ("float", "int8") else {}
+    threshold = thr if out == "bits" else None
+    layer = B.PackedBinaryLinear(w, threshold=threshold, out=out, **eps)
+    bits_layer = B.PackedBinaryLinear(w, threshold=threshold, out=out, input="bits", **eps)
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        y = B.binary_linear_reference(
+            B.signs(x.reshape(-1, 100)), B.signs(w), out=out, threshold=threshold, **eps
+        )
+        if out == "bits":
+            return y
+        return y.reshape(*x.shape[:-1], 70)
+
+    def check(got: torch.Tensor, x: torch.Tensor) -> None:
+        expected = ref(x)
+        if out == "bits":
+            got = B.unpack_bits(got.reshape(-1, got.shape[-1]), 70)
+        elif out == "int32":
+            got = got.long()
+        assert torch.equal(got, expected)
+
+    x = torch.randn(6, 100, generator=gen)
+    x[0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+    for xin in (
+        x,  # the fast path
+        x.reshape(2, 3, 100),  # leading dimensions
+        x[0],  # one sample, no batch dimension
+        x.double(),  # another dtype: general path
+        x.clone().requires_grad_(),  # needs grad: general path
+        torch.randn(100, 6, generator=gen).T,  # not contiguous
+    ):
+        with torch.no_grad():
+            check(layer(xin), xin.detach().float())
+    check(layer(x.clone().requires_grad_()), x)  # grad mode on
+    packed = B.pack_bits(x)
+    check(bits_layer(packed), x)
+    wide = torch.zeros(6, 2 * packed.shape[1], dtype=torch.uint8)
+    wide[:, ::2] = packed
+    check(bits_layer(wide[:, ::2]), x)  # strided bits: general path
+    with pytest.raises(ValueError, match="bytes per row"):
+        bits_layer(torch.zeros(6, 24, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="100"):
+        layer(torch.randn(6, 99))
+    with pytest.raises(TypeError):
+        bits_layer(x)  # floats into a layer that takes packed bits
+
+
+def test_plan_follows_replaced_and_reloaded_buffers() -> None:
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(40, 130, generator=gen)
+    x = torch.randn(5, 130, generator=gen)
+    flip = torch.zeros(40, dtype=torch.bool)
+    layer = B.PackedBinaryLinear(
+        w, threshold=(torch.zeros(40, dtype=torch.int32), flip), out="bits"
+    )
+
+    def expected(thr: torch.Tensor, weight: torch.Tensor = w) -> torch.Tensor:
+        return B.binary_linear_reference(
+            B.signs(x), B.signs(weight), out="bits", threshold=(thr, flip)
+        )
+
+    assert torch.equal(B.unpack_bits(layer(x), 40), expected(torch.zeros(40, dtype=torch.int32)))
+    thr = torch.randint(-30, 30, (40,), generator=gen, dtype=torch.int32)
+    layer.thr = thr.clone()  # a new buffer: the cached plan is rebuilt
+    assert torch.equal(B.unpack_bits(layer(x), 40), expected(thr))
+    w2 = torch.randn(40, 130, generator=gen)
+    other = B.PackedBinaryLinear(w2, threshold=(thr, flip), out="bits")
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(B.unpack_bits(layer(x), 40), expected(thr, w2))
+    twin = copy.deepcopy(layer).float()
+    del layer  # the copy owns its buffers
+    assert torch.equal(B.unpack_bits(twin(x), 40), expected(thr, w2))
+
+
+def test_conv_module_fallbacks_match_the_reference() -> None:
+    gen = torch.Generator().manual_seed(13)
+    wt = torch.randn(9, 20, 3, 3, generator=gen)
+    conv = B.PackedBinaryConv2d(wt, 1, 1, out="int32")
+    x = torch.randn(2, 20, 7, 6, generator=gen)
+    expected = B.binary_conv2d_reference(B.signs(x), B.signs(wt), 1, 1)
+    for xin in (x, x.double(), x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(conv(xin).long(), expected)
+    bits = B.PackedBinaryConv2d(wt, 1, 1, out="int32", input="bits")
+    xb = B.pack_conv_input(x)
+    assert torch.equal(bits(xb).long(), expected)
+    assert torch.equal(
+        bits(xb.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)).long(), expected
+    )
+    with pytest.raises(ValueError, match="bytes per pixel"):
+        bits(torch.zeros(2, 7, 6, 16, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit-plane first layer in pack_bnn (QNN §2.5)
+
+
+@pytest.mark.parametrize(
+    ("activations", "bits", "signed"), [("uint8", 8, False), ("int4", 4, True)]
+)
+def test_pack_bnn_runs_a_k_bit_first_layer_exactly_over_bit_planes(
+    activations: str, bits: int, signed: bool
+) -> None:
+    import lowbit
+    from lowbit.methods.bnn import bitplane_linear as bnn_bitplane_linear
+    from lowbit.models.mlp import MLP
+
+    torch.manual_seed(0)
+    model = lowbit.quantize(
+        MLP(widths=(96, 130, 70), act="hardtanh", bn_output=True),
+        "bnn",
+        keep=("last",),
+        overrides={"net.fc0": {"activations": activations}},
+    )
+    _randomize_bn(model, 6)
+    model.eval()
+    fc0 = model.net.fc0
+    assert B.is_bitplane_layer(fc0) and not B.is_binary_layer(fc0)
+    packed = B.pack_bnn(model)
+    first = packed[1]
+    assert isinstance(first, B.PackedBitplaneLinear) and first.act_bits == bits
+    x = torch.rand(400, 1, 28, 28) * 2 - (1 if signed else 0)
+    flat = x.reshape(400, -1)
+    with torch.no_grad():
+        # The integer dot products are exact: the simulated quantizer's codes times the ±1 codes.
+        step = fc0.input_quantizer.spec().scale
+        q = torch.round(fc0.input_quantizer(flat) / step).to(torch.int64)
+        codes = fc0.quantized_weight().codes.to(torch.int64)
+        assert torch.equal(first.codes(flat).to(torch.int64), q)
+        dots = first.dots(q)
+        assert torch.equal(dots, q @ codes.T)
+        assert torch.equal(dots, bnn_bitplane_linear(q, codes, bits, signed))
+        # The float output is the simulated layer's up to fp32 rounding of F.linear's sum.
+        torch.testing.assert_close(first(flat), fc0(flat), rtol=1e-6, atol=1e-4)
+        ref, got = model(x), packed(x)
+        net = model.net
+        h = net.act1(net.bn1(net.fc1(net.act0(net.bn0(net.fc0(flat))))))
+        bits_out = packed[:5](x)
+    assert torch.equal(B.unpack_bits(bits_out, 130), B.signs(h))
+    assert torch.equal(ref.argmax(1), got.argmax(1))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    assert not any(
+        isinstance(m, B.PackedBitplaneLinear) for m in B.pack_bnn(model, bitplanes=False)
+    )
+    if not signed:  # the traced path (custom ops) gives the same bits and floats
+        with torch.no_grad():
+            exported = torch.export.export(packed, (x[:5],))
+            assert torch.equal(exported.module()(x[:5]), packed(x[:5]))
+
+
+def test_bitplane_layer_with_channel_scales_matches_float64() -> None:
+    gen = torch.Generator().manual_seed(14)
+    w = torch.randn(33, 70, generator=gen)
+    wscale = torch.rand(33, generator=gen) + 0.1
+    bias = torch.randn(33, generator=gen)
+    layer = B.PackedBitplaneLinear(
+        w, act_bits=8, act_signed=False, act_clip=1.0, wscale=wscale, bias=bias
+    )
+    x = torch.rand(2, 3, 70, generator=gen) * 1.2 - 0.1  # values outside [0, 1] saturate
+    q = torch.round(x / (1.0 / 255)).clamp(0, 255).to(torch.int64)
+    exact = (q @ B.signs(w).T).to(torch.float64) * (1.0 / 255) * wscale.double() + bias.double()
+    torch.testing.assert_close(layer(x).double(), exact, rtol=1e-6, atol=1e-5)
+    assert torch.equal(layer.dots(q.reshape(-1, 70)), q.reshape(-1, 70) @ B.signs(w).T)
+
+
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "bits", "signed"),
+    [
+        (1, 1, 1, 8, False),
+        (33, 7, 9, 8, True),
+        (70, 65, 70, 5, False),
+        (5, 200, 130, 8, True),
+        (40, 784, 24, 3, True),
+    ],
+)
+def test_bitplane_kernel_is_exact_on_every_isa(
+    isa: str, threads: int, m: int, k: int, n: int, bits: int, signed: bool
+) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    w = torch.randn(n, k, generator=gen)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    q = torch.randint(lo, hi + 1, (m, k), generator=gen)
+    q[0, : min(k, 3)] = torch.tensor([lo, hi, 0])[: min(k, 3)]  # the extremes, two's complement
+    layer = B.PackedBitplaneLinear(w, act_bits=bits, act_signed=signed)
+    expected = q @ B.signs(w).T
+    assert torch.equal(layer.dots(q), expected)
+    # Through the layer's own quantizer (signed codes are narrow: -128 clamps to -127).
+    qn = q.clamp(layer.lo, layer.hi)
+    y = layer(qn.float() * layer.step)
+    exact = (qn @ B.signs(w).T).double() * layer.step
+    torch.testing.assert_close(y.double(), exact, rtol=1e-6, atol=1e-6)

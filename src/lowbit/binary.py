@@ -27,6 +27,10 @@ stages whose batch norms and sign activations are folded into thresholds. Becaus
 threshold is read off the *same* float modules evaluated at every reachable integer dot
 product (a monotone step function), the packed model's predictions equal the simulated model's.
 
+A first layer with binary weights and k-bit uniform inputs becomes a :class:`PackedBitplaneLinear`
+(exact integer dot products over bit-planes). Packed models save to ``.lowbit`` files
+(:func:`lowbit.save`; docs/format.md) and run from the CLI (``lowbit pack RUN --xnor``).
+
 Every kernel has an int64 / float64 reference here (``*_reference``) used by tests/test_binary*.py.
 """
 
@@ -52,6 +56,7 @@ __all__ = [
     "NotMonotoneError",
     "PackedBinaryConv2d",
     "PackedBinaryLinear",
+    "PackedBitplaneLinear",
     "binary_conv2d",
     "binary_conv2d_reference",
     "binary_linear",
@@ -62,10 +67,12 @@ __all__ = [
     "conv_output_size",
     "fold_threshold",
     "is_binary_layer",
+    "is_bitplane_layer",
     "pack_bits",
     "pack_bnn",
     "pack_conv_input",
     "pack_conv_weight",
+    "deinterleave_weights",
     "interleave_weights",
     "pack_weights",
     "packed_bytes",
@@ -135,6 +142,17 @@ def interleave_weights(w_bits: torch.Tensor) -> torch.Tensor:
     padded[:n] = w_bits
     as_words = padded.view(torch.int64).reshape(blocks, 8, words).transpose(1, 2)
     return as_words.contiguous().view(torch.uint8).reshape(blocks, 64 * words)
+
+
+def deinterleave_weights(w_bits: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`interleave_weights`: the row-major packed rows ``(n, row_bytes)``."""
+    blocks, width = w_bits.shape
+    if width % 64 or not 0 < n <= 8 * blocks or blocks != (n + 7) // 8:
+        raise ValueError(f"interleaved weights {tuple(w_bits.shape)} do not hold {n} rows")
+    words = width // 64
+    as_words = _np(w_bits).view("<u8").reshape(blocks, words, 8).transpose(0, 2, 1)
+    rows = np.ascontiguousarray(as_words.reshape(blocks * 8, words)[:n])
+    return torch.from_numpy(rows.view(np.uint8).reshape(n, 8 * words))
 
 
 def pack_weights(w: torch.Tensor) -> torch.Tensor:
@@ -572,23 +590,42 @@ def _(x_bits, geometry, or_mask):  # type: ignore[no-untyped-def]
     return x_bits.new_empty((b, oh, ow, cb), dtype=torch.uint8)
 
 
+_is_compiling = torch.compiler.is_compiling  # the same function objects (dynamo knows them)
+_is_exporting = torch.compiler.is_exporting
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() returns outside TorchScript
+_num_threads = torch.get_num_threads
+_from_numpy = torch.from_numpy
+
+
 def _tracing(x: torch.Tensor) -> bool:
-    # Cheapest test first: fake / functional tensors are subclasses; plain eager calls then pay
-    # only for is_compiling (is_exporting / jit tracing also run under it or with subclasses).
-    return bool(
-        type(x) is not torch.Tensor
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-    )
+    # Cheapest test first: fake / functional tensors are subclasses. Module-level aliases save
+    # the attribute lookups: a plain eager call pays ~0.3 us here (a batch-1 layer: ~30 us).
+    return type(x) is not torch.Tensor or _is_compiling() or _is_exporting() or bool(_jit_tracing())
 
 
 # ----------------------------------------------------------------------------------------------
 # Packed modules
 
 
+def _check_bits(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.uint8:
+        raise TypeError(f"input='bits' layers take packed uint8 bits (pack_bits); got {x.dtype}")
+    return x
+
+
+_PLAN_BUFFERS = frozenset(("w_bits", "scale", "bias", "thr", "flip", "tap_sums"))
+
+
 class _PackedBinaryBase(nn.Module):
-    """Shared epilogue state: ``bias``/``scale`` (float outputs) or ``thr``/``flip`` (bit outputs)."""
+    """Shared epilogue state: ``bias``/``scale`` (float outputs) or ``thr``/``flip`` (bit outputs).
+
+    Eager calls run one C++ call per layer (``BinaryLinearPlan.forward``): the constant operands
+    are checked and converted once into a plan, cached until a buffer is replaced
+    (``__setattr__``, ``.to()``/``_apply``, ``load_state_dict``), and the call takes the input
+    as a NumPy view and returns a new output array, so a batch-1 layer pays only for the module
+    call and two array conversions around the kernel. Under torch.compile / export / jit
+    tracing the same computation goes through the ``torch.ops.lowbit`` custom ops.
+    """
 
     w_bits: torch.Tensor
     tap_sums: torch.Tensor
@@ -596,6 +633,9 @@ class _PackedBinaryBase(nn.Module):
     bias: torch.Tensor | None
     thr: torch.Tensor | None
     flip: torch.Tensor | None
+    input_kind: str
+    out_kind: str
+    n_out: int
 
     def _init_epilogue(
         self,
@@ -619,25 +659,59 @@ class _PackedBinaryBase(nn.Module):
         self.register_buffer("thr", None if threshold is None else vec(threshold[0], torch.int32))
         self.register_buffer("flip", None if threshold is None else vec(threshold[1], torch.uint8))
 
+    # -- the C++ plan -------------------------------------------------------------------------
+
+    def _drop_caches(self) -> None:
+        self.__dict__.pop("_plan", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PLAN_BUFFERS:
+            self._drop_caches()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._drop_caches()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._drop_caches()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _reduction(self) -> int:
+        raise NotImplementedError
+
+    def plan(self) -> Any:
+        """The layer's C++ plan (``_kernels.BinaryLinearPlan``), built on first use."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            bufs = self._buffers
+            arrays = [
+                None if bufs[name] is None else _np(cast(torch.Tensor, bufs[name]))
+                for name in ("w_bits", "scale", "bias", "thr", "flip")
+            ]
+            plan = _ext.BinaryLinearPlan(
+                arrays[0],
+                self.n_out,
+                self._reduction(),
+                *arrays[1:],
+                _KIND_CODE[self.out_kind],
+                float_input=self.input_kind == "float" and not isinstance(self, PackedBinaryConv2d),
+            )
+            if isinstance(self, PackedBinaryConv2d):
+                geometry = (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
+                plan.set_conv(*geometry, packed_bytes(self.in_channels))
+            self.__dict__["_plan"] = plan
+        return plan
+
     def _gemm(self, a_bits: torch.Tensor, k: int, corr: torch.Tensor | None) -> torch.Tensor:
         n = self.n_out
-        args = (self.w_bits, n, k, corr, self.scale, self.bias, self.thr, self.flip)
         if _tracing(a_bits):
+            args = (self.w_bits, n, k, corr, self.scale, self.bias, self.thr, self.flip)
             return torch.ops.lowbit.binary_linear(a_bits, *args, _KIND_CODE[self.out_kind])
-        # Eager fast path: the constant operands are converted and checked once, in a C++ plan
-        # (a batch-1 layer runs in tens of microseconds; per-call conversions would show).
-        bufs = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~1 us per name
-        key = (bufs["w_bits"], bufs["scale"], bufs["bias"], bufs["thr"], bufs["flip"])
-        cached = self.__dict__.get("_plan")
-        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
-            arrays = tuple(None if t is None else _np(t) for t in key)
-            plan = _ext.BinaryLinearPlan(arrays[0], n, k, *arrays[1:], _KIND_CODE[self.out_kind])
-            cached = (key, plan)
-            self.__dict__["_plan"] = cached
         m = a_bits.shape[0]
         shape = (m, packed_bytes(n)) if self.out_kind == "bits" else (m, n)
         o = np.empty(shape, dtype=_NP_DTYPES[self.out_kind])
-        cached[1](_np(a_bits), None if corr is None else _np(corr), o, _threads())
+        self.plan()(_np(a_bits), None if corr is None else _np(corr), o, _threads())
         return torch.from_numpy(o)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -648,6 +722,19 @@ class _PackedBinaryBase(nn.Module):
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.lowbit.binary_pack(x) if _tracing(x) else pack_bits(x)
+
+    def _epilogue_config(self) -> dict[str, Any]:
+        return {
+            "out": self.out_kind,
+            "has_scale": self.scale is not None,
+            "has_bias": self.bias is not None,
+            "has_threshold": self.thr is not None,
+        }
+
+    def _set_epilogue_buffers(self, tensors: dict[str, torch.Tensor], out: str, n: int) -> None:
+        self.out_kind, self.n_out = out, n
+        for name in ("scale", "bias", "thr", "flip"):
+            self.register_buffer(name, tensors.get(name))
 
 
 class PackedBinaryLinear(_PackedBinaryBase):
@@ -677,8 +764,11 @@ class PackedBinaryLinear(_PackedBinaryBase):
         super().__init__()
         if input not in ("float", "bits"):
             raise ValueError(f"input must be 'float' or 'bits'; got {input!r}")
+        if input_layout is not None and input != "bits":
+            raise ValueError("input_layout describes packed inputs: it needs input='bits'")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.input_kind, self.input_layout = input, input_layout
+        self.input_kind = input
+        self.input_layout = None if input_layout is None else tuple(int(v) for v in input_layout)
         w = weight.detach().float()
         if input_layout is not None:
             h, wd, c = input_layout
@@ -693,17 +783,62 @@ class PackedBinaryLinear(_PackedBinaryBase):
         self.register_buffer("w_bits", interleave_weights(wb))
         self._init_epilogue(self.out_features, out, scale, bias, threshold)
 
+    def _reduction(self) -> int:
+        return self.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and not (_is_compiling() or _is_exporting() or _jit_tracing()):
+            # Hot path, kept to a handful of Python operations (after a batch-1 GEMV that has
+            # streamed megabytes through the caches, each one runs cold): one C++ call packs a
+            # float input, runs the GEMM and the epilogue and allocates the output.
+            try:
+                return _from_numpy(
+                    (self.__dict__.get("_plan") or self.plan()).forward(
+                        x.numpy(), None, _num_threads()
+                    )
+                )
+            except (TypeError, RuntimeError):
+                pass  # another dtype, a tensor that requires grad, not contiguous: general path
         if self.input_kind == "float":
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"expected inputs (..., {self.in_features}); got {tuple(x.shape)}")
             lead = x.shape[:-1]
             a = self._pack(x.reshape(-1, self.in_features))
         else:
+            _check_bits(x)
             lead = x.shape[:1]
             a = x.reshape(x.shape[0], -1)
         y = self._gemm(a, self.in_features, None)
         return y.reshape(*lead, y.shape[-1])
+
+    def config(self) -> dict[str, Any]:
+        """JSON description (``.lowbit`` files; docs/format.md "Binary layers")."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "input": self.input_kind,
+            "input_layout": None if self.input_layout is None else list(self.input_layout),
+            **self._epilogue_config(),
+        }
+
+    @classmethod
+    def from_packed(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> PackedBinaryLinear:
+        """A layer from :meth:`config` and its stored buffers (``w_bits`` interleaved, epilogue
+        vectors); the caller has validated shapes and dtypes (lowbit.saveload)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = (
+            int(config["in_features"]),
+            int(config["out_features"]),
+        )
+        self.input_kind = str(config["input"])
+        layout = config.get("input_layout")
+        self.input_layout = None if layout is None else tuple(int(v) for v in layout)
+        self.register_buffer("w_bits", tensors["w_bits"])
+        self._set_epilogue_buffers(tensors, str(config["out"]), self.out_features)
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -744,19 +879,43 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         self.register_buffer("w_bits", interleave_weights(pack_conv_weight(weight.detach())))
         self.register_buffer("tap_sums", signs(weight.detach()).sum(1).to(torch.int32))
         self._init_epilogue(n, out, scale, bias, threshold)
-        self._corr: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._corr: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray] | None] = {}
+
+    def _drop_caches(self) -> None:
+        super()._drop_caches()
+        self.__dict__["_corr"] = {}
+
+    def _reduction(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def _correction(self, h: int, w: int) -> tuple[torch.Tensor, np.ndarray] | None:
+        key = (h, w)
+        if key not in self._corr:
+            s = self.tap_sums.to(torch.float64)[:, None]  # (N, 1, KH, KW): one channel of sums
+            c = zero_padding_correction(s, h, w, self.stride, self.padding, self.dilation)
+            self._corr[key] = None if c is None else (c, c.numpy())
+        return self._corr[key]
 
     def correction(self, h: int, w: int) -> torch.Tensor | None:
         """The zero-padding correction for an ``h x w`` input (cached)."""
-        if (h, w) not in self._corr:
-            s = self.tap_sums.to(torch.float64)[:, None]  # (N, 1, KH, KW): one channel of sums
-            self._corr[(h, w)] = zero_padding_correction(
-                s, h, w, self.stride, self.padding, self.dilation
-            )
-        return self._corr[(h, w)]
+        c = self._correction(h, w)
+        return None if c is None else c[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = self._pack(x.permute(0, 2, 3, 1)) if self.input_kind == "float" else x
+        if not _tracing(x):
+            xb = pack_bits(x.permute(0, 2, 3, 1)) if self.input_kind == "float" else x
+            if xb.dim() == 4:
+                plan = self.__dict__.get("_plan") or self.plan()
+                c = self._correction(xb.shape[1], xb.shape[2])
+                try:
+                    y = torch.from_numpy(
+                        plan.forward_conv(xb.numpy(), None if c is None else c[1], _num_threads())
+                    )
+                except (TypeError, RuntimeError):
+                    pass  # not packed uint8, requires grad, not contiguous: general path
+                else:
+                    return y if self.out_kind == "bits" else y.permute(0, 3, 1, 2)
+        xb = self._pack(x.permute(0, 2, 3, 1)) if self.input_kind == "float" else _check_bits(x)
         b, h, w, _ = xb.shape
         oh, ow = conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
@@ -764,9 +923,47 @@ class PackedBinaryConv2d(_PackedBinaryBase):
             cols = torch.ops.lowbit.binary_im2col(xb, geometry)
         else:
             cols = _im2col(xb, self.kernel_size, self.stride, self.padding, self.dilation)
-        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        k = self._reduction()
         y = self._gemm(cols, k, self.correction(h, w)).reshape(b, oh, ow, -1)
         return y if self.out_kind == "bits" else y.permute(0, 3, 1, 2)
+
+    def config(self) -> dict[str, Any]:
+        """JSON description (``.lowbit`` files; docs/format.md "Binary layers")."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "input": self.input_kind,
+            **self._epilogue_config(),
+        }
+
+    @classmethod
+    def from_packed(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> PackedBinaryConv2d:
+        """A layer from :meth:`config` and its stored buffers; ``tap_sums`` (the zero-padding
+        correction's filter sums) is recomputed from ``w_bits``. Shapes validated by the caller."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        n, c = int(config["out_channels"]), int(config["in_channels"])
+        kh, kw = (int(v) for v in config["kernel_size"])
+        self.out_channels, self.in_channels, self.kernel_size = n, c, (kh, kw)
+        self.stride = _pair(config["stride"])
+        self.padding = _pair(config["padding"])
+        self.dilation = _pair(config["dilation"])
+        self.input_kind = str(config["input"])
+        w_bits = tensors["w_bits"]
+        self.register_buffer("w_bits", w_bits)
+        rows = deinterleave_weights(w_bits, n).reshape(n, kh * kw, -1)
+        neg = np.unpackbits(rows.numpy(), axis=-1, bitorder="little")[..., :c].sum(-1)
+        sums = torch.from_numpy((c - 2 * neg.astype(np.int64)).astype(np.int32))
+        self.register_buffer("tap_sums", sums.reshape(n, kh, kw).contiguous())
+        self._set_epilogue_buffers(tensors, str(config["out"]), n)
+        self._corr = {}
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -807,6 +1004,171 @@ class BinaryMaxPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, packed bits"
+
+
+class PackedBitplaneLinear(nn.Module):
+    """A first layer with ±1 weights and k-bit uniform inputs on the XNOR kernel (QNN §2.5).
+
+    The layer this replaces (a ``QuantLinear`` with binary weights whose input quantizer is
+    ``LinearAct``, e.g. ``overrides={"<first>": {"activations": "uint8"}}``) computes
+    ``F.linear(q * step, w_b * wscale, bias)`` with codes ``q = clamp(round(x / step), lo, hi)``,
+    ``step = clip / hi`` (:func:`lowbit.functional.linear_fake_quantize`). Here the same codes
+    are split into bit-planes ``q = sum_n c_n x_n`` (``c_n = 2^n``; the top plane of signed
+    codes weighs ``-2^(bits-1)``, two's complement), every plane runs through one popcount GEMM
+    as ``s_n = 2 x_n - 1`` (``x_n . w = (s_n . w + sum(w)) / 2``), so ``s = sum_n c_n x_n . w``
+    is the exact integer ``q . w_b`` (:func:`lowbit.methods.bnn.bitplane_linear`). The output is
+    ``float(s) * (step * wscale[n]) + bias[n]`` in fp32: the simulated layer's value up to fp32
+    rounding (its ``F.linear`` sums ``q * step`` products in another order).
+    """
+
+    w_bits: torch.Tensor
+    w_sum: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        act_bits: int = 8,
+        act_signed: bool = False,
+        act_clip: float = 1.0,
+        wscale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        from lowbit.functional import linear_qrange
+
+        if not 1 <= int(act_bits) <= 8:
+            raise ValueError(f"bit-plane layers take 1..8-bit inputs; got {act_bits}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.act_bits, self.act_signed, self.act_clip = (
+            int(act_bits),
+            bool(act_signed),
+            float(act_clip),
+        )
+        self.lo, self.hi = linear_qrange(self.act_bits, self.act_signed)
+        self.step = self.act_clip / self.hi  # exactly linear_fake_quantize's step
+        n = self.out_features
+        self.register_buffer("w_bits", pack_weights(weight.detach().float()))
+        self.register_buffer("w_sum", signs(weight.detach()).sum(1).to(torch.int32))
+        ws = torch.ones(n) if wscale is None else wscale.detach().float().reshape(-1).expand(n)
+        self.register_buffer("scale", (ws * self.step).to(torch.float32).contiguous())
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().float().reshape(n).contiguous()
+        )
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer input codes, computed exactly as the simulated layer's quantizer does."""
+        return torch.round(x.detach() / self.step).clamp(self.lo, self.hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs (..., {self.in_features}); got {tuple(x.shape)}")
+        q = self.codes(x.reshape(-1, self.in_features).float())
+        if not _tracing(q):
+            # One C++ call: bit-planes, popcount GEMM, exact integer combination, fp32 epilogue.
+            y = self._kernel(q, self.scale, self.bias)
+        else:
+            y = self.dots(q).to(torch.float32) * self.scale
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        codes = q.to(torch.int8 if self.act_signed else torch.uint8)
+        return torch.from_numpy(
+            _ext.binary_bitplane_linear(
+                _np(codes),
+                self.act_bits,
+                _np(self.w_bits),
+                self.out_features,
+                self.in_features,
+                _np(self.w_sum),
+                _np(scale),
+                _opt(bias),
+                _threads(),
+            )
+        )
+
+    def dots(self, q: torch.Tensor) -> torch.Tensor:
+        """Exact int64 ``q @ w_b.T`` of integer codes ``q (M, K)`` (any dtype holding integers
+        in the layer's code range)."""
+        k, n, bits = self.in_features, self.out_features, self.act_bits
+        if not _tracing(q) and k * (1 << bits) < (1 << 24):  # float(s) is exact below 2^24
+            return self._kernel(q, torch.ones(n), None).to(torch.int64)
+        q = q.to(torch.int64) & ((1 << bits) - 1)
+        m = q.shape[0]
+        shifts = torch.arange(bits, dtype=torch.int64).reshape(bits, 1, 1)
+        # Plane bit 1 is the input +1 (sign bit 0): pack x_n - 0.5.
+        planes = ((q.unsqueeze(0) >> shifts) & 1).to(torch.float32).sub_(0.5).reshape(bits * m, k)
+        if _tracing(q):
+            a = torch.ops.lowbit.binary_pack(planes)
+            args = (self.w_bits, n, k, None, None, None, None, None, _KIND_CODE["int32"])
+            d = torch.ops.lowbit.binary_linear(a, *args)
+        else:
+            d = _linear_impl(
+                pack_bits(planes), self.w_bits, n, k, None, None, None, None, None, "int32"
+            )
+        half = (d.reshape(bits, m, n).to(torch.int64) + self.w_sum.to(torch.int64)) // 2
+        weights = [1 << p for p in range(bits)]
+        if self.act_signed:
+            weights[-1] = -(1 << (bits - 1))
+        return (half * torch.tensor(weights, dtype=torch.int64).reshape(bits, 1, 1)).sum(0)
+
+    def config(self) -> dict[str, Any]:
+        """JSON description (``.lowbit`` files; docs/format.md)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "act_bits": self.act_bits,
+            "act_signed": self.act_signed,
+            "act_clip": self.act_clip,
+            "has_bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_packed(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> PackedBitplaneLinear:
+        """A layer from :meth:`config` and its stored ``w_bits`` / ``scale`` / ``bias``;
+        ``w_sum`` is recomputed from the bits. Shapes validated by the caller."""
+        n, k = int(config["out_features"]), int(config["in_features"])
+        self = cls(
+            torch.ones(1, 1),
+            act_bits=int(config["act_bits"]),
+            act_signed=bool(config["act_signed"]),
+            act_clip=float(config["act_clip"]),
+        )
+        self.out_features, self.in_features = n, k
+        self.w_bits = tensors["w_bits"]
+        rows = deinterleave_weights(self.w_bits, n).numpy()
+        neg = np.unpackbits(rows, axis=-1, bitorder="little")[:, :k].sum(-1).astype(np.int64)
+        self.w_sum = torch.from_numpy((k - 2 * neg).astype(np.int32))
+        self.scale = tensors["scale"]
+        self.bias = tensors.get("bias")
+        return self
+
+    def extra_repr(self) -> str:
+        kind = f"{'' if self.act_signed else 'u'}int{self.act_bits}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"input={kind} bit-planes, out=float"
+        )
+
+
+def is_bitplane_layer(module: nn.Module) -> bool:
+    """A ``QuantLinear`` with binary weights whose input quantizer is uniform k-bit (k <= 8):
+    what :class:`PackedBitplaneLinear` runs exactly on the XNOR kernel."""
+    from lowbit.nn import LinearAct, QuantLinear
+
+    if not isinstance(module, QuantLinear) or type(module.input_quantizer) is not LinearAct:
+        return False
+    if not 1 <= module.input_quantizer.bits <= 8:
+        return False
+    return bool(module.quantized_weight().format == "binary")
 
 
 class FlattenBits(nn.Module):
@@ -904,7 +1266,11 @@ def _chain_fn(
 
 
 def pack_bnn(
-    model: nn.Module, input_shape: Sequence[int] | None = None, *, verify: bool = True
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    *,
+    verify: bool = True,
+    bitplanes: bool = True,
 ) -> nn.Sequential:
     """A fully packed inference model of a BNN-trained sequential model.
 
@@ -919,6 +1285,12 @@ def pack_bnn(
       writes packed bits; max-pools become :class:`BinaryMaxPool2d` on bits, a flatten after a
       conv becomes :class:`FlattenBits` (the next layer's weight columns are permuted);
     * otherwise it outputs ``float(d) + bias`` and the following modules run as they are.
+
+    A linear layer with binary weights and uniform k-bit inputs (k <= 8: a first layer trained
+    with ``overrides={"<first>": {"activations": "uint8"}}``) becomes a
+    :class:`PackedBitplaneLinear` when ``bitplanes`` (the default): its integer dot products are
+    computed exactly over bit-planes on the XNOR kernel, its float output is the simulated
+    layer's up to fp32 rounding.
 
     Float layers (the kept first / last layer) stay as they are. ``input_shape`` (without the
     batch) defaults to ``model.input_shape``; it is needed for conv -> linear flattening and,
@@ -950,7 +1322,20 @@ def pack_bnn(
     while i < len(leaves):
         layer = leaves[i]
         if not is_binary_layer(layer):
+            if bitplanes and is_bitplane_layer(layer):
+                weight, wscale = binary_layer_weight(layer)
+                iq = cast(Any, layer).input_quantizer
+                layer_bias = getattr(layer, "bias", None)
+                layer = PackedBitplaneLinear(
+                    weight,
+                    act_bits=iq.bits,
+                    act_signed=iq.signed,
+                    act_clip=iq.clip,
+                    wscale=wscale,
+                    bias=layer_bias if isinstance(layer_bias, torch.Tensor) else None,
+                )
             stages.append(layer)
+            bits_in = False
             i += 1
             continue
         weight, wscale = binary_layer_weight(layer)

@@ -710,6 +710,12 @@ def pack_cmd(
     quantized: bool = typer.Option(
         False, "--quantized", help="Save the quantized (Quant*) model instead of packing it."
     ),
+    xnor: bool = typer.Option(
+        False,
+        "--xnor",
+        help="BNN runs: the fully binary XNOR-popcount model (lowbit.binary.pack_bnn): packed bits "
+        "between binary layers, batch norm + sign folded into thresholds.",
+    ),
     evaluate: bool = typer.Option(
         False, "--eval", help="Also print test accuracy: simulated vs packed."
     ),
@@ -718,7 +724,8 @@ def pack_cmd(
 ) -> None:
     """Pack a quantized model into a .lowbit file (prints its size and the compression vs float32).
 
-    Example: lowbit pack runs/mlp-ttq -o mlp.lowbit; lowbit pack runs/mlp-fp --method twn --keep none -o mlp.lowbit
+    Example: lowbit pack runs/mlp-ttq -o mlp.lowbit; lowbit pack runs/mlp-fp --method twn --keep none -o mlp.lowbit;
+    lowbit pack runs/mlp-bnn --xnor -o bnn.lowbit
     """
     from lowbit import deploy
     from lowbit.saveload import save
@@ -727,6 +734,8 @@ def pack_cmd(
     keep_t: tuple[str, ...] = (
         () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
     )
+    if xnor and quantized:
+        fail("--xnor packs the model; --quantized saves it unpacked: pass one of them")
     try:
         model, info, splits = deploy.quantized_from_source(
             source,
@@ -736,18 +745,26 @@ def pack_cmd(
             model=model_name,
             model_options=parse_options(model_opt, "--model-opt"),
         )
-        target = model if quantized else lowbit.pack(model, activations=activations)
+        if xnor:
+            target = _pack_xnor(model)
+        else:
+            target = model if quantized else lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     result: dict = {"source": info["checkpoint"], "method": info.get("method")}
     if evaluate and splits is not None:
         result["simulated_acc"] = deploy.accuracy(model, splits.test)
         result["packed_acc"] = deploy.accuracy(target, splits.test)
+    metadata: dict = {"data": info["data"], "source": info["checkpoint"]}
+    input_shape = getattr(model, "input_shape", None)
+    if xnor and input_shape is not None:
+        metadata["input_shape"] = [int(d) for d in input_shape]
     saved = save(
         target,
         out,
-        architecture=info["architecture"],
-        metadata={"data": info["data"], "source": info["checkpoint"]},
+        # pack_bnn returns a flat nn.Sequential of stages, stored as a module tree.
+        architecture=None if xnor else info["architecture"],
+        metadata=metadata,
     )
     result.update(saved)
     result["packing_report"] = getattr(target, "packing_report", None)
@@ -766,6 +783,24 @@ def pack_cmd(
         typer.echo(
             f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%"
         )
+
+
+def _pack_xnor(model: Any) -> Any:
+    """``lowbit.pack(model, xnor=True)`` with a packing report (one line per stage)."""
+    from lowbit import binary
+
+    packed: Any = lowbit.pack(model, xnor=True)
+    report: dict[str, str] = {}
+    for name, stage in packed.named_children():
+        kind = type(stage).__name__
+        if isinstance(stage, (binary.PackedBinaryLinear, binary.PackedBinaryConv2d)):
+            report[name] = f"packed: {kind}({stage.extra_repr()})"
+        elif isinstance(stage, (binary.BinaryMaxPool2d, binary.FlattenBits)):
+            report[name] = f"on bits: {kind}"
+        elif any(True for _ in stage.parameters()):
+            report[name] = f"kept as {kind}"
+    packed.packing_report = report  # stored in the .lowbit manifest by save()
+    return packed
 
 
 @app.command("run")

@@ -11,6 +11,11 @@ What is stored:
 
 * packed layers (:class:`~lowbit.pack.PackedLinear`, :class:`~lowbit.pack.PackedConv2d`): their
   config and kernel-ready buffers (the tiles of docs/format.md);
+* XNOR-packed layers (:func:`lowbit.binary.pack_bnn`: ``PackedBinaryLinear``,
+  ``PackedBinaryConv2d``, ``PackedBitplaneLinear``, ``BinaryMaxPool2d``; ``FlattenBits`` is a
+  plain module): the interleaved sign bits the kernels read and the epilogue vectors (thresholds
+  or scale / bias); derived sums are recomputed from the bits, and padding bits, padding rows and
+  flips are checked on load (docs/format.md "XNOR-packed binary layers");
 * quantized layers (``QuantLinear``, ``QuantConv2d``): the exported
   :class:`~lowbit.qtypes.QuantizedWeight` — codes packed 2 bits (binary, ternary) or 4 bits
   (k-bit up to 4 / log up to 3 bits) per weight in the kernel tiles, else int8 — its scales, the
@@ -45,10 +50,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from lowbit import kernels
+from lowbit.binary import (
+    OUT_KINDS,
+    BinaryMaxPool2d,
+    FlattenBits,
+    PackedBinaryConv2d,
+    PackedBinaryLinear,
+    PackedBitplaneLinear,
+    deinterleave_weights,
+    packed_bytes,
+)
 from lowbit.nn import QuantConv2d, QuantLinear, QuantModule, WeightQuantizer, make_act_quantizer
 from lowbit.pack import PackedConv2d, PackedLinear
 from lowbit.qtypes import ActSpec, Granularity, QuantizedWeight, code_range
@@ -355,6 +371,189 @@ def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: 
 
 
 # ----------------------------------------------------------------------------------------------
+# XNOR-packed layers (lowbit.binary): kernel-ready bits, validated against their config
+
+_BINARY_EPILOGUE = ("scale", "bias", "thr", "flip")
+
+
+def _binary_layer_spec(layer: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
+    """(spec, tensors, float32 bytes of the float layer it replaces) of a binary packed layer."""
+    if isinstance(layer, BinaryMaxPool2d):
+        config = {
+            "kernel_size": list(layer.kernel_size),
+            "stride": list(layer.stride),
+            "padding": list(layer.padding),
+            "channel_bytes": int(layer.or_mask.numel()),
+        }
+        return {"type": "BinaryMaxPool2d", "config": config}, {"or_mask": layer.or_mask}, 0
+    if isinstance(layer, PackedBitplaneLinear):  # w_sum is derived from w_bits on load
+        own = {"w_bits": layer.w_bits, "scale": layer.scale}
+        if layer.bias is not None:
+            own["bias"] = layer.bias
+        fb = 4 * layer.in_features * layer.out_features + (
+            0 if layer.bias is None else 4 * layer.out_features
+        )
+        return {"type": "PackedBitplaneLinear", "config": layer.config()}, own, fb
+    assert isinstance(layer, (PackedBinaryLinear, PackedBinaryConv2d))
+    own = {"w_bits": layer.w_bits}
+    for name in _BINARY_EPILOGUE:
+        t = getattr(layer, name)
+        if t is not None:
+            own[name] = t
+    if isinstance(layer, PackedBinaryLinear):
+        weights = layer.in_features * layer.out_features
+    else:  # tap_sums is derived from w_bits on load, not stored
+        weights = layer.out_channels * layer._reduction()
+    float_bytes = 4 * weights + (4 * layer.n_out if layer.bias is not None else 0)
+    return {"type": type(layer).__name__, "config": layer.config()}, own, float_bytes
+
+
+def _pair_of(v: Any, what: str, lo: int) -> tuple[int, int]:
+    if not isinstance(v, list) or len(v) != 2:
+        raise LowbitFileError(f"{what} must be a pair of ints, got {v!r}")
+    a, b = (_expect_int(x, what, lo, 1 << 16) for x in v)
+    return a, b
+
+
+def _check_keys(config: Any, keys: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(config, dict) or set(config) != keys:
+        got = sorted(config) if isinstance(config, dict) else config
+        raise LowbitFileError(
+            f"{where}: config must have exactly the keys {sorted(keys)}, got {got}"
+        )
+    return config
+
+
+def _binary_geometry(kind: str, config: Any, where: str) -> tuple[int, int, int, int]:
+    """Validates a binary layer's config; ``(N, K, groups, group_bits)``: every packed weight row
+    is ``groups`` chunks of ``packed_bytes(group_bits)`` bytes with ``group_bits`` valid bits."""
+    common = {"input", "out", "has_scale", "has_bias", "has_threshold"}
+    if kind == "PackedBitplaneLinear":
+        keys = {"in_features", "out_features", "act_bits", "act_signed", "act_clip", "has_bias"}
+        c = _check_keys(config, keys, where)
+        k = _expect_int(c["in_features"], f"{where}: in_features", 1, 1 << 31)
+        n = _expect_int(c["out_features"], f"{where}: out_features", 1, 1 << 31)
+        _expect_int(c["act_bits"], f"{where}: act_bits", 1, 8)
+        clip = c["act_clip"]
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not 0 < clip < math.inf:
+            raise LowbitFileError(f"{where}: act_clip must be a positive number, got {clip!r}")
+        for flag in ("act_signed", "has_bias"):
+            if not isinstance(c[flag], bool):
+                raise LowbitFileError(f"{where}: {flag} must be true or false")
+        return n, k, 1, k
+    if kind == "PackedBinaryLinear":
+        c = _check_keys(config, common | {"in_features", "out_features", "input_layout"}, where)
+        k = _expect_int(c["in_features"], f"{where}: in_features", 1, 1 << 31)
+        n = _expect_int(c["out_features"], f"{where}: out_features", 1, 1 << 31)
+        layout = c["input_layout"]
+        if layout is None:
+            groups, bits = 1, k
+        else:
+            if not isinstance(layout, list) or len(layout) != 3:
+                raise LowbitFileError(f"{where}: input_layout must be null or [H, W, C]")
+            h, w, ch = (_expect_int(v, f"{where}: input_layout", 1, 1 << 31) for v in layout)
+            if h * w * ch != k or c["input"] != "bits":
+                raise LowbitFileError(
+                    f"{where}: input_layout {layout} needs packed inputs of in_features={k} values"
+                )
+            groups, bits = h * w, ch
+    elif kind == "PackedBinaryConv2d":
+        keys = common | {
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+        }
+        c = _check_keys(config, keys, where)
+        ch = _expect_int(c["in_channels"], f"{where}: in_channels", 1, 1 << 24)
+        n = _expect_int(c["out_channels"], f"{where}: out_channels", 1, 1 << 24)
+        kh, kw = _pair_of(c["kernel_size"], f"{where}: kernel_size", 1)
+        _pair_of(c["stride"], f"{where}: stride", 1)
+        _pair_of(c["padding"], f"{where}: padding", 0)
+        _pair_of(c["dilation"], f"{where}: dilation", 1)
+        k, groups, bits = ch * kh * kw, kh * kw, ch
+    else:
+        raise LowbitFileError(f"{where}: unknown binary layer type {kind!r}")
+    if c["input"] not in ("float", "bits"):
+        raise LowbitFileError(f"{where}: input must be 'float' or 'bits', got {c['input']!r}")
+    if c["out"] not in OUT_KINDS:
+        raise LowbitFileError(f"{where}: out must be one of {OUT_KINDS}, got {c['out']!r}")
+    for flag in ("has_scale", "has_bias", "has_threshold"):
+        if not isinstance(c[flag], bool):
+            raise LowbitFileError(f"{where}: {flag} must be true or false")
+    if c["out"] == "bits" and not c["has_threshold"]:
+        raise LowbitFileError(f"{where}: bit outputs need a threshold (has_threshold)")
+    return n, k, groups, bits
+
+
+def _binary_expected(
+    kind: str, config: Any, where: str
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype/shape of every tensor of a binary layer (docs/format.md "Binary layers")."""
+    if kind == "BinaryMaxPool2d":
+        c = _check_keys(config, {"kernel_size", "stride", "padding", "channel_bytes"}, where)
+        _pair_of(c["kernel_size"], f"{where}: kernel_size", 1)
+        _pair_of(c["stride"], f"{where}: stride", 1)
+        _pair_of(c["padding"], f"{where}: padding", 0)
+        cb = _expect_int(c["channel_bytes"], f"{where}: channel_bytes", 8, 1 << 24)
+        if cb % 8:
+            raise LowbitFileError(f"{where}: channel_bytes must be whole 64-bit words, got {cb}")
+        return {"or_mask": (torch.uint8, (cb,))}
+    n, _, groups, bits = _binary_geometry(kind, config, where)
+    row_bytes = groups * packed_bytes(bits)
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        "w_bits": (torch.uint8, ((n + 7) // 8, 8 * row_bytes))
+    }
+    if kind == "PackedBitplaneLinear":
+        out["scale"] = (torch.float32, (n,))
+        if config["has_bias"]:
+            out["bias"] = (torch.float32, (n,))
+        return out
+    if config["has_scale"]:
+        out["scale"] = (torch.float32, (n,))
+    if config["has_bias"]:
+        out["bias"] = (torch.float32, (n,))
+    if config["has_threshold"]:
+        out["thr"] = (torch.int32, (n,))
+        out["flip"] = (torch.uint8, (n,))
+    return out
+
+
+def _build_binary(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """A binary layer from validated shapes, after checking the bits themselves: padding rows
+    and padding bits must be 0 (the kernels rely on it: padding cancels in ``a ^ w``), flips
+    0 or 1."""
+    kind, config = spec["type"], spec["config"]
+    if kind == "BinaryMaxPool2d":
+        return BinaryMaxPool2d(
+            tuple(config["kernel_size"]),
+            tuple(config["stride"]),
+            tuple(config["padding"]),
+            or_mask=tensors["or_mask"],
+        ).eval()
+    n, _, groups, bits = _binary_geometry(kind, config, where)
+    w_bits = tensors["w_bits"]
+    blocks = w_bits.shape[0]
+    interleaved = w_bits.numpy().view("<u8").reshape(blocks, -1, 8)  # (block, word, row)
+    if interleaved[-1, :, n - 8 * (blocks - 1) :].any():
+        raise LowbitFileError(f"{where}: padding rows of w_bits must be 0")
+    rows = deinterleave_weights(w_bits, n).numpy().reshape(n, groups, -1)
+    valid = np.zeros(rows.shape[-1] * 8, dtype=np.uint8)
+    valid[:bits] = 1
+    pad_mask = ~np.packbits(valid, bitorder="little")
+    if (rows & pad_mask).any():
+        raise LowbitFileError(f"{where}: padding bits of w_bits must be 0")
+    if "flip" in tensors and int(tensors["flip"].max()) > 1:
+        raise LowbitFileError(f"{where}: flip must hold 0 or 1")
+    if kind == "PackedBitplaneLinear":
+        return PackedBitplaneLinear.from_packed(config, tensors).eval()
+    cls = PackedBinaryLinear if kind == "PackedBinaryLinear" else PackedBinaryConv2d
+    return cls.from_packed(config, tensors).eval()
+
+
+# ----------------------------------------------------------------------------------------------
 # Plain modules: a whitelist rebuilt from their constructor arguments
 
 _PLAIN: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
@@ -399,6 +598,7 @@ _PLAIN: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
     "Softmax": (nn.Softmax, ("dim",)),
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+    "FlattenBits": (FlattenBits, ()),
 }
 
 
@@ -446,8 +646,12 @@ class _LayerSlot(nn.Module):
     """Where a quantized / packed layer goes in a tree rebuilt from the manifest."""
 
 
+_BINARY = (PackedBinaryLinear, PackedBinaryConv2d, BinaryMaxPool2d, PackedBitplaneLinear)
+_BINARY_KINDS = tuple(cls.__name__ for cls in _BINARY)
+
+
 def _is_special(m: nn.Module) -> bool:
-    return isinstance(m, (QuantModule, PackedLinear, PackedConv2d))
+    return isinstance(m, (QuantModule, PackedLinear, PackedConv2d, *_BINARY))
 
 
 def _tree(m: nn.Module) -> dict[str, Any] | None:
@@ -540,6 +744,9 @@ def save(
             float_bytes += 4 * gemm.in_features * gemm.out_features + (
                 4 * gemm.out_features if gemm.has_bias else 0
             )
+        elif isinstance(layer, _BINARY):
+            spec, own, layer_float = _binary_layer_spec(layer)
+            float_bytes += layer_float
         elif isinstance(layer, (QuantLinear, QuantConv2d)):
             spec, own = _quant_layer_spec(layer, where)
             float_bytes += 4 * layer.weight.numel() + (
@@ -548,7 +755,8 @@ def save(
         else:
             raise ValueError(
                 f"cannot save layer {where!r}: {type(layer).__name__} has no .lowbit encoding yet "
-                "(supported: QuantLinear, QuantConv2d, PackedLinear, PackedConv2d)"
+                "(supported: QuantLinear, QuantConv2d, PackedLinear, PackedConv2d, "
+                "PackedBinaryLinear, PackedBinaryConv2d, BinaryMaxPool2d, PackedBitplaneLinear)"
             )
         layers[lpath] = spec
         layer_bytes += sum(t.numel() * t.element_size() for t in own.values())
@@ -804,6 +1012,8 @@ def _expected_for(
             return kind, {f"gemm.{k}": v for k, v in exp.items()}
         if kind in ("QuantLinear", "QuantConv2d"):
             return kind, _quant_expected(spec, where)
+        if kind in _BINARY_KINDS:
+            return kind, _binary_expected(kind, spec.get("config"), where)
     except LowbitFileError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -821,10 +1031,27 @@ def _layer_dims(kind: str, spec: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
     if kind == "PackedConv2d":
         c = spec["config"]
         return "conv", (c["in_channels"], c["gemm"]["out_features"], *c["kernel_size"])
+    if kind in ("PackedBinaryLinear", "PackedBitplaneLinear"):
+        c = spec["config"]
+        return "linear", (c["in_features"], c["out_features"])
+    if kind == "PackedBinaryConv2d":
+        c = spec["config"]
+        return "conv", (c["in_channels"], c["out_channels"], *c["kernel_size"])
+    if kind == "BinaryMaxPool2d":
+        return "pool", tuple(spec["config"]["kernel_size"])
     return "conv", (spec["in_channels"], spec["out_channels"], *spec["kernel_size"])
 
 
 def _module_dims(m: nn.Module) -> tuple[str, tuple[int, ...]] | None:
+    if isinstance(m, (PackedBinaryLinear, PackedBitplaneLinear)):
+        return "linear", (m.in_features, m.out_features)
+    if isinstance(m, PackedBinaryConv2d):
+        return "conv", (m.in_channels, m.out_channels, *m.kernel_size)
+    if isinstance(m, BinaryMaxPool2d):
+        return "pool", m.kernel_size
+    if isinstance(m, nn.MaxPool2d):
+        ks = m.kernel_size
+        return "pool", (ks, ks) if isinstance(ks, int) else tuple(ks)
     if isinstance(m, PackedLinear):
         return "linear", (m.in_features, m.out_features)
     if isinstance(m, PackedConv2d):
@@ -1010,6 +1237,8 @@ def _apply(
         elif kind == "PackedConv2d":
             layer = PackedConv2d.from_config(new["config"])
             layer.load_state_dict(own)
+        elif kind in _BINARY_KINDS:
+            layer = _build_binary(new, own, where)
         else:
             layer = _build_quant(new, own, where)
         built[lpath] = layer

@@ -67,30 +67,42 @@ struct Job {
     int64_t out_stride = 0;  // elements (bytes for kBits)
 };
 
-void epilogue(const Job& j, int64_t m, int64_t n0, int64_t len, const int32_t* pop) {
-    const int32_t* corr = j.corr ? j.corr + (m % j.corr_period) * j.n + n0 : nullptr;
+constexpr int64_t kTileN = 256;  // multiple of 64: bit outputs are written in whole words
+
+// Every pointer is read into a __restrict local first: through `j` the compiler would have to
+// reload them on each iteration (the output might alias the Job), and these loops would not
+// vectorize (a 4096-wide float epilogue cost several microseconds that way).
+void epilogue(const Job& j, int64_t m, int64_t n0, int64_t len, const int32_t* __restrict pop) {
+    const int32_t* __restrict corr = j.corr ? j.corr + (m % j.corr_period) * j.n + n0 : nullptr;
     const int32_t k = (int32_t)j.k;
     switch (j.mode) {
         case kInt32: {
-            int32_t* o = (int32_t*)j.out + m * j.out_stride + n0;
-            for (int64_t i = 0; i < len; ++i) o[i] = k - 2 * pop[i] + (corr ? corr[i] : 0);
+            int32_t* __restrict o = (int32_t*)j.out + m * j.out_stride + n0;
+            if (corr)
+                for (int64_t i = 0; i < len; ++i) o[i] = k - 2 * pop[i] + corr[i];
+            else
+                for (int64_t i = 0; i < len; ++i) o[i] = k - 2 * pop[i];
             break;
         }
-        case kFloat: {
-            float* o = (float*)j.out + m * j.out_stride + n0;
-            for (int64_t i = 0; i < len; ++i) {
-                const float d = (float)(k - 2 * pop[i] + (corr ? corr[i] : 0));
-                o[i] = d * (j.scale ? j.scale[n0 + i] : 1.0f) + (j.bias ? j.bias[n0 + i] : 0.0f);
-            }
-            break;
-        }
+        case kFloat:
         case kInt8: {
-            int8_t* o = (int8_t*)j.out + m * j.out_stride + n0;
-            for (int64_t i = 0; i < len; ++i) {
-                const float d = (float)(k - 2 * pop[i] + (corr ? corr[i] : 0));
-                float v = std::nearbyint(d * (j.scale ? j.scale[n0 + i] : 1.0f) + (j.bias ? j.bias[n0 + i] : 0.0f));
-                v = std::min(127.0f, std::max(-128.0f, v));
-                o[i] = (int8_t)v;
+            const float* __restrict scale = j.scale ? j.scale + n0 : nullptr;
+            const float* __restrict bias = j.bias ? j.bias + n0 : nullptr;
+            float buf[kTileN];  // len <= kTileN: one row of a tile (run_block)
+            for (int64_t i = 0; i < len; ++i) buf[i] = (float)(k - 2 * pop[i] + (corr ? corr[i] : 0));
+            if (scale)
+                for (int64_t i = 0; i < len; ++i) buf[i] *= scale[i];
+            if (bias)
+                for (int64_t i = 0; i < len; ++i) buf[i] += bias[i];
+            if (j.mode == kFloat) {
+                float* __restrict o = (float*)j.out + m * j.out_stride + n0;
+                for (int64_t i = 0; i < len; ++i) o[i] = buf[i];
+            } else {
+                int8_t* __restrict o = (int8_t*)j.out + m * j.out_stride + n0;
+                for (int64_t i = 0; i < len; ++i) {
+                    const float v = std::nearbyint(buf[i]);
+                    o[i] = (int8_t)std::min(127.0f, std::max(-128.0f, v));
+                }
             }
             break;
         }
@@ -103,19 +115,23 @@ void epilogue(const Job& j, int64_t m, int64_t n0, int64_t len, const int32_t* p
     }
 }
 
-constexpr int64_t kTileN = 256;  // multiple of 64: bit outputs are written in whole words
 constexpr int64_t kTileM = 48;   // multiple of the AVX-512 microkernel's 6 tokens
 
 void run_block(const lowbit_binary_table& t, const Job& j, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    std::vector<int32_t> pop((size_t)(kTileM * kTileN));
+    // Per-thread popcount tile, reused across calls: a fresh zeroed 48 KiB vector per call cost
+    // about a microsecond of a batch-1 layer (and its cache lines). The GEMM writes every entry
+    // the epilogue reads, so it needs no initialisation.
+    thread_local std::vector<int32_t> pop_buf;
+    if (pop_buf.size() < (size_t)(kTileM * kTileN)) pop_buf.resize((size_t)(kTileM * kTileN));
+    int32_t* const pop = pop_buf.data();  // one TLS lookup, not one per use
     for (int64_t nb = n0; nb < n1; nb += kTileN) {  // nb is a multiple of 64 (so of 8)
         const int64_t nl = std::min(kTileN, n1 - nb);
         const int64_t blocks = (nl + 7) / 8;  // the last block may hold padding rows
         for (int64_t mb = m0; mb < m1; mb += kTileM) {
             const int64_t ml = std::min(kTileM, m1 - mb);
             t.popcount_gemm(j.a + mb * j.a_stride, j.a_stride, j.w + (nb / 8) * j.words * 64, j.words, ml, blocks,
-                            pop.data(), 8 * blocks);
-            for (int64_t i = 0; i < ml; ++i) epilogue(j, mb + i, nb, nl, pop.data() + i * 8 * blocks);
+                            pop, 8 * blocks);
+            for (int64_t i = 0; i < ml; ++i) epilogue(j, mb + i, nb, nl, pop + i * 8 * blocks);
         }
     }
 }
@@ -132,8 +148,6 @@ void run(const Job& j, int n_threads) {
     else
         lowbit::parallel_for(j.m, n_threads, 6, [&](int64_t b, int64_t e) { run_block(t, j, b, e, 0, j.n); });
 }
-
-int64_t stride0(int64_t rows, int64_t stride, int64_t cols) { return rows > 1 ? stride : cols; }
 
 void binary_linear(Dense<const uint8_t> a, Dense<const uint8_t> w, int64_t n, int64_t k,
                    std::optional<Dense<const int32_t>> corr, std::optional<Vector<const float>> scale,
@@ -256,8 +270,8 @@ class LinearPlan {
    public:
     LinearPlan(Dense<const uint8_t> w, int64_t n, int64_t k, std::optional<Vector<const float>> scale,
                std::optional<Vector<const float>> bias, std::optional<Vector<const int32_t>> thr,
-               std::optional<Vector<const uint8_t>> flip, int mode)
-        : w_(w), scale_(scale), bias_(bias), thr_(thr), flip_(flip) {
+               std::optional<Vector<const uint8_t>> flip, int mode, bool float_input)
+        : float_input_(float_input), w_(w), scale_(scale), bias_(bias), thr_(thr), flip_(flip) {
         if (mode < kInt32 || mode > kBits) throw std::invalid_argument("unknown output mode");
         const int64_t words = (int64_t)w.shape(1) / 64;
         if (n < 1 || (int64_t)w.shape(0) != (n + 7) / 8 || (int64_t)w.shape(1) % 64 || k < 0 || k > 64 * words)
@@ -296,16 +310,17 @@ class LinearPlan {
 
     // One whole layer call, for the eager hot path (a batch-1 layer runs in ~25 us, so the
     // Python around it matters): `x` is packed bits, uint8 (M, ...) whose trailing dimensions
-    // hold the layer's row bytes, or float32 (..., K) binarized and packed here (lowbit's sign
-    // rule: the ISA packer of kernels.h). Returns a new NumPy array (M, N), or (M, packed
-    // bytes of N) for bit outputs. Arguments of another dtype raise TypeError (the caller
+    // hold the layer's row bytes, or, for a plan built with float_input, float32 (..., K)
+    // binarized and packed here (lowbit's sign rule: the ISA packer of kernels.h). Returns a new NumPy array (M, N), or (M, packed
+    // bytes of N) for bit outputs; float inputs (..., K) give (..., N) as nn.Linear does.
+    // Arguments of another dtype raise TypeError (the caller
     // falls back to the general path); wrong shapes raise ValueError.
     nb::ndarray<nb::numpy> forward(nb::ndarray<nb::device::cpu, nb::c_contig> x,
                                    std::optional<Dense<const int32_t>> corr, int n_threads) const {
         Job j = job_;
         const bool is_float = x.dtype() == nb::dtype<float>();
-        if (!is_float && x.dtype() != nb::dtype<uint8_t>())
-            throw nb::type_error("packed bits (uint8) or float32 inputs");
+        if (is_float != float_input_ || (!is_float && x.dtype() != nb::dtype<uint8_t>()))
+            throw nb::type_error(float_input_ ? "this layer takes float32 inputs" : "this layer takes packed bits (uint8)");
         if (x.ndim() < 1 + (is_float ? 0 : 1)) throw std::invalid_argument("input has too few dimensions");
         int64_t m = 1, row = 1;
         if (is_float) {
@@ -322,7 +337,17 @@ class LinearPlan {
         }
         set_corr(j, corr);
         void* out = nullptr;
-        auto result = new_output(j, {(size_t)m, (size_t)j.out_stride}, &out);
+        // Float inputs (..., K) give (..., N) (as nn.Linear); packed bits (M, ...) give (M, cols).
+        size_t shape[8];
+        size_t ndim = 2;
+        shape[0] = (size_t)m;
+        if (is_float && x.ndim() != 2) {
+            if (x.ndim() > 8) throw std::invalid_argument("float inputs may have at most 8 dimensions");
+            ndim = x.ndim();
+            for (size_t d = 0; d + 1 < ndim; ++d) shape[d] = (size_t)x.shape(d);
+        }
+        shape[ndim - 1] = (size_t)j.out_stride;
+        auto result = new_output(j, ndim, shape, &out);
         j.m = m;
         j.out = out;
         j.a_stride = 8 * j.words;
@@ -362,7 +387,8 @@ class LinearPlan {
             throw std::invalid_argument("corr must have one row per output pixel (OH*OW)");
         const int64_t m = g.b * g.oh * g.ow;
         void* out = nullptr;
-        auto result = new_output(j, {(size_t)g.b, (size_t)g.oh, (size_t)g.ow, (size_t)j.out_stride}, &out);
+        const size_t shape[4] = {(size_t)g.b, (size_t)g.oh, (size_t)g.ow, (size_t)j.out_stride};
+        auto result = new_output(j, 4, shape, &out);
         j.m = m;
         j.out = out;
         j.a_stride = 8 * j.words;
@@ -415,28 +441,148 @@ class LinearPlan {
     }
 
     // A new 64-byte aligned NumPy array of the layer's output dtype, owned by a capsule.
-    static nb::ndarray<nb::numpy> new_output(const Job& j, std::initializer_list<size_t> shape, void** data) {
+    static nb::ndarray<nb::numpy> new_output(const Job& j, size_t ndim, const size_t* shape, void** data) {
         static const nb::dlpack::dtype kinds[] = {nb::dtype<int32_t>(), nb::dtype<float>(), nb::dtype<int8_t>(),
                                                   nb::dtype<uint8_t>()};
         size_t count = 1;
-        for (size_t d : shape) count *= d;
+        for (size_t d = 0; d < ndim; ++d) count *= shape[d];
         const size_t item = (j.mode == kInt32 || j.mode == kFloat) ? 4 : 1;
         const size_t bytes = std::max<size_t>(64, (count * item + 63) / 64 * 64);
         void* p = std::aligned_alloc(64, bytes);
         if (!p) throw std::bad_alloc();
         nb::capsule owner(p, [](void* q) noexcept { std::free(q); });
         *data = p;
-        return nb::ndarray<nb::numpy>(p, shape.size(), shape.begin(), owner, nullptr, kinds[j.mode]);
+        return nb::ndarray<nb::numpy>(p, ndim, shape, owner, nullptr, kinds[j.mode]);
     }
 
     std::array<int64_t, 9> conv_{};
     bool is_conv_ = false;
+    bool float_input_ = false;
     Dense<const uint8_t> w_;  // held so the buffers outlive the plan's raw pointers
     std::optional<Vector<const float>> scale_, bias_;
     std::optional<Vector<const int32_t>> thr_;
     std::optional<Vector<const uint8_t>> flip_;
     Job job_{};
 };
+
+// An integer-input layer over bit-planes (QNN §2.5; lowbit.binary.PackedBitplaneLinear): codes
+// q (M, K), uint8 or int8 (two's complement, `bits` low bits used), against packed ±1 weights.
+// Plane p of token m becomes packed row m * bits + p with sign bit 1 where the plane bit is 0
+// (s_p = 2 x_p - 1), one popcount GEMM gives d = s_p . w, and x_p . w = (d + sum(w)) / 2, so
+// s = sum_p c_p (d + wsum) / 2 with c_p = 2^p (-2^(bits-1) for the top plane of signed codes) is
+// the exact integer q . w. Output: float(s) * scale[n] + bias[n] (fp32), shape (M, N).
+nb::ndarray<nb::numpy, float, nb::ndim<2>> bitplane_linear(nb::ndarray<nb::ndim<2>, nb::device::cpu, nb::c_contig> q,
+                                                          int bits, Dense<const uint8_t> w, int64_t n, int64_t k,
+                                                          Vector<const int32_t> wsum, Vector<const float> scale,
+                                                          std::optional<Vector<const float>> bias, int n_threads) {
+    const bool is_signed = q.dtype() == nb::dtype<int8_t>();
+    if (!is_signed && q.dtype() != nb::dtype<uint8_t>()) throw nb::type_error("codes must be uint8 or int8");
+    if (bits < 1 || bits > 8) throw std::invalid_argument("bits must be 1..8");
+    const int64_t m = (int64_t)q.shape(0), words = (k + 63) / 64;
+    if ((int64_t)q.shape(1) != k || k < 1) throw std::invalid_argument("codes must be (M, K)");
+    if (n < 1 || (int64_t)w.shape(0) != (n + 7) / 8 || (int64_t)w.shape(1) != 64 * words)
+        throw std::invalid_argument("packed weights must be (ceil(N/8), 64 * ceil(K/64))");
+    if ((int64_t)wsum.shape(0) != n || (int64_t)scale.shape(0) != n || (bias && (int64_t)bias->shape(0) != n))
+        throw std::invalid_argument("wsum, scale and bias must have one entry per output");
+    if (k > ((int64_t)1 << 31) / 256) throw std::invalid_argument("K too large for int32 bit-plane sums");
+    float* out = new float[(size_t)std::max<int64_t>(1, m * n)];
+    nb::capsule owner(out, [](void* p) noexcept { delete[] (float*)p; });
+    nb::ndarray<nb::numpy, float, nb::ndim<2>> result(out, {(size_t)m, (size_t)n}, owner);
+    if (m == 0) return result;
+    const uint8_t* src = (const uint8_t*)q.data();
+    const int32_t* ws = wsum.data();
+    const float* sc = scale.data();
+    const float* bi = bias ? bias->data() : nullptr;
+    Job j{};
+    j.a_stride = 8 * words;
+    j.w = w.data();
+    j.words = words;
+    j.k = k;
+    j.n = n;
+    j.mode = kInt32;
+    j.out_stride = n;
+    j.table = &binary_active();
+    nb::gil_scoped_release release;
+    // Tokens in chunks of 32 per thread: planes -> GEMM -> exact combination, with per-thread
+    // buffers reused across calls (fresh multi-MiB buffers cost page faults on every call).
+    constexpr int64_t kChunk = 32;
+    lowbit::parallel_for(m, n_threads, kChunk, [&](int64_t r0, int64_t r1) {
+        thread_local std::vector<uint8_t> planes_buf;
+        thread_local std::vector<int32_t> dots_buf;
+        thread_local std::vector<int32_t> acc_buf;
+        const int64_t row_bytes = 8 * words;
+        planes_buf.resize((size_t)(kChunk * bits * row_bytes));
+        dots_buf.resize((size_t)(kChunk * bits * n));
+        acc_buf.resize((size_t)n);
+        // Plain pointers: every access to a thread_local in a shared object may go through
+        // __tls_get_addr, which in these loops cost more than the arithmetic.
+        uint8_t* const planes = planes_buf.data();
+        int32_t* const dots = dots_buf.data();
+        int32_t* __restrict const acc = acc_buf.data();
+        // Locals, not lambda captures (references the compiler must reload every iteration, as
+        // acc might alias them), so the loops below vectorize.
+        const int32_t* __restrict const wsum_l = ws;
+        const float* __restrict const scale_l = sc;
+        const float* __restrict const bias_l = bi;
+        const int64_t n_l = n;
+        const int bits_l = bits;
+        const bool signed_l = is_signed;
+        for (int64_t t0 = r0; t0 < r1; t0 += kChunk) {
+            const int64_t t1 = std::min(r1, t0 + kChunk), rows = (t1 - t0) * bits;
+            // Planes: 8 codes at a time as one little-endian uint64 x (byte i = code i) and an 8x8
+            // bit-matrix transpose (Hacker's Delight 7-3): afterwards bit i of byte p is bit p of
+            // code i, i.e. byte p is plane p of these 8 codes. Token t's plane p is GEMM row
+            // (t - t0) * bits + p; its sign bit is 1 (-1) where the plane bit is 0.
+            std::memset(planes, 0, (size_t)(rows * row_bytes));
+            for (int64_t t = t0; t < t1; ++t) {
+                const uint8_t* row = src + t * k;
+                uint8_t* dst = planes + (t - t0) * bits * row_bytes;
+                for (int64_t c = 0; c < k; c += 8) {
+                    const int valid = (int)std::min<int64_t>(8, k - c);
+                    uint64_t x = 0;
+                    if (valid == 8) {
+                        std::memcpy(&x, row + c, 8);
+                    } else {
+                        uint8_t chunk[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                        std::memcpy(chunk, row + c, (size_t)valid);
+                        std::memcpy(&x, chunk, 8);
+                    }
+                    uint64_t u = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+                    x = x ^ u ^ (u << 7);
+                    u = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+                    x = x ^ u ^ (u << 14);
+                    u = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+                    x = x ^ u ^ (u << 28);
+                    const uint8_t keep = (uint8_t)((1u << valid) - 1u);  // padding bits stay 0
+                    for (int p = 0; p < bits; ++p) dst[p * row_bytes + c / 8] = (uint8_t)(~(x >> (8 * p)) & keep);
+                }
+            }
+            Job jj = j;
+            jj.a = planes;
+            jj.m = rows;
+            jj.out = dots;
+            run_block(*jj.table, jj, 0, rows, 0, n);
+            for (int64_t t = t0; t < t1; ++t) {
+                // int32 is exact: |s| <= (2^bits - 1) * K < 2^31 (checked above). Shifts, not
+                // multiplies, so the baseline (SSE2) build vectorizes it.
+                std::fill(acc, acc + n_l, 0);
+                for (int p = 0; p < bits_l; ++p) {
+                    const int32_t* __restrict d = dots + ((t - t0) * bits_l + p) * n_l;
+                    if (signed_l && p == bits_l - 1)
+                        for (int64_t c = 0; c < n_l; ++c) acc[c] -= ((d[c] + wsum_l[c]) >> 1) << p;  // even: exact
+                    else
+                        for (int64_t c = 0; c < n_l; ++c) acc[c] += ((d[c] + wsum_l[c]) >> 1) << p;
+                }
+                float* __restrict o = out + t * n_l;
+                if (bias_l)
+                    for (int64_t c = 0; c < n_l; ++c) o[c] = (float)acc[c] * scale_l[c] + bias_l[c];
+                else
+                    for (int64_t c = 0; c < n_l; ++c) o[c] = (float)acc[c] * scale_l[c];
+            }
+        }
+    });
+    return result;
+}
 
 // Max-pool of ±1 maps on packed bits (bit 1 = -1): max(±1) is +1 when any input is +1, i.e. the
 // AND of the sign bits. Channels whose bit in or_mask is 1 take the OR instead (min-pool: the
@@ -491,13 +637,16 @@ void register_binary(nb::module_& m) {
     nb::class_<LinearPlan>(m, "BinaryLinearPlan")
         .def(nb::init<Dense<const uint8_t>, int64_t, int64_t, std::optional<Vector<const float>>,
                       std::optional<Vector<const float>>, std::optional<Vector<const int32_t>>,
-                      std::optional<Vector<const uint8_t>>, int>(),
-             "w"_a, "n"_a, "k"_a, "scale"_a.none(), "bias"_a.none(), "thr"_a.none(), "flip"_a.none(), "mode"_a)
+                      std::optional<Vector<const uint8_t>>, int, bool>(),
+             "w"_a, "n"_a, "k"_a, "scale"_a.none(), "bias"_a.none(), "thr"_a.none(), "flip"_a.none(), "mode"_a,
+             "float_input"_a = false)
         .def("__call__", &LinearPlan::call, "a"_a, "corr"_a.none(), "out"_a, "n_threads"_a = 1)
         .def("forward", &LinearPlan::forward, "x"_a, "corr"_a.none(), "n_threads"_a = 1)
         .def("forward_conv", &LinearPlan::forward_conv, "x"_a, "corr"_a.none(), "n_threads"_a = 1)
         .def("set_conv", &LinearPlan::set_conv, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,
              "channel_bytes"_a);
+    m.def("binary_bitplane_linear", &bitplane_linear, "q"_a, "bits"_a, "w"_a, "n"_a, "k"_a, "wsum"_a, "scale"_a,
+          "bias"_a.none(), "n_threads"_a = 1);
     m.def("binary_im2col", &binary_im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a,
           "out"_a, "n_threads"_a = 1);
     m.def("binary_maxpool", &binary_maxpool, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "or_mask"_a,
