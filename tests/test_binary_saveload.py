@@ -356,7 +356,7 @@ def _first(manifest: dict, kind: str) -> dict:
             lambda m: _first(m, "PackedBinaryLinear").update(type="PackedBinaryThing"),
             "unknown layer type",
         ),
-        (lambda m: m.update(version=2), "version 2.*upgrade lowbit"),
+        (lambda m: m.update(version=3), "version 3.*upgrade lowbit"),
     ],
 )
 def test_crafted_binary_specs_are_refused_before_allocation(

@@ -70,7 +70,7 @@ def test_file_is_plain_safetensors_and_needs_no_pickle(
     with safe_open(str(path), framework="pt") as f:  # any safetensors reader can open it
         assert torch.equal(f.get_tensor("1.tiles"), model[1].tiles)
         manifest = json.loads(f.metadata()["lowbit.manifest"])
-    assert manifest["format"] == "lowbit" and manifest["version"] == 1
+    assert manifest["format"] == "lowbit" and manifest["version"] == 2
     assert manifest["architecture"]["kind"] == "modules"
 
     def no_pickle(*_: object, **__: object) -> None:
@@ -208,11 +208,13 @@ def _rewrite_manifest(path: Path, edit: object) -> None:
 
 def test_future_format_version_is_refused(tmp_path: Path) -> None:
     path, _ = _saved(tmp_path)
-    _rewrite_manifest(path, lambda m: m.update(version=2))
-    with pytest.raises(LowbitFileError, match="version 2.*upgrade lowbit"):
+    _rewrite_manifest(path, lambda m: m.update(version=3))
+    with pytest.raises(LowbitFileError, match="version 3.*upgrade lowbit"):
         lowbit.load(path)
-    _rewrite_manifest(path, lambda m: m.update(version=1))
+    _rewrite_manifest(path, lambda m: m.update(version=2))
     lowbit.load(path)  # the rewrite itself is sound
+    _rewrite_manifest(path, lambda m: m.update(version=1))
+    lowbit.load(path)  # version 1 is still read
 
 
 def test_layer_spec_that_disagrees_with_its_tensors_is_refused(tmp_path: Path) -> None:

@@ -1007,9 +1007,8 @@ def pack(
     ``xnor=True`` (BNN-trained sequential models such as ``lowbit.models`` ``mlp_bnn`` and
     ``convnet``): the fully binary path of :func:`lowbit.binary.pack_bnn` instead: binary layers
     on the XNOR-popcount kernels, batch norm + sign between them folded into integer thresholds,
-    packed bits from layer to layer, predictions identical to the simulated model. Such models
-    cannot be written to a ``.lowbit`` file yet; the default path (±1 codes on the ternary
-    kernel) can.
+    packed bits from layer to layer, predictions identical to the simulated model. Both paths save
+    with :func:`lowbit.save` (``lowbit pack RUN --xnor -o m.lowbit`` on the command line).
     The result is in eval mode; the input model is left untouched unless ``inplace``.
     """
     if xnor:

@@ -72,7 +72,10 @@ from lowbit.qtypes import ActSpec, Granularity, QuantizedWeight, code_range
 __all__ = ["FORMAT", "VERSION", "LowbitFileError", "StoredWeight", "load", "read_manifest", "save"]
 
 FORMAT = "lowbit"
-VERSION = 1
+# 2: packed layers may use layout 2 (scales at their real granularity, 1-bit binary weights) and
+# XNOR-packed modules; files of version 1 still load. A version-1 reader refuses version 2 files
+# with "upgrade lowbit" instead of failing on an unknown tensor.
+VERSION = 2
 MAX_HEADER_BYTES = 64 << 20  # a header this large is corrupt, not a model
 MANIFEST_KEY = "lowbit.manifest"
 MANIFEST_SHA_KEY = "lowbit.manifest.sha256"
