@@ -190,7 +190,11 @@ def train_cmd(
     preprocess: str = typer.Option(
         None, "--preprocess", help="unit | bnn | center | standardize | ttq | gcn_zca."
     ),
-    augment: str = typer.Option(None, "--augment", help="none | flip | padcropflip."),
+    augment: str = typer.Option(
+        None,
+        "--augment",
+        help="none | flip | padcropflip (in-memory images); imagenet: rrcflip | ttq | flip | none.",
+    ),
     data_dir: str = typer.Option(
         None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."
     ),
