@@ -18,98 +18,55 @@ Rows (medians of ``--reps`` timed calls after warm-up, wall clock, weights hot i
 
 Targets (docs/binary.md): M=1 >= 10x faster than int8, M=64 >= 20x faster than fp32, conv >= 10x
 faster than fp32. The machine is often shared: report ``uptime`` with the numbers.
+
+The layers and baselines are ``lowbit.bench``'s (``BinaryLinearCase``, ``BinaryConvCase``), the
+same ones ``lowbit bench kernels`` times in its ``binary`` rows (which also have an int8 conv
+baseline, ``torch.ao``'s static quantized ``Conv2d``).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as TF
 
+from lowbit import bench, kernels
 from lowbit import binary as B
-from lowbit import kernels
 
-CLOCK: Callable[[], float] = time.perf_counter
+CLOCK = "wall"
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(max(3, reps // 5)):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = CLOCK()
-        fn()
-        times.append(CLOCK() - t0)
-    return 1e3 * statistics.median(times)
+    return bench.median_ms([fn], reps, clock=CLOCK)
 
 
-def int8_linear(weight: torch.Tensor) -> nn.Module:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8
-        )
+LINEAR_LABELS = {
+    "fp32": "torch fp32 F.linear",
+    "int8": "torch dynamic int8",
+    "bits->bits": "lowbit binary bits->bits",
+    "float->float": "lowbit binary float->float",
+    # The same layer without the Python module around it (C++ plan call).
+    "plan call": "lowbit kernel call bits->bits",
+}
 
 
 def bench_linear(size: int, m: int, reps: int) -> list[tuple[str, float]]:
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(size, size, generator=gen)
-    x = torch.randn(m, size, generator=gen)
-    q = int8_linear(w)
-    bits_layer = B.PackedBinaryLinear(
-        w,
-        threshold=(torch.zeros(size, dtype=torch.int32), torch.zeros(size, dtype=torch.bool)),
-        input="bits",
-        out="bits",
-    )
-    float_layer = B.PackedBinaryLinear(w, bias=torch.zeros(size), input="float", out="float")
-    xb = B.pack_bits(x)
-    bits_layer(xb)  # builds the layer's C++ plan
-    plan = bits_layer.plan()
-    xb_np, out_np = xb.numpy(), np.empty((m, B.packed_bytes(size)), dtype=np.uint8)
+    calls = bench.BinaryLinearCase(size, size, m).calls()
     with torch.no_grad():
-        return [
-            ("torch fp32 F.linear", median_ms(lambda: TF.linear(x, w), reps)),
-            ("torch dynamic int8", median_ms(lambda: q(x), reps)),
-            ("lowbit binary bits->bits", median_ms(lambda: bits_layer(xb), reps)),
-            ("lowbit binary float->float", median_ms(lambda: float_layer(x), reps)),
-            # The same layer without the Python module around it (C++ plan call).
-            (
-                "lowbit kernel call bits->bits",
-                median_ms(lambda: plan(xb_np, None, out_np, B._threads()), reps),
-            ),
-        ]
+        ms = bench.time_calls(calls, reps, CLOCK)
+    return [(LINEAR_LABELS[k], v) for k, v in ms.items()]
 
 
 def bench_conv(batch: int, reps: int) -> list[tuple[str, float]]:
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randn(128, 128, 3, 3, generator=gen)
-    x = torch.randn(batch, 128, 32, 32, generator=gen)
-    conv = B.PackedBinaryConv2d(
-        w,
-        1,
-        1,
-        threshold=(torch.zeros(128, dtype=torch.int32), torch.zeros(128, dtype=torch.bool)),
-        input="bits",
-        out="bits",
-    )
-    xb = B.pack_conv_input(x)
-    conv(xb)  # builds the cached zero-padding correction
+    calls = bench.BinaryConvCase(128, 32, batch).calls()
+    del calls["int8"]  # this script's table has no int8 conv column (lowbit bench kernels does)
     with torch.no_grad():
-        return [
-            ("torch fp32 F.conv2d", median_ms(lambda: TF.conv2d(x, w, padding=1), reps)),
-            ("lowbit binary conv bits->bits", median_ms(lambda: conv(xb), reps)),
-        ]
+        ms = bench.time_calls(calls, reps, CLOCK)
+    return [
+        ("torch fp32 F.conv2d", ms["fp32"]),
+        ("lowbit binary conv bits->bits", ms["bits->bits"]),
+    ]
 
 
 def bench_mnist(run_dir: str, reps: int) -> None:
@@ -165,10 +122,9 @@ def main() -> None:
     parser.add_argument("--mnist", default="", help="run directory of a BNN MNIST training run")
     args = parser.parse_args()
     global CLOCK
-    if args.clock == "cpu":
-        if args.threads != "1":
-            parser.error("--clock cpu needs --threads 1")
-        CLOCK = time.thread_time
+    if args.clock == "cpu" and args.threads != "1":
+        parser.error("--clock cpu needs --threads 1")
+    CLOCK = args.clock
     if args.mnist:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)

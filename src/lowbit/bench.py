@@ -1,11 +1,13 @@
-"""Kernel benchmarks: lowbit's packed kernels against PyTorch fp32 ``F.linear`` and PyTorch's
-dynamic int8 (fbgemm), measured in the same process, at the same thread count, in the same run.
+"""Kernel benchmarks: lowbit's packed kernels against PyTorch fp32 ``F.linear`` / ``F.conv2d`` and
+PyTorch's int8 (dynamic ``Linear``, static ``Conv2d``; fbgemm), measured in the same process, at
+the same thread count, in the same run. Ternary / int4 layers go through ``kernels.LinearKernel``,
+binary (XNOR-popcount) layers through ``lowbit.binary``'s packed modules.
 
 Timing rules (../shared/reference/kernels.md §5, "Benchmarking hygiene"): warm-up first, then the
 median of ``reps`` timed calls (>= 20). "Hot" repeats one layer (its weights stay in L2/L3);
 "cold" cycles over enough distinct layers to stream at least 64 MiB of weights per cycle, so every
-call reads its weights from DRAM, as in a real multi-layer model. Used by ``lowbit bench kernels``
-and ``benchmarks/bench_kernels.py``; tests never time anything.
+call reads its weights from DRAM, as in a real multi-layer model. Used by ``lowbit bench kernels``,
+``benchmarks/bench_kernels.py`` and ``benchmarks/bench_binary.py``; tests never time anything.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,12 +29,32 @@ from lowbit import kernels
 
 COLD_BYTES = 64 << 20  # bytes of distinct weights cycled per "cold" round (> the 32 MiB L3)
 
-# DESIGN.md targets: minimum speed-up of lowbit vs (fp32, int8); None = no target.
+# DESIGN.md / issue #10 targets: minimum speed-up of lowbit vs (fp32, int8); None = no target.
+# A row is held to the longest key that starts its case name (whole words); rows whose name has a
+# "(" are variants and held to nothing.
+BINARY_CONV_CASE = "binary conv 128->128 3x3 32x32"  # CIFAR-size layer of the conv target
 TARGETS: dict[str, tuple[float | None, float | None]] = {
     "ternary b1 hot": (30.0, 3.0),
     "ternary b1 cold": (None, 3.0),
     "ternary b64": (5.0, 1.0),
+    "binary b1": (None, 10.0),
+    "binary b64": (20.0, None),
+    BINARY_CONV_CASE: (10.0, None),
 }
+
+
+def target_of(case: str) -> tuple[float | None, float | None]:
+    """The (fp32, int8) speed-up targets a row named ``case`` is held to."""
+    if "(" in case:
+        return None, None
+    words = case.split()
+    best: tuple[float | None, float | None] = (None, None)
+    best_len = 0
+    for key, value in TARGETS.items():
+        kw = key.split()
+        if len(kw) > best_len and words[: len(kw)] == kw:
+            best, best_len = value, len(kw)
+    return best
 
 
 @dataclass
@@ -38,26 +62,22 @@ class Row:
     case: str
     threads: int
     fp32_ms: float
-    int8_ms: float
+    int8_ms: float | None  # None: no PyTorch int8 baseline for this case
     lowbit_ms: float
     vs_fp32: float = field(init=False)
-    vs_int8: float = field(init=False)
+    vs_int8: float | None = field(init=False)
     target: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.vs_fp32 = self.fp32_ms / self.lowbit_ms
-        self.vs_int8 = self.int8_ms / self.lowbit_ms
-        key = " ".join(self.case.split()[:3])
-        t32, t8 = (
-            TARGETS.get(key, (None, None))
-            if self.case.startswith("ternary ") and "(" not in self.case
-            else (None, None)
-        )
+        self.vs_int8 = None if self.int8_ms is None else self.int8_ms / self.lowbit_ms
+        t32, t8 = target_of(self.case)
         parts = []
         if t32 is not None:
             parts.append(f">={t32:g}x fp32 {'ok' if self.vs_fp32 >= t32 else 'MISSED'}")
         if t8 is not None:
-            parts.append(f">={t8:g}x int8 {'ok' if self.vs_int8 >= t8 else 'MISSED'}")
+            met = self.vs_int8 is not None and self.vs_int8 >= t8
+            parts.append(f">={t8:g}x int8 {'ok' if met else 'MISSED'}")
         self.target = ", ".join(parts)
 
 
@@ -151,6 +171,153 @@ class _Ternary:
         return self.kernel.op(x)
 
 
+# ----------------------------------------------------------------------------------------------
+# Binary (XNOR-popcount) layers: lowbit.binary's packed modules, timed as a packed BNN runs them
+
+
+def _int8_conv(weight: torch.Tensor, x: torch.Tensor, padding: int) -> Callable[[], object]:
+    """PyTorch's int8 conv (``torch.ao`` static quantized ``Conv2d``, x86/fbgemm): per-channel
+    int8 weights, a quint8 channels-last input quantized outside the timed call (as lowbit's
+    packed input is packed outside it). There is no dynamic int8 conv in ``torch.ao``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation (-> torchao)
+        from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
+
+        n, c, kh, kw = (int(v) for v in weight.shape)
+        conv = QuantizedConv2d(c, n, (kh, kw), padding=padding, bias=False)
+        w_scale = weight.abs().amax((1, 2, 3)).clamp_min(1e-8) / 127
+        conv.set_weight_bias(
+            torch.quantize_per_channel(
+                weight, w_scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8
+            ),
+            None,
+        )
+        conv.scale, conv.zero_point = float(x.abs().max()) / 16, 128
+        xq = torch.quantize_per_tensor(
+            x.contiguous(memory_format=torch.channels_last),
+            max(float(x.abs().max()), 1e-8) / 127,
+            128,
+            torch.quint8,
+        )
+    return partial(conv, xq)
+
+
+class BinaryLinearCase:
+    """One ``n x k`` binary layer at batch ``m`` and its baselines, built once (not timed).
+
+    ``calls()``: zero-argument callables, one per timed row: ``fp32`` (``F.linear``), ``int8``
+    (``quantize_dynamic``), ``bits->bits`` (packed input, threshold epilogue writing packed bits:
+    a hidden layer of a packed BNN), ``float->float`` (the float input binarized and packed in
+    the call, float output: a first binary layer) and ``plan call`` (the bits->bits layer's C++
+    plan without the module and tensor conversions around it). Thresholds are 0 (bit = sign of
+    the dot product), scales 1, biases 0.
+    """
+
+    def __init__(self, n: int, k: int, m: int, seed: int = 0) -> None:
+        from lowbit import binary
+
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(n, k, generator=g)
+        self.x = torch.randn(m, k, generator=g)
+        self.int8 = _int8_linear(self.weight)
+        self.bits_layer = binary.PackedBinaryLinear(
+            self.weight,
+            threshold=(torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.bool)),
+            input="bits",
+            out="bits",
+        )
+        self.float_layer = binary.PackedBinaryLinear(
+            self.weight, bias=torch.zeros(n), input="float", out="float"
+        )
+        self.x_bits = binary.pack_bits(self.x)
+        self._plan_args = (
+            self.x_bits.numpy(),
+            None,
+            np.empty((m, binary.packed_bytes(n)), dtype=np.uint8),
+        )
+
+    def calls(self) -> dict[str, Callable[[], object]]:
+        from lowbit import binary
+
+        plan, (xb_np, corr, out_np) = self.bits_layer.plan(), self._plan_args
+        return {
+            "fp32": partial(F.linear, self.x, self.weight),
+            "int8": partial(self.int8, self.x),
+            "bits->bits": partial(self.bits_layer, self.x_bits),
+            "float->float": partial(self.float_layer, self.x),
+            # torch's thread count at call time, as the module passes it
+            "plan call": lambda: plan(xb_np, corr, out_np, binary._threads()),
+        }
+
+
+class BinaryConvCase:
+    """A ``c -> c`` 3x3 pad-1 binary conv on ``hw x hw`` maps at ``batch``, and its baselines.
+
+    ``calls()``: ``fp32`` (``F.conv2d``, NCHW), ``int8`` (:func:`_int8_conv`) and ``bits->bits``
+    (``PackedBinaryConv2d`` on packed NHWC bits, exact zero padding, threshold 0).
+    """
+
+    def __init__(self, channels: int, hw: int, batch: int, seed: int = 1) -> None:
+        from lowbit import binary
+
+        g = torch.Generator().manual_seed(seed)
+        c = channels
+        self.weight = torch.randn(c, c, 3, 3, generator=g)
+        self.x = torch.randn(batch, c, hw, hw, generator=g)
+        self.conv = binary.PackedBinaryConv2d(
+            self.weight,
+            1,
+            1,
+            threshold=(torch.zeros(c, dtype=torch.int32), torch.zeros(c, dtype=torch.bool)),
+            input="bits",
+            out="bits",
+        )
+        self.x_bits = binary.pack_conv_input(self.x)
+        self.int8 = _int8_conv(self.weight, self.x, padding=1)
+
+    def calls(self) -> dict[str, Callable[[], object]]:
+        return {
+            "fp32": partial(F.conv2d, self.x, self.weight, padding=1),
+            "int8": self.int8,
+            "bits->bits": partial(self.conv, self.x_bits),
+        }
+
+
+def time_calls(
+    calls: dict[str, Callable[[], object]], reps: int, clock: str = "wall"
+) -> dict[str, float]:
+    """Median ms of each call (hot: the same inputs and weights every time), in order."""
+    return {name: median_ms([fn], reps, clock=clock) for name, fn in calls.items()}
+
+
+def binary_rows(
+    size: int,
+    batches: tuple[int, ...],
+    threads: int,
+    reps: int,
+    clock: str = "wall",
+    conv_channels: int = 128,
+    conv_hw: int = 32,
+    conv_batches: tuple[int, ...] = (1, 8),
+) -> list[Row]:
+    """The binary rows of ``lowbit bench kernels`` at the current thread count (``threads`` is
+    only recorded): a ``size x size`` layer at each of ``batches``, then the conv."""
+    rows: list[Row] = []
+    for m in batches:
+        ms = time_calls(BinaryLinearCase(size, size, m).calls(), reps, clock)
+        for name, label in (
+            ("bits->bits", "bits->bits"),
+            ("float->float", "float->float"),
+            ("plan call", "(bare C++ plan call)"),
+        ):
+            rows.append(Row(f"binary b{m} {label}", threads, ms["fp32"], ms["int8"], ms[name]))
+    for b in conv_batches:
+        ms = time_calls(BinaryConvCase(conv_channels, conv_hw, b).calls(), reps, clock)
+        case = f"binary conv {conv_channels}->{conv_channels} 3x3 {conv_hw}x{conv_hw} b{b}"
+        rows.append(Row(case, threads, ms["fp32"], ms["int8"], ms["bits->bits"]))
+    return rows
+
+
 def bench_kernels(
     size: int = 4096,
     threads: tuple[int, ...] = (1, 2),
@@ -160,8 +327,16 @@ def bench_kernels(
     clock: str = "wall",
     log: Callable[[str], None] = print,
     cold_bytes: int = COLD_BYTES,
+    binary: bool = True,
+    conv_channels: int = 128,
+    conv_hw: int = 32,
+    conv_batches: tuple[int, ...] = (1, 8),
 ) -> list[Row]:
-    """Run every case and return the rows (also printed through ``log`` as they finish)."""
+    """Run every case and return the rows (also printed through ``log`` as they finish).
+
+    ``binary``: also the XNOR-popcount rows (:func:`binary_rows`: the ``size x size`` layer at
+    batch 1 and ``batch``, and a ``conv_channels -> conv_channels`` 3x3 conv on
+    ``conv_hw x conv_hw`` maps at ``conv_batches``), each with its own fp32 / int8 baselines."""
     if reps < 20:
         raise ValueError(
             "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
@@ -199,6 +374,12 @@ def bench_kernels(
         f"isa={kernels.active_isa()}; "
         f"torch {torch.__version__}; cold = cycling {n_cold['fp32']} fp32 / {n_cold['int8']} int8 / "
         f"{n_cold['t2']} ternary layers (>= {cold_bytes >> 20} MiB each round)"
+        + (
+            "; binary rows: lowbit.binary modules, hot, int8 conv = torch.ao static "
+            "quantized Conv2d"
+            if binary
+            else ""
+        )
     )
     # Other processes on a 2-core VM distort every number: say how busy the machine was.
     log(
@@ -242,19 +423,34 @@ def bench_kernels(
                         row = Row(f"ternary {name} hot ({v})", t, f_ms, i_ms, ms)
                         rows.append(row)
                         log(format_row(row))
+                if binary:
+                    for row in binary_rows(
+                        size,
+                        (1, batch),
+                        t,
+                        reps,
+                        clock,
+                        conv_channels=conv_channels,
+                        conv_hw=conv_hw,
+                        conv_batches=conv_batches,
+                    ):
+                        rows.append(row)
+                        log(format_row(row))
     finally:
         torch.set_num_threads(previous)
     log(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return rows
 
 
-HEADER = f"{'case':<38} {'thr':>3} {'fp32 ms':>9} {'int8 ms':>9} {'lowbit ms':>10} {'vs fp32':>8} {'vs int8':>8}  target"
+HEADER = f"{'case':<40} {'thr':>3} {'fp32 ms':>9} {'int8 ms':>9} {'lowbit ms':>10} {'vs fp32':>8} {'vs int8':>8}  target"
 
 
 def format_row(r: Row) -> str:
+    i8 = f"{'—':>9}" if r.int8_ms is None else f"{r.int8_ms:>9.3f}"
+    v8 = f"{'—':>8}" if r.vs_int8 is None else f"{r.vs_int8:>7.2f}x"
     return (
-        f"{r.case:<38} {r.threads:>3} {r.fp32_ms:>9.3f} {r.int8_ms:>9.3f} {r.lowbit_ms:>10.4f} "
-        f"{r.vs_fp32:>7.1f}x {r.vs_int8:>7.2f}x  {r.target}"
+        f"{r.case:<40} {r.threads:>3} {r.fp32_ms:>9.3f} {i8} {r.lowbit_ms:>10.4f} "
+        f"{r.vs_fp32:>7.1f}x {v8}  {r.target}"
     )
 
 
@@ -271,9 +467,17 @@ def rows_as_dicts(rows: list[Row]) -> list[dict[str, object]]:
 
 def float_twin(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of a packed / quantized model with plain fp32 ``nn.Linear`` / ``nn.Conv2d`` layers
-    of the same shapes (random weights: only the speed of the float baseline matters)."""
+    of the same shapes (random weights: only the speed of the float baseline matters).
+
+    XNOR models (``lowbit pack --xnor``, :func:`lowbit.binary.pack_bnn`) too: packed binary
+    linear / bit-plane layers become ``nn.Linear``, packed binary convs ``nn.Conv2d``, max-pools
+    on bits ``nn.MaxPool2d`` and ``FlattenBits`` ``nn.Flatten``, so the twin runs NCHW floats
+    end to end. The batch norms and activations a bit-output layer folded into its threshold
+    are not put back: as for the ternary models (BN folded by ``lowbit.pack``), the twin is the
+    packed module tree in fp32, which if anything flatters fp32."""
     import copy
 
+    from lowbit import binary
     from lowbit.nn import QuantConv2d, QuantLinear
     from lowbit.pack import PackedConv2d, PackedLinear
 
@@ -281,7 +485,25 @@ def float_twin(model: torch.nn.Module) -> torch.nn.Module:
 
     def visit(parent: torch.nn.Module) -> None:
         for name, child in list(parent.named_children()):
-            if isinstance(child, PackedLinear):
+            if isinstance(child, (binary.PackedBinaryLinear, binary.PackedBitplaneLinear)):
+                setattr(parent, name, torch.nn.Linear(child.in_features, child.out_features))
+            elif isinstance(child, binary.PackedBinaryConv2d):
+                conv = torch.nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    stride=child.stride,
+                    padding=child.padding,
+                    dilation=child.dilation,
+                    bias=child.bias is not None,
+                )
+                setattr(parent, name, conv)
+            elif isinstance(child, binary.BinaryMaxPool2d):
+                pool = torch.nn.MaxPool2d(child.kernel_size, child.stride, child.padding)
+                setattr(parent, name, pool)
+            elif isinstance(child, binary.FlattenBits):
+                setattr(parent, name, torch.nn.Flatten())
+            elif isinstance(child, PackedLinear):
                 setattr(parent, name, torch.nn.Linear(child.in_features, child.out_features))
             elif isinstance(child, PackedConv2d):
                 conv = torch.nn.Conv2d(
@@ -314,6 +536,19 @@ def float_twin(model: torch.nn.Module) -> torch.nn.Module:
 
     visit(twin)
     return twin.eval()
+
+
+def stored_input_shape(manifest: dict[str, Any], model: torch.nn.Module) -> tuple[int, ...] | None:
+    """The input shape (without the batch) of a ``.lowbit`` file's model: its registry
+    architecture's ``input_shape`` option, else ``metadata.input_shape`` (written by
+    ``lowbit pack --xnor``, whose flat ``nn.Sequential`` has none), else ``model.input_shape``."""
+    arch = manifest.get("architecture") or {}
+    stored = (
+        (arch.get("options") or {}).get("input_shape")
+        or (manifest.get("metadata") or {}).get("input_shape")
+        or getattr(model, "input_shape", None)
+    )
+    return tuple(int(d) for d in stored) if stored else None
 
 
 def default_mnist_model(widths: tuple[int, ...] = (1024, 1024)) -> torch.nn.Module:

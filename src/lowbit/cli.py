@@ -918,11 +918,7 @@ def bench_cmd(
         try:
             if file:
                 net = load(file)
-                arch = read_manifest(file).get("architecture", {})
-                stored = (arch.get("options") or {}).get("input_shape") or getattr(
-                    net, "input_shape", None
-                )
-                shape = tuple(int(d) for d in stored) if stored else shape
+                shape = bench.stored_input_shape(read_manifest(file), net) or shape
             else:
                 net = bench.default_mnist_model()
             rows_m = bench.bench_model(
