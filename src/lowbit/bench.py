@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -318,6 +318,18 @@ def binary_rows(
     return rows
 
 
+def _check_timing_args(reps: int, clock: str, threads: Sequence[int]) -> None:
+    """The benchmarks' shared argument rules (both ``bench kernels`` and ``bench model``)."""
+    if reps < 20:
+        raise ValueError(
+            "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
+        )
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
+    if clock == "cpu" and any(t != 1 for t in threads):
+        raise ValueError("clock='cpu' times the calling thread only: use it with threads=(1,)")
+
+
 def bench_kernels(
     size: int = 4096,
     threads: tuple[int, ...] = (1, 2),
@@ -337,14 +349,7 @@ def bench_kernels(
     ``binary``: also the XNOR-popcount rows (:func:`binary_rows`: the ``size x size`` layer at
     batch 1 and ``batch``, and a ``conv_channels -> conv_channels`` 3x3 conv on
     ``conv_hw x conv_hw`` maps at ``conv_batches``), each with its own fp32 / int8 baselines."""
-    if reps < 20:
-        raise ValueError(
-            "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
-        )
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
-    if clock == "cpu" and any(t != 1 for t in threads):
-        raise ValueError("clock='cpu' times the calling thread only: use it with threads=(1,)")
+    _check_timing_args(reps, clock, threads)
     timed = partial(median_ms, clock=clock)
     n = k = size
     rows: list[Row] = []
@@ -594,14 +599,7 @@ def bench_model(
 
     ``clock="cpu"`` (one thread only) times the calling thread's CPU time, which leaves out the
     time spent waiting for a core on a loaded machine (see :func:`median_ms`)."""
-    if reps < 20:
-        raise ValueError(
-            "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"
-        )
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
-    if clock == "cpu" and any(t != 1 for t in threads):
-        raise ValueError("clock='cpu' times the calling thread only: use it with threads=(1,)")
+    _check_timing_args(reps, clock, threads)
     baseline = float_twin(model)
     model = model.eval()
     rows: list[ModelRow] = []
