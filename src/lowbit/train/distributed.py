@@ -8,6 +8,7 @@ the same permutation and trains on its share of each global batch (see
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -49,13 +50,27 @@ def setup(device: str = "cpu") -> DistContext:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
         owns = True
+        # A script that builds a Trainer and simply returns must not exit with a live group:
+        # gloo's worker threads are then torn down by static destructors while the other rank may
+        # still be talking, and the process aborts ("terminate called without an active
+        # exception"). Leaving the group at interpreter exit is a no-op if teardown() ran. No
+        # barrier there: after an uncaught error on one rank it would wait on ranks still training.
+        atexit.register(_leave_group, sync=False)
     return DistContext(rank, world, local, owns)
 
 
-def teardown(ctx: DistContext) -> None:
-    """Leave the process group if :func:`setup` created it."""
-    if ctx.owns_group and dist.is_initialized():
+def _leave_group(sync: bool = True) -> None:
+    if dist.is_initialized():
+        if sync:  # every rank reaches this point before any rank closes its connections
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def teardown(ctx: DistContext) -> None:
+    """Leave the process group if :func:`setup` created it (after a barrier, so no rank closes
+    its connections while another is still sending)."""
+    if ctx.owns_group:
+        _leave_group()
 
 
 def barrier(ctx: DistContext) -> None:
