@@ -129,6 +129,10 @@ def test_alexnet_geometry() -> None:
         and m.features.conv3.groups == 2
         and m.features.conv4.groups == 2
     )
+    assert isinstance(m.features.relu2, torch.nn.ReLU)
+    bnn = models.create("alexnet", width=0.125, act="hardtanh")
+    acts = [n for n, c in bnn.named_modules() if isinstance(c, torch.nn.Hardtanh)]
+    assert len(acts) == 7 and not any(isinstance(c, torch.nn.ReLU) for c in bnn.modules())
 
 
 def test_char_lstm_init_and_shapes() -> None:

@@ -76,6 +76,18 @@ def test_lr_schedules() -> None:
     assert 0.003 * lr_factor(bnn, 1000) == pytest.approx(3e-7, rel=1e-9)
     rnn = TrainConfig(epochs=200, schedule="exp", gamma=0.98, decay_start=10)
     assert lr_factor(rnn, 10) == 1 and lr_factor(rnn, 12) == pytest.approx(0.98**2)
+    # one factor per milestone: BinaryNet.pytorch AlexNet 5e-3 -> 1e-3 -> 5e-4 -> 1e-4 -> 1e-5
+    alex = TrainConfig(
+        epochs=45,
+        lr=5e-3,
+        schedule="step",
+        milestones=[20, 30, 35, 40],
+        gammas=[0.2, 0.5, 0.2, 0.1],
+    )
+    rates = [5e-3 * lr_factor(alex, e) for e in (0, 19, 20, 29, 30, 34, 35, 39, 40, 44)]
+    assert rates == pytest.approx([5e-3, 5e-3, 1e-3, 1e-3, 5e-4, 5e-4, 1e-4, 1e-4, 1e-5, 1e-5])
+    with pytest.raises(ValueError, match="one factor per milestone"):
+        TrainConfig(schedule="step", milestones=[20, 30], gammas=[0.2])
     cos = TrainConfig(epochs=4, schedule="cosine")
     assert (
         lr_factor(cos, 0) == 1

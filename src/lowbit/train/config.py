@@ -33,7 +33,9 @@ class TrainConfig:
 
     Schedules (``lr`` is multiplied by :func:`lr_factor` at the start of every epoch, 0-based):
     ``constant``; ``step``: ``gamma`` per milestone passed (``milestones=[15, 25]`` = x0.1 after 15
-    and after 25 finished epochs) or, with ``step_size``, every ``step_size`` epochs; ``exp``:
+    and after 25 finished epochs), or ``gammas[i]`` at milestone ``i`` when given (one factor per
+    milestone: BinaryNet.pytorch's AlexNet 5e-3 -> 1e-3 -> 5e-4 -> 1e-4 -> 1e-5 is
+    ``gammas=[0.2, 0.5, 0.2, 0.1]``), or, with ``step_size``, every ``step_size`` epochs; ``exp``:
     ``gamma`` per epoch after ``decay_start`` epochs, with ``gamma = (lr_final / lr) ** (1 / epochs)``
     when ``lr_final`` is given (BNN's 3e-3 -> 3e-7 over 1000 epochs gives 0.99083, §2.8);
     ``cosine``: ``(1 + cos(pi t / T)) / 2`` updated every step, ``t`` the epochs done so far
@@ -64,6 +66,7 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)
     step_size: int | None = None
     gamma: float = 0.1
+    gammas: list[float] = field(default_factory=list)
     lr_final: float | None = None
     decay_start: int = 0
     loss: str = "cross_entropy"
@@ -92,6 +95,12 @@ class TrainConfig:
             )
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.milestones = [int(m) for m in self.milestones]
+        self.gammas = [float(g) for g in self.gammas]
+        if self.gammas and len(self.gammas) != len(self.milestones):
+            raise ValueError(
+                f"gammas has {len(self.gammas)} factors but milestones has {len(self.milestones)} "
+                "epochs; give one factor per milestone (or leave gammas empty to use gamma)"
+            )
         self.weight_decay_rules = [(str(r), float(v)) for r, v in self.weight_decay_rules]
         for rule, _ in self.weight_decay_rules:
             re.compile(rule)
@@ -135,6 +144,10 @@ def lr_factor(config: TrainConfig, epoch: float) -> float:
     if config.schedule == "step":
         if config.step_size:
             return config.gamma ** (epoch // config.step_size)
+        if config.gammas:
+            return math.prod(
+                g for m, g in zip(config.milestones, config.gammas, strict=True) if epoch >= m
+            )
         return config.gamma ** sum(epoch >= m for m in config.milestones)
     gamma = config.gamma
     if config.lr_final is not None:
