@@ -756,9 +756,13 @@ def pack_cmd(
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     result: dict = {"source": info["checkpoint"], "method": info.get("method")}
+    sequence = getattr(splits, "task", None) == "sequence"
     if evaluate and splits is not None:
-        result["simulated_acc"] = deploy.accuracy(model, splits.test)
-        result["packed_acc"] = deploy.accuracy(target, splits.test)
+        sim = deploy.evaluate(model, splits.test, loss=sequence)
+        packed = deploy.evaluate(target, splits.test, loss=sequence)
+        result["simulated_acc"], result["packed_acc"] = sim["accuracy"], packed["accuracy"]
+        if sequence:  # character LSTMs: cross-entropy in nats per character, the metric
+            result["simulated_loss"], result["packed_loss"] = sim["loss"], packed["loss"]
     metadata: dict = {"data": info["data"], "source": info["checkpoint"]}
     input_shape = getattr(model, "input_shape", None)
     if xnor and input_shape is not None:
@@ -783,7 +787,13 @@ def pack_cmd(
         f"{saved['layer_bytes'] / 1024:.1f} KiB vs {saved['layer_float32_bytes'] / 1024:.1f} KiB, "
         f"{saved['layer_compression']:.1f}x)"
     )
-    if "packed_acc" in result:
+    if "packed_loss" in result:
+        typer.echo(
+            f"test loss: simulated {result['simulated_loss']:.4f}  packed "
+            f"{result['packed_loss']:.4f} nats/char (next-character accuracy "
+            f"{result['simulated_acc']:.2f}% / {result['packed_acc']:.2f}%)"
+        )
+    elif "packed_acc" in result:
         typer.echo(
             f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%"
         )
@@ -824,7 +834,8 @@ def run_cmd(
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Run a .lowbit model on a dataset: accuracy, throughput (batch) and latency (batch 1)."""
+    """Run a .lowbit model on a dataset: accuracy (character models: loss in nats/char),
+    throughput (batch) and latency (batch 1)."""
     import os
 
     from lowbit import deploy
@@ -860,17 +871,33 @@ def run_cmd(
         "dataset": table["name"],
         "split": split,
     }
-    result["accuracy"] = deploy.accuracy(model, data, batch_size)
+    sequence = getattr(splits, "task", None) == "sequence"
+    try:
+        metrics = deploy.evaluate(model, data, batch_size, loss=sequence)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        fail(
+            f"cannot run {file} on {table['name']!r} {split}: {str(exc).splitlines()[0]} "
+            "(does the file's model take this dataset? pass --dataset)"
+        )
+    result["accuracy"] = metrics["accuracy"]
+    if sequence:
+        result["loss_nats_per_char"] = metrics["loss"]
     result.update(deploy.speed(model, data.x, batch_size, reps))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    where = f"{file} ({result['bytes'] / 1024:.1f} KiB) on {table['name']} {split}"
+    if sequence:
+        typer.echo(
+            f"{where}: loss {result['loss_nats_per_char']:.4f} nats/char, next-character "
+            f"accuracy {result['accuracy']:.2f}%"
+        )
+    else:
+        typer.echo(f"{where}: accuracy {result['accuracy']:.2f}%")
+    unit = f"sequences of {data.x.shape[1]} characters" if sequence else "samples"
     typer.echo(
-        f"{file} ({result['bytes'] / 1024:.1f} KiB) on {table['name']} {split}: accuracy {result['accuracy']:.2f}%"
-    )
-    typer.echo(
-        f"throughput {result['throughput']:.0f} samples/s (batch {batch_size}, median {result['batch_ms']:.2f} ms); "
-        f"latency {result['latency_ms']:.3f} ms (batch 1, median)"
+        f"throughput {result['throughput']:.0f} {unit}/s (batch {batch_size}, median "
+        f"{result['batch_ms']:.2f} ms); latency {result['latency_ms']:.3f} ms (batch 1, median)"
     )
 
 

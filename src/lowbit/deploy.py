@@ -9,9 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as TF
 from torch import nn
 
-__all__ = ["accuracy", "quantized_from_source", "speed"]
+__all__ = ["accuracy", "evaluate", "quantized_from_source", "speed"]
+
+# The run's data table entries that rebuild the same dataset (not "source": a resolved path, nor
+# "augment"): the corpus options matter for character corpora, whose vocabulary (the model's
+# num_classes) and sequences depend on them.
+_DATA_KEYS = ("name", "split", "preprocess", "seq_len", "max_chars", "fractions", "path")
 
 
 def quantized_from_source(
@@ -63,7 +69,7 @@ def quantized_from_source(
     run_dir, ckpt = _locate(source, "best")
     spec = read_run_spec(run_dir)
     # config.json records where the data came from ("source": a resolved path); load by name.
-    data_table = {k: v for k, v in spec["data"].items() if k in ("name", "split", "preprocess")}
+    data_table = {k: v for k, v in spec["data"].items() if k in _DATA_KEYS}
     splits = build_data(data_table, data_dir)
     # Model tables come as {"name", **options} (lowbit train) or {"name", "options": {...}}.
     name, opts = ptq._model_spec(spec)
@@ -121,14 +127,32 @@ def _arch(name: str, options: dict[str, Any], splits: Any) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
-    """Top-1 accuracy (%) on an ``ArrayDataset``."""
+def evaluate(
+    model: nn.Module, data: Any, batch_size: int = 256, *, loss: bool = True
+) -> dict[str, float]:
+    """``{"accuracy": top-1 %, "loss": mean softmax cross-entropy in nats}`` on an
+    ``ArrayDataset``. Sequence outputs ``(B, T, C)`` with targets ``(B, T)`` (the char-LSTMs)
+    count every position, so ``loss`` is nats per character, the papers' metric."""
     model.eval()
     correct = total = 0
+    nats = 0.0
     for x, y in data.batches(batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    return 100.0 * correct / max(total, 1)
+        out = model(x)
+        logits = out.reshape(-1, out.shape[-1]).float()
+        target = y.reshape(-1)
+        correct += int((logits.argmax(1) == target).sum())
+        if loss:
+            nats += float(TF.cross_entropy(logits, target, reduction="sum").double())
+        total += int(target.numel())
+    result = {"accuracy": 100.0 * correct / max(total, 1)}
+    if loss:
+        result["loss"] = nats / max(total, 1)
+    return result
+
+
+def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) on an ``ArrayDataset`` (every position of a sequence output)."""
+    return evaluate(model, data, batch_size, loss=False)["accuracy"]
 
 
 @torch.inference_mode()

@@ -9,17 +9,19 @@ ever unpickled: loading reads JSON and raw little-endian numbers only.
 
 What is stored:
 
-* packed layers (:class:`~lowbit.pack.PackedLinear`, :class:`~lowbit.pack.PackedConv2d`): their
-  config and kernel-ready buffers (the tiles of docs/format.md);
+* packed layers (:class:`~lowbit.pack.PackedLinear`, :class:`~lowbit.pack.PackedConv2d`,
+  :class:`~lowbit.pack.PackedLSTM`): their config and kernel-ready buffers (the tiles of
+  docs/format.md; an LSTM's matrices as PackedLinear buffers, one scale per gate block where
+  that is all the block has);
 * XNOR-packed layers (:func:`lowbit.binary.pack_bnn`: ``PackedBinaryLinear``,
   ``PackedBinaryConv2d``, ``PackedBitplaneLinear``, ``BinaryMaxPool2d``; ``FlattenBits`` is a
   plain module): the interleaved sign bits the kernels read and the epilogue vectors (thresholds
   or scale / bias); derived sums are recomputed from the bits, and padding bits, padding rows and
   flips are checked on load (docs/format.md "XNOR-packed binary layers");
-* quantized layers (``QuantLinear``, ``QuantConv2d``): the exported
-  :class:`~lowbit.qtypes.QuantizedWeight` — codes packed 2 bits (binary, ternary) or 4 bits
-  (k-bit up to 4 / log up to 3 bits) per weight in the kernel tiles, else int8 — its scales, the
-  bias and the input quantizer's :class:`~lowbit.qtypes.ActSpec`. They load as ``Quant*`` layers
+* quantized layers (``QuantLinear``, ``QuantConv2d``, and ``QuantLSTM`` gate block by gate
+  block): the exported :class:`~lowbit.qtypes.QuantizedWeight` — codes packed 2 bits (binary,
+  ternary) or 4 bits (k-bit up to 4 / log up to 3 bits) per weight in the kernel tiles, else
+  int8 — its scales, the bias and the input quantizer's :class:`~lowbit.qtypes.ActSpec`. They load as ``Quant*`` layers
   whose weight quantizer replays the stored codes (:class:`StoredWeight`): the forward pass is
   bit-identical, ``lowbit.pack`` works on them, but the latent float weights of training are not
   kept (that is what makes the file 16x smaller; keep the training checkpoint to train on);
@@ -47,6 +49,7 @@ import json
 import math
 import mmap
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,15 @@ from lowbit.binary import (
     deinterleave_weights,
     packed_bytes,
 )
-from lowbit.nn import QuantConv2d, QuantLinear, QuantModule, WeightQuantizer, make_act_quantizer
-from lowbit.pack import PackedConv2d, PackedLinear
+from lowbit.nn import (
+    QuantConv2d,
+    QuantLinear,
+    QuantLSTM,
+    QuantModule,
+    WeightQuantizer,
+    make_act_quantizer,
+)
+from lowbit.pack import LSTM_GATES, PackedConv2d, PackedLinear, PackedLSTM, lstm_matrix_keys
 from lowbit.qtypes import ActSpec, Granularity, QuantizedWeight, code_range
 
 __all__ = ["FORMAT", "VERSION", "LowbitFileError", "StoredWeight", "load", "read_manifest", "save"]
@@ -194,10 +204,8 @@ def _act_spec_dict(layer: nn.Module, path: str) -> dict[str, Any] | None:
     }
 
 
-def _quant_layer_spec(
-    layer: nn.Module, path: str
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    qw: QuantizedWeight = layer.quantized_weight()  # type: ignore[operator]
+def _encode_weight(qw: QuantizedWeight) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(weight description, {"codes", "scales"})`` of one QuantizedWeight (docs/format.md)."""
     layout = _codes_layout(qw)
     tensors: dict[str, torch.Tensor] = {"scales": qw.scales.detach().to(torch.float32)}
     if layout != "none":
@@ -209,6 +217,13 @@ def _quant_layer_spec(
             tensors["codes"] = kernels.pack_int4(codes)
         else:
             tensors["codes"] = qw.codes
+    return {**qw.metadata(), "codes_layout": layout}, tensors
+
+
+def _quant_layer_spec(
+    layer: nn.Module, path: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    weight, tensors = _encode_weight(layer.quantized_weight())  # type: ignore[operator]
     if isinstance(layer.bias, torch.Tensor):
         tensors["bias"] = layer.bias.detach().to(torch.float32)
     if isinstance(layer, QuantConv2d):
@@ -230,12 +245,39 @@ def _quant_layer_spec(
             "out_features": layer.out_features,
         }
     module["bias"] = "bias" in tensors
+    spec = {**module, "weight": weight, "input": _act_spec_dict(layer, path)}
+    return spec, tensors
+
+
+def _quant_lstm_spec(layer: QuantLSTM, path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A QuantLSTM: every gate block's codes and scales (``weight_ih_l0.i.codes``, ...) and the
+    biases ``bias_ih_l0`` / ``bias_hh_l0`` (F32 ``(4H,)``) as nn.LSTM names them."""
+    tensors: dict[str, torch.Tensor] = {}
+    weights: dict[str, Any] = {}
+    for name, qw in layer.quantized_weights().items():
+        weights[name], own = _encode_weight(qw)
+        tensors.update({f"{name}.{k}": t for k, t in own.items()})
+    if layer.bias:
+        for key in layer.matrix_keys():
+            tensors[f"bias_{key}"] = getattr(layer, f"bias_{key}").detach().to(torch.float32)
     spec = {
-        **module,
-        "weight": {**qw.metadata(), "codes_layout": layout},
+        "type": "QuantLSTM",
+        "input_size": layer.input_size,
+        "hidden_size": layer.hidden_size,
+        "num_layers": layer.num_layers,
+        "bias": bool(layer.bias),
+        "batch_first": bool(layer.batch_first),
+        "dropout": float(layer.dropout),
+        "bidirectional": bool(layer.bidirectional),
+        "weights": weights,
         "input": _act_spec_dict(layer, path),
     }
     return spec, tensors
+
+
+def _lstm_float_bytes(lstm: nn.LSTM) -> int:
+    """fp32 bytes of an LSTM's weight matrices and biases."""
+    return sum(4 * p.numel() for _, p in lstm.named_parameters())
 
 
 def _expect_int(v: Any, what: str, lo: int = 0, hi: int = 1 << 40) -> int:
@@ -244,13 +286,13 @@ def _expect_int(v: Any, what: str, lo: int = 0, hi: int = 1 << 40) -> int:
     return v
 
 
-def _quant_expected(
-    spec: dict[str, Any], where: str
+def _weight_expected(
+    w: Any, dims: tuple[int, ...], where: str
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """dtype/shape of every tensor a Quant layer spec needs (validates the spec on the way)."""
-    w = spec.get("weight")
+    """dtype/shape of ``codes`` and ``scales`` of one weight description, which must describe a
+    weight of shape ``dims`` (validated on the way)."""
     if not isinstance(w, dict):
-        raise LowbitFileError(f"{where}: layer spec has no weight description")
+        raise LowbitFileError(f"{where}: no weight description")
     shape = w.get("shape")
     if not isinstance(shape, list) or not shape:
         raise LowbitFileError(f"{where}: weight shape must be a non-empty list")
@@ -261,21 +303,6 @@ def _quant_expected(
         gran = Granularity(str(w.get("granularity")), w.get("group_size"), w.get("group_axis"))
     except (ValueError, TypeError) as exc:
         raise LowbitFileError(f"{where}: bad weight description: {exc}") from None
-    dims: tuple[int, ...]
-    if spec["type"] == "QuantLinear":
-        dims = (
-            _expect_int(spec.get("out_features"), f"{where}: out_features"),
-            _expect_int(spec.get("in_features"), f"{where}: in_features"),
-        )
-        n_out = dims[0]
-    else:
-        ks = spec.get("kernel_size")
-        groups = _expect_int(spec.get("groups"), f"{where}: groups", 1, 1 << 20)
-        if not isinstance(ks, list) or len(ks) != 2:
-            raise LowbitFileError(f"{where}: kernel_size must be two ints")
-        n_out = _expect_int(spec.get("out_channels"), f"{where}: out_channels")
-        cin = _expect_int(spec.get("in_channels"), f"{where}: in_channels")
-        dims = (n_out, cin // groups, _expect_int(ks[0], "kh"), _expect_int(ks[1], "kw"))
     if shape_t != dims:
         raise LowbitFileError(f"{where}: weight shape {shape_t} does not match the layer {dims}")
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -294,6 +321,31 @@ def _quant_expected(
         out["codes"] = (torch.uint8, kernels.int4_tiles_shape(n, k))
     elif layout == "int8":
         out["codes"] = (torch.int8, shape_t)
+    return out
+
+
+def _quant_expected(
+    spec: dict[str, Any], where: str
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype/shape of every tensor a Quant layer spec needs (validates the spec on the way)."""
+    if spec["type"] == "QuantLSTM":
+        return _quant_lstm_expected(spec, where)
+    dims: tuple[int, ...]
+    if spec["type"] == "QuantLinear":
+        dims = (
+            _expect_int(spec.get("out_features"), f"{where}: out_features"),
+            _expect_int(spec.get("in_features"), f"{where}: in_features"),
+        )
+        n_out = dims[0]
+    else:
+        ks = spec.get("kernel_size")
+        groups = _expect_int(spec.get("groups"), f"{where}: groups", 1, 1 << 20)
+        if not isinstance(ks, list) or len(ks) != 2:
+            raise LowbitFileError(f"{where}: kernel_size must be two ints")
+        n_out = _expect_int(spec.get("out_channels"), f"{where}: out_channels")
+        cin = _expect_int(spec.get("in_channels"), f"{where}: in_channels")
+        dims = (n_out, cin // groups, _expect_int(ks[0], "kh"), _expect_int(ks[1], "kw"))
+    out = _weight_expected(spec.get("weight"), dims, where)
     if not isinstance(spec.get("bias"), bool):
         raise LowbitFileError(f"{where}: bias must be true or false")
     if spec["bias"]:
@@ -308,8 +360,11 @@ class _FakeQW:
         self.format, self.bits = fmt, bits
 
 
-def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
-    w = spec["weight"]
+def _decode_weight(
+    w: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, prefix: str = ""
+) -> QuantizedWeight:
+    """The QuantizedWeight of a validated weight description and its ``{prefix}codes`` /
+    ``{prefix}scales`` tensors (codes checked against the format's range)."""
     shape = tuple(w["shape"])
     fmt, bits = w["format"], int(w["bits"])
     layout = w["codes_layout"]
@@ -317,20 +372,20 @@ def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: 
     if layout == "none":
         codes = torch.empty(0, dtype=torch.int8)
     elif layout == "t2r16":
-        codes = kernels.unpack_ternary(tensors["codes"], n, k).reshape(shape)
+        codes = kernels.unpack_ternary(tensors[prefix + "codes"], n, k).reshape(shape)
     elif layout == "q4r16":
-        codes = kernels.unpack_int4(tensors["codes"], n, k).reshape(shape)
+        codes = kernels.unpack_int4(tensors[prefix + "codes"], n, k).reshape(shape)
     else:
-        codes = tensors["codes"]
+        codes = tensors[prefix + "codes"]
     if layout != "none":
         lo, hi = code_range(fmt, bits)
         if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
             raise LowbitFileError(f"{where}: codes outside [{lo}, {hi}] for {fmt} weights")
         if fmt == "binary" and bool((codes == 0).any()):
             raise LowbitFileError(f"{where}: binary codes must be -1 or +1")
-    qw = QuantizedWeight(
+    return QuantizedWeight(
         codes,
-        tensors["scales"],
+        tensors[prefix + "scales"],
         fmt,
         bits,
         w["granularity"],
@@ -338,12 +393,27 @@ def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: 
         w.get("group_axis"),
         shape,
     )
-    iq = None
-    if spec.get("input") is not None:
-        try:
-            iq = make_act_quantizer(ActSpec(**spec["input"]))
-        except (TypeError, ValueError) as exc:
-            raise LowbitFileError(f"{where}: bad input spec: {exc}") from None
+
+
+def _stored_latent(qw: QuantizedWeight) -> torch.Tensor:
+    """The latent weight of a replay layer: the stored quantized weight itself."""
+    return qw.dequantize() if qw.format != "float" else qw.scales.clone()
+
+
+def _input_quantizer(spec: dict[str, Any], where: str) -> nn.Module | None:
+    if spec.get("input") is None:
+        return None
+    try:
+        return make_act_quantizer(ActSpec(**spec["input"]))
+    except (TypeError, ValueError) as exc:
+        raise LowbitFileError(f"{where}: bad input spec: {exc}") from None
+
+
+def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
+    if spec["type"] == "QuantLSTM":
+        return _build_quant_lstm(spec, tensors, where)
+    qw = _decode_weight(spec["weight"], tensors, where)
+    iq = _input_quantizer(spec, where)
     wq = StoredWeight(qw)
     layer: nn.Module
     if spec["type"] == "QuantLinear":
@@ -367,9 +437,100 @@ def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: 
             device="meta",
         )
     # The latent weight is the stored quantized weight itself (there is nothing else to keep).
-    layer.weight = nn.Parameter(qw.dequantize() if fmt != "float" else qw.scales.clone())
+    layer.weight = nn.Parameter(_stored_latent(qw))
     if spec["bias"]:
         layer.bias = nn.Parameter(tensors["bias"])
+    return layer.eval()
+
+
+_LSTM_KEYS = {
+    "type",
+    "input_size",
+    "hidden_size",
+    "num_layers",
+    "bias",
+    "batch_first",
+    "dropout",
+    "bidirectional",
+    "weights",
+    "input",
+}
+
+
+def _quant_lstm_expected(
+    spec: dict[str, Any], where: str
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype/shape of every tensor of a QuantLSTM spec (validated on the way, nothing allocated)."""
+    _check_keys(spec, _LSTM_KEYS, where)
+    n_in = _expect_int(spec["input_size"], f"{where}: input_size", 1, 1 << 24)
+    h = _expect_int(spec["hidden_size"], f"{where}: hidden_size", 1, 1 << 24)
+    layers = _expect_int(spec["num_layers"], f"{where}: num_layers", 1, 1 << 10)
+    for flag in ("bias", "batch_first", "bidirectional"):
+        if not isinstance(spec[flag], bool):
+            raise LowbitFileError(f"{where}: {flag} must be true or false")
+    p = spec["dropout"]
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise LowbitFileError(f"{where}: dropout must be a number in [0, 1], got {p!r}")
+    keys = lstm_matrix_keys(layers, spec["bidirectional"])
+    want = {f"weight_{key}.{g}" for key in keys for g in LSTM_GATES}
+    weights = spec["weights"]
+    if not isinstance(weights, dict) or set(weights) != want:
+        got = set(weights) if isinstance(weights, dict) else set()
+        raise LowbitFileError(
+            f"{where}: weights must describe exactly the {len(want)} gate blocks of the LSTM; "
+            f"missing {sorted(want - got)}, unknown {sorted(got - want)}"
+        )
+    dirs = 2 if spec["bidirectional"] else 1
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for key in keys:
+        layer = int(key[4:].split("_")[0])
+        k = (n_in if layer == 0 else dirs * h) if key.startswith("ih") else h
+        for g in LSTM_GATES:
+            name = f"weight_{key}.{g}"
+            exp = _weight_expected(weights[name], (h, k), f"{where}: {name}")
+            out.update({f"{name}.{t}": v for t, v in exp.items()})
+        if spec["bias"]:
+            out[f"bias_{key}"] = (torch.float32, (4 * h,))
+    return out
+
+
+def _build_quant_lstm(
+    spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+) -> nn.Module:
+    """A QuantLSTM whose 8 gate quantizers per layer / direction replay the stored codes."""
+    keys = lstm_matrix_keys(spec["num_layers"], spec["bidirectional"])
+    qws = {
+        f"{key}.{g}": _decode_weight(
+            spec["weights"][f"weight_{key}.{g}"],
+            tensors,
+            f"{where}: weight_{key}.{g}",
+            f"weight_{key}.{g}.",
+        )
+        for key in keys
+        for g in LSTM_GATES
+    }
+    wq = nn.ModuleDict(
+        {key: nn.ModuleList(StoredWeight(qws[f"{key}.{g}"]) for g in LSTM_GATES) for key in keys}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM warns about dropout with one layer
+        layer = QuantLSTM(
+            spec["input_size"],
+            spec["hidden_size"],
+            spec["num_layers"],
+            bias=spec["bias"],
+            batch_first=spec["batch_first"],
+            dropout=float(spec["dropout"]),
+            bidirectional=spec["bidirectional"],
+            weight_quantizer=wq,
+            input_quantizer=_input_quantizer(spec, where),
+            device="meta",
+        )
+    for key in keys:
+        w = torch.cat([_stored_latent(qws[f"{key}.{g}"]) for g in LSTM_GATES])
+        setattr(layer, f"weight_{key}", nn.Parameter(w))
+        if spec["bias"]:
+            setattr(layer, f"bias_{key}", nn.Parameter(tensors[f"bias_{key}"]))
     return layer.eval()
 
 
@@ -654,7 +815,7 @@ _BINARY_KINDS = tuple(cls.__name__ for cls in _BINARY)
 
 
 def _is_special(m: nn.Module) -> bool:
-    return isinstance(m, (QuantModule, PackedLinear, PackedConv2d, *_BINARY))
+    return isinstance(m, (QuantModule, PackedLinear, PackedConv2d, PackedLSTM, *_BINARY))
 
 
 def _tree(m: nn.Module) -> dict[str, Any] | None:
@@ -747,9 +908,16 @@ def save(
             float_bytes += 4 * gemm.in_features * gemm.out_features + (
                 4 * gemm.out_features if gemm.has_bias else 0
             )
+        elif isinstance(layer, PackedLSTM):
+            spec = {"type": "PackedLSTM", "config": layer.config()}
+            own = {k: v for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+            float_bytes += layer.float32_bytes()
         elif isinstance(layer, _BINARY):
             spec, own, layer_float = _binary_layer_spec(layer)
             float_bytes += layer_float
+        elif isinstance(layer, QuantLSTM):
+            spec, own = _quant_lstm_spec(layer, where)
+            float_bytes += _lstm_float_bytes(layer)
         elif isinstance(layer, (QuantLinear, QuantConv2d)):
             spec, own = _quant_layer_spec(layer, where)
             float_bytes += 4 * layer.weight.numel() + (
@@ -758,8 +926,9 @@ def save(
         else:
             raise ValueError(
                 f"cannot save layer {where!r}: {type(layer).__name__} has no .lowbit encoding yet "
-                "(supported: QuantLinear, QuantConv2d, PackedLinear, PackedConv2d, "
-                "PackedBinaryLinear, PackedBinaryConv2d, BinaryMaxPool2d, PackedBitplaneLinear)"
+                "(supported: QuantLinear, QuantConv2d, QuantLSTM, PackedLinear, PackedConv2d, "
+                "PackedLSTM, PackedBinaryLinear, PackedBinaryConv2d, BinaryMaxPool2d, "
+                "PackedBitplaneLinear)"
             )
         layers[lpath] = spec
         layer_bytes += sum(t.numel() * t.element_size() for t in own.values())
@@ -1013,7 +1182,9 @@ def _expected_for(
             PackedConv2d.check_config(spec["config"])  # geometry, without allocating
             exp = PackedLinear.expected_buffers(spec["config"]["gemm"])
             return kind, {f"gemm.{k}": v for k, v in exp.items()}
-        if kind in ("QuantLinear", "QuantConv2d"):
+        if kind == "PackedLSTM":
+            return kind, PackedLSTM.expected_buffers(spec["config"])
+        if kind in ("QuantLinear", "QuantConv2d", "QuantLSTM"):
             return kind, _quant_expected(spec, where)
         if kind in _BINARY_KINDS:
             return kind, _binary_expected(kind, spec.get("config"), where)
@@ -1042,10 +1213,20 @@ def _layer_dims(kind: str, spec: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
         return "conv", (c["in_channels"], c["out_channels"], *c["kernel_size"])
     if kind == "BinaryMaxPool2d":
         return "pool", tuple(spec["config"]["kernel_size"])
+    if kind in ("PackedLSTM", "QuantLSTM"):
+        c = spec["config"] if kind == "PackedLSTM" else spec
+        return "lstm", tuple(int(c[k]) for k in _LSTM_DIMS)
     return "conv", (spec["in_channels"], spec["out_channels"], *spec["kernel_size"])
 
 
+# What a skeleton LSTM must share with the file's (dropout and the quantizers may differ).
+_LSTM_DIMS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional")
+_DIMS_LABEL = {"conv": "(in, out, kh, kw)", "lstm": f"({', '.join(_LSTM_DIMS)})"}
+
+
 def _module_dims(m: nn.Module) -> tuple[str, tuple[int, ...]] | None:
+    if isinstance(m, PackedLSTM) or (isinstance(m, nn.LSTM) and not m.proj_size):
+        return "lstm", tuple(int(getattr(m, k)) for k in _LSTM_DIMS)
     if isinstance(m, (PackedBinaryLinear, PackedBitplaneLinear)):
         return "linear", (m.in_features, m.out_features)
     if isinstance(m, PackedBinaryConv2d):
@@ -1169,7 +1350,7 @@ def _plan(
             raise _fail(
                 path,
                 f"does not fit the model at {lpath!r}: the file has a {kind} {want[0]} with "
-                f"(in, out{', kh, kw' if want[0] == 'conv' else ''}) = {tuple(want[1])}, the model a "
+                f"{_DIMS_LABEL.get(want[0], '(in, out)')} = {tuple(want[1])}, the model a "
                 f"{type(target).__name__} with {None if have is None else tuple(have[1])}",
             )
         replace[lpath] = spec
@@ -1239,6 +1420,9 @@ def _apply(
             layer.load_state_dict(own)
         elif kind == "PackedConv2d":
             layer = PackedConv2d.from_config(new["config"])
+            layer.load_state_dict(own)
+        elif kind == "PackedLSTM":
+            layer = PackedLSTM.from_config(new["config"])
             layer.load_state_dict(own)
         elif kind in _BINARY_KINDS:
             layer = _build_binary(new, own, where)
