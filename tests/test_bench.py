@@ -134,6 +134,20 @@ def test_bench_model_times_packed_against_its_float_twin() -> None:
     assert any("load average" in line for line in lines)
 
 
+def test_bench_model_runs_a_packed_char_lstm_against_pytorchs_lstm() -> None:
+    torch.manual_seed(0)
+    net = models.create("char_lstm", input_shape=(5,), num_classes=12, hidden=16)
+    packed = lowbit.pack(lowbit.quantize(net, "lat", keep=("last",)).eval(), strict=True)
+    twin = bench.float_twin(packed)
+    assert type(twin.lstm) is torch.nn.LSTM
+    assert (twin.lstm.input_size, twin.lstm.hidden_size, twin.lstm.batch_first) == (12, 16, True)
+    x = bench._model_input(packed, 3, (5,))
+    assert x.dtype == torch.int64 and x.shape == (3, 5) and int(x.max()) < 12
+    lines: list[str] = []
+    rows = bench.bench_model(packed, (5,), batches=(3,), threads=(1,), reps=20, log=lines.append)
+    assert [(r.batch, r.threads) for r in rows] == [(3, 1)]
+
+
 def _fake_run(tmp_path: Path, method: str) -> Path:
     """A `lowbit train`-style run directory on the synthetic dataset (untrained weights)."""
     from lowbit.train.checkpoint import save_checkpoint
