@@ -834,3 +834,105 @@ def quantize_activations_reference(
 def ternary_matmul_reference(a: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """int64 ``a @ codes.T``: the definition the ternary kernels must reproduce."""
     return np.asarray(a, dtype=np.int64) @ np.asarray(codes, dtype=np.int64).T
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused loss-aware solvers (lowbit._la_solver; the PyTorch reference is
+# lowbit.methods.loss_aware._support_alternate / _laq_alternate)
+
+_la_ext_cache: list[Any] = []
+
+
+def _la_ext() -> Any:
+    if not _la_ext_cache:
+        try:
+            from lowbit import _la_solver  # type: ignore[attr-defined]
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise KernelBuildError(
+                f"lowbit's loss-aware solver extension (lowbit._la_solver) is not built or failed to load ({exc}). "
+                "Reinstall with `pip install -e .`, or set LOWBIT_LA_SOLVER=torch."
+            ) from exc
+        _la_ext_cache.append(_la_solver)
+    return _la_ext_cache[0]
+
+
+def la_solver_available() -> bool:
+    """True when the fused loss-aware solvers (``lowbit._la_solver``) load."""
+    try:
+        _la_ext()
+    except KernelBuildError:
+        return False
+    return True
+
+
+def _la_inputs(
+    w: torch.Tensor, d: torch.Tensor, codes0: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if w.dim() != 2 or tuple(d.shape) != tuple(w.shape) or tuple(codes0.shape) != tuple(w.shape):
+        raise ValueError(
+            "the loss-aware solvers take (U, L) units: w, d and codes0 of one shape; got "
+            f"{tuple(w.shape)}, {tuple(d.shape)} and {tuple(codes0.shape)}"
+        )
+    if w.dtype != torch.float32 or d.dtype != torch.float32 or codes0.dtype != torch.int8:
+        raise TypeError(
+            f"the loss-aware solvers take float32 w and d and int8 codes0; got {w.dtype}, {d.dtype}, {codes0.dtype}"
+        )
+    return _as_numpy(w), _as_numpy(d), _as_numpy(codes0)
+
+
+def la_support_solve(
+    w: torch.Tensor,
+    d: torch.Tensor,
+    codes0: torch.Tensor,
+    *,
+    two_sided: bool,
+    max_iter: int = 10,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused LAT_a (``two_sided=False``) / LAT2_a (``two_sided=True``) alternation on ``(U, L)`` units.
+
+    ``w``, ``d`` float32 and ``codes0`` (the warm-start codes) int8, all ``(U, L)``. Returns
+    ``(codes int8 (U, L), alpha, iterations int64 (U,))`` with alpha ``(U,)`` (LAT_a) or
+    ``(U, 2) = [alpha_p, alpha_n]`` (LAT2_a): the computation of
+    ``loss_aware._support_alternate`` (on ``|w|``, or on ``w`` and ``-w``) with the sums in
+    double, at most one pass over ``(w, d)`` per round. Bit-identical for any thread count.
+    """
+    wn, dn, cn = _la_inputs(w, d, codes0)
+    u = w.shape[0]
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    alpha = torch.empty((u, 2) if two_sided else (u,), dtype=torch.float32)
+    iters = torch.empty(u, dtype=torch.int64)
+    _la_ext().la_support_solve(
+        wn, dn, cn, bool(two_sided), int(max_iter), float(tol),
+        codes.numpy(), alpha.numpy(), iters.numpy(), _num_threads(),
+    )  # fmt: skip
+    return codes, alpha, iters
+
+
+def la_laq_solve(
+    w: torch.Tensor,
+    d: torch.Tensor,
+    codes0: torch.Tensor,
+    *,
+    bits: int,
+    log_levels: bool,
+    official: bool = False,
+    max_iter: int = 10,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused LAQ alternation (``loss_aware._laq_alternate``) on ``(U, L)`` units.
+
+    Linear (``log_levels=False``) or log levels of ``bits`` (2..8), alpha rule ``"official"``
+    (``official=True``) or ``"ls"``. Returns ``(codes int8 (U, L), alpha (U,), iterations (U,))``;
+    alpha is the full scale (for linear levels the export step is ``alpha / k``).
+    """
+    wn, dn, cn = _la_inputs(w, d, codes0)
+    u = w.shape[0]
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    alpha = torch.empty(u, dtype=torch.float32)
+    iters = torch.empty(u, dtype=torch.int64)
+    _la_ext().la_laq_solve(
+        wn, dn, cn, int(bits), bool(log_levels), bool(official), int(max_iter), float(tol),
+        codes.numpy(), alpha.numpy(), iters.numpy(), _num_threads(),
+    )  # fmt: skip
+    return codes, alpha, iters

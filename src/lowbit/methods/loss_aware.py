@@ -28,6 +28,21 @@ scheme          level set (times alpha)              solver
 ``laq_log``     {0, ±2^-(k-1), ..., ±1/2, ±1}        alternating (nearest level <-> scale)
 ==============  ===================================  =========================================
 
+Speed: the alternating solvers re-run after every optimizer step. In PyTorch one round of them is
+several full passes over the weight (a level pattern, a product, two reductions, the masked
+updates), which made a LAT/LAQ optimizer step about 4x the cost of a float Adam step on the CPU.
+On CPU float32 tensors they therefore run in C++ (``lowbit._la_solver``, wrapped by
+:func:`lowbit.kernels.la_support_solve` / :func:`lowbit.kernels.la_laq_solve`): the levels are
+recomputed on the fly and the sums accumulated in double, so a round costs at most one pass over
+``(w, d)``; in units longer than ``la_chunk()`` (32768) elements the rounds after a unit's first
+rescan only the elements near a decision threshold, since alpha moves little from round to round.
+Results are bit-identical for any thread count. It is the same computation as the PyTorch
+functions below (same start, level rule, stop rule and iteration counts; the levels of a given
+alpha come from the same float32 operations; only the sums differ: double there, float32 here, so
+scales agree to the rounding of long float32 sums), which remain the reference and the path for
+float64 and GPU tensors. ``LOWBIT_LA_SOLVER=torch|native|auto`` (default ``auto``) or
+:func:`set_solver_backend` picks the path; see :func:`solver_backend`.
+
 Training wiring (:class:`LossAwareWeight`, :class:`LossAwareMethod`, registered as ``"lab"``,
 ``"lat"``, ``"lat2"`` and ``"laq"``) lives below the solvers; the optimizer side (Adam step, clip,
 re-solve with the fresh ``exp_avg_sq``) is :class:`lowbit.optim.LossAwareOptimizer`.
@@ -36,6 +51,7 @@ re-solve with the fresh ``exp_avg_sq``) is :class:`lowbit.optim.LossAwareOptimiz
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any
 
@@ -55,7 +71,9 @@ __all__ = [
     "initial_codes",
     "objective",
     "scheme_format",
+    "set_solver_backend",
     "solve",
+    "solver_backend",
     "wrap_optimizer",
 ]
 
@@ -100,7 +118,8 @@ def nearest_levels(
     * linear: ``round(clip(w / alpha, -1, 1) * k)`` (half-to-even; a tie costs the same either way).
     * log: levels ``2^-j``, ``j < k``, with thresholds at 3/4 of each level (the arithmetic
       midpoints, which is what the official code's log-domain offset ``log2(1.5) - 0.5`` does,
-      §3.5) and 0 below ``2^-k``: ``exponent = clamp(floor(log2(|w| / (0.75 alpha))), -(k-1), 0)``.
+      §3.5) and 0 below ``2^-k``: ``exponent = clamp(floor(log2(|w| / (0.75 alpha))), -(k-1), 0)``
+      (the floor taken exactly from the float's exponent).
     """
     a = alpha[:, None]
     if fmt in ("ternary", "ternary_asym"):
@@ -111,8 +130,12 @@ def nearest_levels(
         c = torch.round(w / (a / k)).clamp_(-k, k)
         return c, c
     r = w.abs() / (a * 0.75)
-    e = torch.log2(r).floor_().clamp_(-(k - 1), 0)
     keep = (r >= 2.0**-k / 0.75).to(w.dtype).mul_(F.sign(w))
+    # floor(log2 r) exactly, from the binary exponent: torch.log2 rounds r one ulp below 2^-j
+    # (j >= 2) up to -j, which picked the level above a threshold the value had not reached (and
+    # would differ from the C++ solver). NaN (0/0) and inf (alpha underflowing) are mapped first.
+    r.nan_to_num_(nan=0.0, posinf=torch.finfo(r.dtype).max)
+    e = torch.frexp(r)[1].to(w.dtype).sub_(1).clamp_(-(k - 1), 0)
     m = torch.exp2(e).mul_(keep)
     return e.add_(k).mul_(keep), m
 
@@ -308,7 +331,7 @@ def _laq_alternate(
             m = torch.where(pos[:, None], m, torch.zeros_like(m))
         return c, m
 
-    c0 = codes0.abs() * sw
+    c0 = codes0.to(wu.dtype).abs() * sw
     alpha = alpha_of(c0, c0 if linear else _mult(c0, fmt, bits), first=True)
     c, m = codes_of(alpha)
     done = alpha <= 0
@@ -375,6 +398,112 @@ def _laq_exact(wu: torch.Tensor, du: torch.Tensor, fmt: str, bits: int) -> torch
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Which implementation runs the alternating solvers (LAT_a, LAT2_a, LAQ alternation)
+
+SOLVER_BACKENDS = ("auto", "native", "torch")
+_ALTERNATING = ("lat_a", "lat2_a", "laq_linear", "laq_log")
+_backend_override: str | None = None
+_native_loaded: bool | None = None
+
+
+def _check_backend(backend: str) -> str:
+    b = str(backend).strip().lower()
+    if b not in SOLVER_BACKENDS:
+        raise ValueError(
+            f"loss-aware solver backend must be one of {', '.join(SOLVER_BACKENDS)}, got {backend!r}"
+        )
+    return b
+
+
+def set_solver_backend(backend: str | None) -> None:
+    """Pick the implementation of the alternating solvers for this process (``None``: back to the
+    ``LOWBIT_LA_SOLVER`` environment variable, default ``"auto"``).
+
+    * ``"auto"``: the C++ solver on CPU float32 tensors when the extension loads, PyTorch otherwise;
+    * ``"native"``: the C++ solver on CPU float32 tensors, an error if the extension is missing;
+    * ``"torch"``: always the PyTorch reference.
+
+    Float64 and GPU tensors, and the exact schemes, always run in PyTorch.
+    """
+    global _backend_override
+    _backend_override = None if backend is None else _check_backend(backend)
+
+
+def solver_backend() -> str:
+    """The selected backend: :func:`set_solver_backend`'s, else ``LOWBIT_LA_SOLVER``, else ``"auto"``."""
+    if _backend_override is not None:
+        return _backend_override
+    return _check_backend(os.environ.get("LOWBIT_LA_SOLVER", "").strip() or "auto")
+
+
+def _native_available(required: bool) -> bool:
+    global _native_loaded
+    if _native_loaded is None:
+        try:
+            from lowbit import kernels
+
+            _native_loaded = kernels.la_solver_available()
+        except ImportError:  # KernelBuildError: lowbit._kernels itself is missing
+            _native_loaded = False
+    if required and not _native_loaded:
+        from lowbit.kernels import _la_ext  # raises the KernelBuildError that explains why
+
+        _la_ext()
+    return _native_loaded
+
+
+def _use_native(wu: torch.Tensor, du: torch.Tensor, scheme: str, laq_exact: bool) -> bool:
+    """True where the C++ solver runs: CPU float32 units of an alternating scheme, not disabled."""
+    if scheme not in _ALTERNATING or (laq_exact and scheme.startswith("laq")):
+        return False
+    backend = solver_backend()
+    if backend == "torch":
+        return False
+    if wu.device.type != "cpu" or wu.dtype != torch.float32 or du.dtype != torch.float32:
+        return False
+    if wu.numel() == 0:
+        return False
+    return _native_available(required=backend == "native")
+
+
+def _solve_native(
+    wu: torch.Tensor,
+    du: torch.Tensor,
+    scheme: str,
+    fmt: str,
+    m: int,
+    codes0: torch.Tensor,
+    alpha_rule: str,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_solve_units` of the alternating schemes by the C++ solver (int8 codes, same scales)."""
+    from lowbit import kernels
+
+    wu, du, codes0 = wu.contiguous(), du.contiguous(), codes0.contiguous()
+    if scheme in ("lat_a", "lat2_a"):
+        return kernels.la_support_solve(
+            wu,
+            du,
+            codes0,
+            two_sided=scheme == "lat2_a",
+            max_iter=max_iter,
+            tol=tol,
+        )
+    codes, alpha, iters = kernels.la_laq_solve(
+        wu,
+        du,
+        codes0,
+        bits=m,
+        log_levels=fmt == "kbit_log",
+        official=alpha_rule == "official",
+        max_iter=max_iter,
+        tol=tol,
+    )
+    return codes, (alpha / (2 ** (m - 1) - 1) if fmt == "kbit_linear" else alpha), iters
+
+
 def _solve_units(
     wu: torch.Tensor,
     du: torch.Tensor,
@@ -387,11 +516,15 @@ def _solve_units(
     tol: float,
     laq_exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (float, unit layout) and per-unit scales (``(U,)``, ``(U, 2)`` for LAT2) of one scheme.
+    """Codes (unit layout; float, or int8 from the C++ solver) and per-unit scales (``(U,)``,
+    ``(U, 2)`` for LAT2) of one scheme.
 
     Padding of remainder groups is 0 in both ``wu`` and ``du``, so it never enters a sum and always
-    gets code 0 (it is dropped by ``from_units`` anyway). ``prev()`` gives the warm-start codes.
+    gets code 0 (it is dropped by ``from_units`` anyway). ``prev()`` gives the warm-start codes
+    (int8 units). The alternating schemes run in C++ on CPU float32 units (:func:`_use_native`).
     """
+    if _use_native(wu, du, scheme, laq_exact):
+        return _solve_native(wu, du, scheme, fmt, m, prev(), alpha_rule, max_iter, tol)
     iters = torch.zeros(wu.shape[0], dtype=torch.int64, device=wu.device)
     if scheme == "lab":
         alpha = _ratio(
@@ -470,7 +603,8 @@ def _solve_codes(
         c = prev_codes if prev_codes is not None else initial_codes(w, scheme, m, g)
         if tuple(c.shape) != shape:
             raise ValueError(f"prev_codes has shape {tuple(c.shape)}, the weight {shape}")
-        return F.to_units(c.to(device=w.device, dtype=w.dtype), g)[0]
+        # int8 as stored (the C++ solver reads them directly; the PyTorch one converts)
+        return F.to_units(c.to(device=w.device, dtype=torch.int8), g)[0]
 
     cu, su, iters = _solve_units(wu, du, scheme, fmt, m, prev, alpha_rule, max_iter, tol, laq_exact)
     codes = F.from_units(cu, shape, g).to(torch.int8)
@@ -504,13 +638,15 @@ def solve(
         scheme: one of :data:`SCHEMES` (see the module docstring).
         bits: m for ``laq_*`` (default 3; k = 2^(m-1) - 1 levels per sign); ignored otherwise.
         prev_codes: the previous step's int8 codes (same format) for the alternating solvers'
-            warm start; ``None`` uses :func:`initial_codes` (TWN 0.7 pattern, the official init).
-            The exact schemes and LAB ignore it.
+            warm start (other dtypes are converted to int8); ``None`` uses :func:`initial_codes`
+            (TWN 0.7 pattern, the official init). The exact schemes and LAB ignore it.
         granularity, group_size, group_axis: one scale per tensor (default, as in the papers),
             per output channel (``"channel"``) or per group (see :mod:`lowbit.qtypes`).
         alpha_rule: ``laq_*`` scale update: ``"ls"`` (weighted least squares, §3.5, default) or
             ``"official"`` (the code's ``||b⊙d⊙w||_1 / ||b⊙d||_1``, §3.5). Ternary: identical.
-        max_iter, tol: alternating solvers' limits (official: 10 and 1e-6 on alpha).
+        max_iter, tol: alternating solvers' limits (official: 10 and 1e-6 on alpha). On CPU
+            float32 tensors the alternating schemes run in C++ (module docstring,
+            :func:`set_solver_backend`); float64 and GPU tensors run the PyTorch reference.
         laq_exact: ``laq_*`` only: the exact optimum by a sweep over alpha's breakpoints
             (O(nk log nk); an extension, the papers alternate). Ignores ``prev_codes``.
         return_info: also return a dict with per-unit ``iterations``.

@@ -1,0 +1,16 @@
+// The extension module lowbit._la_solver: the fused loss-aware solvers of la_solver.cpp.
+//
+// A module of its own (not part of lowbit._kernels) so that it builds from files of its own;
+// folding it into _kernels takes la_solver.cpp in that target's sources and one
+// `register_la_solver(mod);` line in bindings.cpp's NB_MODULE. It has its own instance of the
+// lowbit thread pool (threadpool.cpp), sized per call from torch.get_num_threads() like _kernels'.
+#include <nanobind/nanobind.h>
+
+namespace nb = nanobind;
+
+void register_la_solver(nb::module_& m);  // la_solver.cpp
+
+NB_MODULE(_la_solver, mod) {
+    mod.doc() = "lowbit fused loss-aware alternating solvers (see lowbit.kernels.la_support_solve / la_laq_solve)";
+    register_la_solver(mod);
+}
