@@ -205,10 +205,86 @@ struct Fmt {
     static constexpr int zero = BITS == 2 ? 1 : 8;  // code offset (w + 1 or w + 8)
 };
 
-// HB half blocks (8 rows each) x NR tokens over the whole K. The int16 sum of one tile's planes
-// is bounded by planes * 2 * max(code) * 128: ternary 4*2*2*128 = 2048, int4 2*2*15*128 = 7680.
+// HB half blocks (8 rows each) x NR tokens over the whole K.
+//
+// Plane-major order inside a tile: one decoded code vector serves all NR tokens and one broadcast
+// of 4 activations all HB half blocks. The vpmaddubsw products are summed in int16 registers over
+// kFlushTiles tiles and only then widened by vpmaddwd into the int32 totals (which the compiler
+// may keep on the stack: they are touched once per kFlushTiles tiles). Bound of one int16 lane:
+// each vpmaddubsw lane is at most 2 * max_code * 128 (|a| <= 128: signed DFP reaches -128),
+// ternary 512 and int4 3840, so 8 ternary tiles (32 products: 16384) or 4 int4 tiles (8 products:
+// 30720) never saturate. Half the vpmaddwd of a per-tile widening, and no register spills of the
+// product sums with 16 ymm registers (ASYM: P sums beside the D sums, so fewer tokens per block).
+template <int BITS>
+constexpr int kFlushTiles = BITS == 2 ? 8 : 4;
+
 template <int HB, int NR, bool ASYM, int BITS>
 void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m256i mcode = _mm256_set1_epi8((char)F::mask), m1 = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+    const uint8_t* wr[HB];
+#pragma GCC unroll 16
+    for (int r = 0; r < HB; ++r) wr[r] = p->w + ((hb + r) >> 1) * rbs + ((hb + r) & 1) * 32;
+    __m256i d[HB][NR], h[HB][NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < HB; ++r)
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) d[r][n] = h[r][n] = _mm256_setzero_si256();
+    for (int64_t t0 = 0; t0 < kt; t0 += kFlushTiles<BITS>) {
+        const int64_t t1 = t0 + kFlushTiles<BITS> < kt ? t0 + kFlushTiles<BITS> : kt;
+        __m256i s[HB][NR], sh[HB][NR];
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r)
+#pragma GCC unroll 16
+            for (int n = 0; n < NR; ++n) s[r][n] = sh[r][n] = _mm256_setzero_si256();
+        for (int64_t t = t0; t < t1; ++t) {
+            const int8_t* at = a + t * F::tile_k;
+#pragma GCC unroll 16
+            for (int r = 0; r < HB; ++r) _mm_prefetch((const char*)(wr[r] + t * 64 + kPrefetch), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int pl = 0; pl < F::planes; ++pl) {
+                __m256i code[HB], high[HB];
+#pragma GCC unroll 16
+                for (int r = 0; r < HB; ++r) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(wr[r] + t * 64));
+                    code[r] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * pl), mcode);
+                    if (ASYM) high[r] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * pl + 1), m1);
+                }
+#pragma GCC unroll 16
+                for (int n = 0; n < NR; ++n) {
+                    const __m256i b = bcast4(at + n * as + 4 * pl);
+#pragma GCC unroll 16
+                    for (int r = 0; r < HB; ++r) {
+                        s[r][n] = _mm256_add_epi16(s[r][n], _mm256_maddubs_epi16(code[r], b));
+                        if (ASYM) sh[r][n] = _mm256_add_epi16(sh[r][n], _mm256_maddubs_epi16(high[r], b));
+                    }
+                }
+            }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r)
+#pragma GCC unroll 16
+            for (int n = 0; n < NR; ++n) {
+                d[r][n] = _mm256_add_epi32(d[r][n], _mm256_madd_epi16(s[r][n], ones));
+                if (ASYM) h[r][n] = _mm256_add_epi32(h[r][n], _mm256_madd_epi16(sh[r][n], ones));
+            }
+    }
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+        const __m256i sa = _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride]);
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
+    }
+}
+
+// GEMV (one token; NR = 1 in practice): HB half blocks over the whole K, one weight load per tile
+// and half block, the planes widened to int32 per tile. The int16 sum of one tile's planes
+// is bounded by planes * 2 * max(code) * 128: ternary 4*2*2*128 = 2048, int4 2*2*15*128 = 7680.
+template <int HB, int NR, bool ASYM, int BITS>
+void gemv_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     using F = Fmt<BITS>;
     const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
     const int8_t* a = p->a + m * p->a_stride;
@@ -328,7 +404,7 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     }
 }
 
-enum Mode { kBlock, kBlockAsym, kGroup, kGroupU };
+enum Mode { kBlock, kBlockAsym, kGroup, kGroupU, kGemv, kGemvAsym };
 
 template <int HB, int NR, int MODE, int BITS>
 void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
@@ -342,6 +418,8 @@ void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int6
     if constexpr (MODE == kBlockAsym) block_kernel<HB, NR, true, BITS>(p, hb, m);
     if constexpr (MODE == kGroup) group_kernel<HB, NR, BITS, false>(p, hb, m);
     if constexpr (MODE == kGroupU) group_kernel<HB, NR, BITS, true>(p, hb, m);
+    if constexpr (MODE == kGemv) gemv_kernel<HB, NR, false, BITS>(p, hb, m);
+    if constexpr (MODE == kGemvAsym) gemv_kernel<HB, NR, true, BITS>(p, hb, m);
 }
 
 template <int HB, int NR, int MODE, int BITS>
@@ -366,10 +444,10 @@ void gemm_bits(const lowbit_t2_args* p) {
         if (gemv) drive<4, 1, kGroup, BITS>(p);
         else drive<2, 3, kGroup, BITS>(p);
     } else if (p->asym) {
-        if (gemv) drive<4, 1, kBlockAsym, BITS>(p);
-        else drive<2, 2, kBlockAsym, BITS>(p);
+        if (gemv) drive<4, 1, kGemvAsym, BITS>(p);
+        else drive<1, 4, kBlockAsym, BITS>(p);
     } else {
-        if (gemv) drive<4, 1, kBlock, BITS>(p);
+        if (gemv) drive<4, 1, kGemv, BITS>(p);
         else drive<2, 4, kBlock, BITS>(p);
     }
 }
