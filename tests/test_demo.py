@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import lowbit
 from lowbit import models
 from lowbit.demo import STAGES, DemoConfig, DemoResult, _stage_spec, run_demo
+from lowbit.binary import PackedBinaryLinear
 from lowbit.pack import PackedLinear
 
 KEYS = ["fp", "fgq", "ttq", "bnn", "lat2", "laq"]
@@ -102,7 +103,12 @@ def test_packed_numbers_recomputed_from_the_saved_file(demo: DemoResult, key: st
     assert row.sim_error == pytest.approx(100.0 * float((sim_pred != test.y).double().mean()))
     assert row.model_file and Path(row.model_file).is_file()
     loaded = lowbit.load(row.model_file)
-    packed_layers = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
+    # BNN runs on the XNOR chain (PackedBinaryLinear), the others on PackedLinear
+    packed_layers = [
+        m for m in loaded.modules() if isinstance(m, (PackedLinear, PackedBinaryLinear))
+    ]
+    if key == "bnn":
+        assert all(isinstance(m, PackedBinaryLinear) for m in packed_layers)
     assert packed_layers, f"{key}: nothing packed ({row.packed_note})"
     assert len(packed_layers) == sum(r.startswith("packed") for r in row.packing_report.values())
     pred = _preds(loaded, test.x)
@@ -129,7 +135,10 @@ def test_packed_numbers_recomputed_from_the_saved_file(demo: DemoResult, key: st
     packed_bytes = sum(
         t.numel() * t.element_size() for m in packed_layers for t in m.state_dict().values()
     )
-    layer_float = sum(4 * (m.in_features * m.out_features + m.out_features) for m in packed_layers)
+    layer_float = sum(
+        4 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+        for m in packed_layers
+    )
     assert row.layer_compression == pytest.approx(layer_float / packed_bytes)
     weight_bytes = sum(
         t.numel() * t.element_size()

@@ -1435,4 +1435,21 @@ def pack_bnn(
         else:
             bits_in = False
             i += 1
-    return nn.Sequential(*stages).eval()
+    packed = nn.Sequential(*stages).eval()
+    packed.packing_report = _stage_report(packed)  # type: ignore[assignment]
+    return packed
+
+
+def _stage_report(packed: nn.Sequential) -> dict[str, str]:
+    """One line per stage of a :func:`pack_bnn` model (``packing_report``, like
+    :func:`lowbit.pack`'s; stored in the ``.lowbit`` manifest by :func:`lowbit.save`)."""
+    report: dict[str, str] = {}
+    for name, stage in packed.named_children():
+        kind = type(stage).__name__
+        if isinstance(stage, (PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear)):
+            report[name] = f"packed: {kind}({stage.extra_repr()})"
+        elif isinstance(stage, (BinaryMaxPool2d, FlattenBits)):
+            report[name] = f"on bits: {kind}"
+        elif any(True for _ in stage.parameters()):
+            report[name] = f"kept as {kind}"
+    return report

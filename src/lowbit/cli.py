@@ -750,7 +750,7 @@ def pack_cmd(
             model_options=parse_options(model_opt, "--model-opt"),
         )
         if xnor:
-            target = _pack_xnor(model)
+            target = lowbit.pack(model, xnor=True)  # with its packing_report
         else:
             target = model if quantized else lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
@@ -797,24 +797,6 @@ def pack_cmd(
         typer.echo(
             f"test accuracy: simulated {result['simulated_acc']:.2f}%  packed {result['packed_acc']:.2f}%"
         )
-
-
-def _pack_xnor(model: Any) -> Any:
-    """``lowbit.pack(model, xnor=True)`` with a packing report (one line per stage)."""
-    from lowbit import binary
-
-    packed: Any = lowbit.pack(model, xnor=True)
-    report: dict[str, str] = {}
-    for name, stage in packed.named_children():
-        kind = type(stage).__name__
-        if isinstance(stage, (binary.PackedBinaryLinear, binary.PackedBinaryConv2d)):
-            report[name] = f"packed: {kind}({stage.extra_repr()})"
-        elif isinstance(stage, (binary.BinaryMaxPool2d, binary.FlattenBits)):
-            report[name] = f"on bits: {kind}"
-        elif any(True for _ in stage.parameters()):
-            report[name] = f"kept as {kind}"
-    packed.packing_report = report  # stored in the .lowbit manifest by save()
-    return packed
 
 
 @app.command("run")

@@ -260,6 +260,7 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
             architecture=_architecture(t.spec, t.splits),
             reps=cfg.reps,
             timing=cfg.timing,
+            xnor=key == "bnn",  # binary weights and activations: the XNOR-popcount chain
         )
         row.train_seconds = round(t.seconds, 1)
         row.epochs = f"{t.epochs_done}/{t.epochs}" if t.epochs else "post-training"

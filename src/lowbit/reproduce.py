@@ -382,6 +382,7 @@ def reproduce(
             out / "models" / f"{name}.lowbit",
             architecture=arch,
             timing=timing,
+            xnor=spec["method"].get("name") == "bnn",
         )
     else:
         from lowbit.report.results import ModelRow

@@ -404,7 +404,69 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     }
 }
 
-enum Mode { kBlock, kBlockAsym, kGroup, kGroupU, kGemv, kGemvAsym };
+// Groups of exactly 4 along K with unsigned activations (FGQ N=4 after a ReLU): every plane is
+// one group, so each product is widened, converted and scaled at once (vpmaddubsw, vpmaddwd,
+// vcvtdq2ps, FMA into fp32 accumulators): no int32 group totals, no per-group loop. Activations
+// are the unsigned operand, the decoded weights (code - zero) the signed one: |pair| <= 2 * 255 * 8.
+template <int HB, int NR, int BITS>
+void group4u_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
+    using F = Fmt<BITS>;
+    const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
+    const int64_t n_groups = p->kp / 4;
+    const int8_t* a = p->a + m * p->a_stride;
+    const int64_t as = p->a_stride;
+    const __m256i mcode = _mm256_set1_epi8((char)F::mask), zero8 = _mm256_set1_epi8((char)F::zero);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f[HB][NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < HB; ++r)
+#pragma GCC unroll 16
+        for (int n = 0; n < NR; ++n) f[r][n] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < kt; ++t) {
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r) {
+            const int64_t hr = hb + r;
+            _mm_prefetch((const char*)(p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32 + kPrefetch), _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int pl = 0; pl < F::planes; ++pl) {
+            const int64_t g = t * F::planes + pl;
+            __m256i code[HB];
+            __m256 sc[HB];
+#pragma GCC unroll 16
+            for (int r = 0; r < HB; ++r) {
+                const int64_t hr = hb + r;
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32));
+                code[r] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, BITS * pl), mcode), zero8);
+                sc[r] = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
+            }
+#pragma GCC unroll 16
+            for (int n = 0; n < NR; ++n) {
+                const __m256i b = bcast4(a + n * as + 4 * g);
+#pragma GCC unroll 16
+                for (int r = 0; r < HB; ++r) {
+                    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(b, code[r]), ones);
+                    f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc[r], f[r][n]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+        const __m256 ai = _mm256_set1_ps(p->a_inv[m + n]);
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r) {
+            const int64_t n0 = (hb + r) * 8;
+            if (n0 >= p->n_valid) continue;
+            const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
+            __m256 y = _mm256_fmadd_ps(f[r][n], ai, b);
+            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
+        }
+    }
+}
+
+enum Mode { kBlock, kBlockAsym, kGroup, kGroupU, kGroup4U, kGemv, kGemvAsym };
 
 template <int HB, int NR, int MODE, int BITS>
 void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
@@ -418,6 +480,7 @@ void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int6
     if constexpr (MODE == kBlockAsym) block_kernel<HB, NR, true, BITS>(p, hb, m);
     if constexpr (MODE == kGroup) group_kernel<HB, NR, BITS, false>(p, hb, m);
     if constexpr (MODE == kGroupU) group_kernel<HB, NR, BITS, true>(p, hb, m);
+    if constexpr (MODE == kGroup4U) group4u_kernel<HB, NR, BITS>(p, hb, m);
     if constexpr (MODE == kGemv) gemv_kernel<HB, NR, false, BITS>(p, hb, m);
     if constexpr (MODE == kGemvAsym) gemv_kernel<HB, NR, true, BITS>(p, hb, m);
 }
@@ -437,7 +500,10 @@ void drive(const lowbit_t2_args* p) {
 template <int BITS>
 void gemm_bits(const lowbit_t2_args* p) {
     const bool gemv = p->m1 - p->m0 == 1;
-    if (p->group_k > 0 && p->a_unsigned) {
+    if (p->group_k == 4 && p->a_unsigned) {
+        if (gemv) drive<4, 1, kGroup4U, BITS>(p);
+        else drive<2, 4, kGroup4U, BITS>(p);
+    } else if (p->group_k > 0 && p->a_unsigned) {
         if (gemv) drive<4, 1, kGroupU, BITS>(p);
         else drive<2, 3, kGroupU, BITS>(p);
     } else if (p->group_k > 0) {

@@ -136,12 +136,15 @@ def describe_acts(sim: nn.Module, packed: nn.Module | None) -> str:
     out = ", ".join(sim_acts) or "fp32"
     if packed is None:
         return out
+    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear
     from lowbit.pack import PackedLinear
 
     names = {"int8": "int8", "float": "fp32", "sign": "±1"}
     packed_acts: list[str] = []
     for m in packed.modules():
-        if isinstance(m, PackedLinear):
+        if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d)) and "±1 bits" not in packed_acts:
+            packed_acts.append("±1 bits")
+        elif isinstance(m, PackedLinear):
             a = m.activations
             d = names.get(
                 a, f"{'' if m.act_signed else 'u'}{'dfp' if a == 'dfp' else 'int'}{m.act_bits}"
@@ -203,11 +206,25 @@ def speed(
 def _packed_layer_bytes(model: nn.Module) -> tuple[int, int, int, int]:
     """Of the packed layers: (bytes of all their tensors, float32 bytes of weight + bias, bytes of
     their weight tensors (all but the bias), float32 bytes of the weight matrices alone)."""
+    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
     from lowbit.pack import PackedConv2d, PackedLinear
+    from lowbit.saveload import _binary_layer_spec
 
     packed = fl = wpacked = wfl = 0
     for m in model.modules():
-        if isinstance(m, (PackedLinear, PackedConv2d)):
+        if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear)):
+            # what lowbit.save stores of the layer (thresholds, scales, bias: all but the bias
+            # count as weight data) and the float32 bytes of the layer it replaces
+            _, own, float_bytes = _binary_layer_spec(m)
+            bias = own.get("bias")
+            bias_f32 = 0 if bias is None else 4 * bias.numel()
+            for name, t in own.items():
+                packed += t.numel() * t.element_size()
+                if name != "bias":
+                    wpacked += t.numel() * t.element_size()
+            fl += float_bytes
+            wfl += float_bytes - bias_f32
+        elif isinstance(m, (PackedLinear, PackedConv2d)):
             gemm = m if isinstance(m, PackedLinear) else m.gemm
             for name, t in m.state_dict().items():
                 packed += t.numel() * t.element_size()
@@ -230,11 +247,13 @@ def measure(
     architecture: dict[str, Any] | None = None,
     reps: int = 20,
     timing: bool = True,
+    xnor: bool = False,
 ) -> tuple[ModelRow, nn.Module | None]:
     """Evaluate ``sim``, pack it, save + reload the packed model, evaluate and time it against
     ``float_model`` (the float32 architecture). Returns the row and the reloaded packed model
     (``None`` when nothing could be packed). A float ``sim`` (no quantized layers) is saved and
-    timed as it is: its packed columns stay empty."""
+    timed as it is: its packed columns stay empty. ``xnor``: a BNN-trained ``sim`` is packed on
+    the fully binary XNOR-popcount path (``lowbit.pack(sim, xnor=True)``)."""
     import lowbit
 
     sim.eval()
@@ -264,7 +283,14 @@ def measure(
         row.float_layers = "all"
         row.packed_note = "float model (the baseline)"
         return row, None
-    packed = lowbit.pack(sim)
+    xnor_note = ""
+    try:
+        packed = lowbit.pack(sim, xnor=xnor)
+    except ValueError as exc:  # not a chain pack_bnn can fold: the per-layer packing instead
+        if not xnor:
+            raise
+        xnor_note = f"XNOR chain not possible ({str(exc).splitlines()[0]}): packed per layer"
+        packed = lowbit.pack(sim)
     report = dict(getattr(packed, "packing_report", {}))
     row.packing_report = report
     row.acts = describe_acts(sim, packed)
@@ -273,11 +299,21 @@ def measure(
         reasons = sorted({r.split(": ", 1)[-1] for r in report.values()})
         row.packed_note = "n/a: " + "; ".join(reasons)
         return row, None
-    if len(done) < len(report):
+    if len(done) < len(report) and not xnor:
         kept = [p for p in report if p not in done]
         row.packed_note = f"{len(done)}/{len(report)} layers packed; simulated: {', '.join(kept)}"
+    if xnor_note:
+        row.packed_note = (row.packed_note + "; " if row.packed_note else "") + xnor_note
     try:
-        info = lowbit.save(packed, out_file, architecture=architecture)
+        # the XNOR chain is a flat nn.Sequential of stages: stored as a module tree, not as the
+        # registry architecture it came from (what `lowbit pack --xnor` does)
+        on_xnor = xnor and not xnor_note
+        info = lowbit.save(
+            packed,
+            out_file,
+            architecture=None if on_xnor else architecture,
+            metadata={"input_shape": [int(d) for d in sample.shape[1:]]} if on_xnor else None,
+        )
         loaded = lowbit.load(out_file)
         row.file_bytes = int(info["bytes"])
         row.model_file = str(out_file)
