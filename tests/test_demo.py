@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import lowbit
 from lowbit import models
-from lowbit.demo import STAGES, DemoConfig, DemoResult, _stage_spec, run_demo
 from lowbit.binary import PackedBinaryLinear
+from lowbit.demo import STAGES, DemoConfig, DemoResult, _stage_spec, run_demo
 from lowbit.pack import PackedLinear
 
 KEYS = ["fp", "fgq", "ttq", "bnn", "lat2", "laq"]
