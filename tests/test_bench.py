@@ -287,3 +287,15 @@ def test_cli_bench_model_reads_the_input_shape_of_an_xnor_file(tmp_path: Path) -
     result = CliRunner().invoke(app, ["bench", "model", str(out), "--threads", "1", "--reps", "20"])
     assert result.exit_code == 0, result.output
     assert "input (3, 12, 12)" in result.output and "batch  256" in result.output
+
+
+@pytest.mark.parametrize(
+    "isa", [i for i in ("scalar", "avx2", "avx512") if i in lowbit.kernels.available_isas()]
+)
+def test_target_note_names_the_path_the_targets_do_not_assume(isa: str) -> None:
+    with lowbit.kernels.use_isa(isa):
+        note = bench.target_note()
+    if isa == "avx512":
+        assert note is None
+    else:
+        assert note is not None and f"runs the {isa} path" in note and "AVX-512" in note
