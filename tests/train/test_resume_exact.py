@@ -136,3 +136,32 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="cannot resume"):
         train_spec(other, tmp_path, resume=True, progress=False)
+
+
+def _legacy_spec() -> dict:
+    return make_spec(
+        model="mlp",
+        dataset="synthetic",
+        model_options={"widths": [16]},
+        data_options={"n_train": 128, "n_valid": 32, "n_test": 32, "shape": [1, 6, 6]},
+        train={"epochs": 2, "batch_size": 32, "lr": 0.01, "fused": False},
+    )
+
+
+def test_runs_from_before_the_fused_option_resume_with_the_per_tensor_adam(tmp_path: Path) -> None:
+    # A run directory written before TrainConfig.fused existed (config.json without the key)
+    # trained with Adam's per-tensor loop; resuming it must keep that loop, so it ends exactly
+    # where an uninterrupted loop-Adam run ends.
+    spec = _legacy_spec()
+    train_spec(spec, tmp_path / "a", progress=False, stop_after_epochs=1)
+    cfg_path = tmp_path / "a" / "config.json"
+    stored = json.loads(cfg_path.read_text())
+    del stored["train"]["fused"]
+    cfg_path.write_text(json.dumps(stored))
+    resumed = {k: v for k, v in spec.items()}
+    resumed["train"] = {k: v for k, v in spec["train"].items() if k != "fused"}  # a plain resume
+    train_spec(resumed, tmp_path / "a", resume=True, progress=False)
+    train_spec(spec, tmp_path / "b", progress=False)
+    wa = load_checkpoint(latest(tmp_path / "a" / "checkpoints"))["model"]
+    wb = load_checkpoint(latest(tmp_path / "b" / "checkpoints"))["model"]
+    _assert_same(wa, wb)

@@ -48,6 +48,12 @@ class TrainConfig:
 
     ``init_from``: a run directory (its best checkpoint) or checkpoint file whose float weights
     are loaded into the model before it is quantized — the fine-tuning flows (TTQ CIFAR).
+
+    ``fused``: Adam's single-pass kernel (``torch.optim.Adam(fused=True)``; the same update,
+    rounded differently in the last bits) instead of PyTorch's per-tensor loop. ``None`` (the
+    default) means on; it made a float 3x2048 MLP step 1.5x faster on the CPU. Runs resumed
+    from a ``config.json`` written before this option existed keep the loop (``False``), so they
+    continue exactly as they started. Other optimizers ignore it.
     Aliases accepted: schedule ``none`` = ``constant``; loss ``ce`` = ``cross_entropy``.
     """
 
@@ -77,6 +83,7 @@ class TrainConfig:
     eval_test: bool = True
     log_every: float = 30.0
     init_from: str | None = None
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         self.optimizer = self.optimizer.lower()

@@ -168,6 +168,9 @@ def train_spec(
                 raise ValueError(
                     f"cannot resume {run_dir}: its {table} is {stored.get(table)} but this command asks for {spec.get(table)}"
                 )
+        if "fused" not in stored.get("train", {}):
+            # written before TrainConfig.fused existed: it trained with Adam's per-tensor loop
+            spec.setdefault("train", {})["fused"] = False
     trainer = make_trainer(spec, build_data(spec["data"], data_dir), run_dir, progress)
     try:
         return trainer.fit(resume=resume, stop_after_epochs=stop_after_epochs)

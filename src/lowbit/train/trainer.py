@@ -282,7 +282,8 @@ class Trainer:
                 group["base_lr"] = group["lr"]
                 out.append(group)
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+            fused = cfg.fused is not False  # None = on (see TrainConfig.fused)
+            return torch.optim.Adam(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
         if cfg.optimizer == "adamax":
             return torch.optim.Adamax(out, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         if cfg.optimizer == "shift_adamax":
