@@ -936,3 +936,32 @@ def la_laq_solve(
         codes.numpy(), alpha.numpy(), iters.numpy(), _num_threads(),
     )  # fmt: skip
     return codes, alpha, iters
+
+
+_LA_DEQUANT_KINDS = {"binary": 0, "ternary": 0, "kbit_linear": 0, "ternary_asym": 1, "kbit_log": 2}
+
+
+def la_dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, bits: int) -> torch.Tensor:
+    """``functional.dequantize`` of int8 ``codes (U, L)`` with one scale per unit (``(U,)``, or
+    ``(U, 2) = [Wp, Wn]`` for ``ternary_asym``) in one C++ pass, bit-identical to it (same float
+    operations). ``fmt``: binary, ternary, ternary_asym, kbit_linear (the scale is the step) or
+    kbit_log (``bits`` of levels). Returns float32 ``(U, L)``."""
+    kind = _LA_DEQUANT_KINDS.get(fmt)
+    if kind is None:
+        raise ValueError(f"la_dequantize has no kernel for format {fmt!r}")
+    if codes.dim() != 2 or codes.dtype != torch.int8 or scales.dtype != torch.float32:
+        raise TypeError(
+            f"la_dequantize takes int8 (U, L) codes and float32 scales; got {codes.dtype} "
+            f"{tuple(codes.shape)} and {scales.dtype}"
+        )
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    k = 2 ** (bits - 1) - 1 if kind == 2 else 1
+    _la_ext().la_dequantize(
+        _as_numpy(codes.contiguous()),
+        _as_numpy(scales.contiguous()),
+        kind,
+        k,
+        out.numpy(),
+        _num_threads(),
+    )
+    return out

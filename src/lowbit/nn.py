@@ -58,10 +58,7 @@ class _QuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:  # type: ignore[override]
-        codes, scales = quantizer.quantize(w)
-        w_q = F.dequantize(
-            codes, scales, quantizer.format, quantizer.bits, quantizer.granularity, w.shape
-        )
+        w_q = quantizer.dequantized(w)
         mask = quantizer.grad_mask(w)
         ctx.has_mask = mask is not None
         if mask is not None:
@@ -124,6 +121,12 @@ class WeightQuantizer(nn.Module):
     def grad_mask(self, w: torch.Tensor) -> torch.Tensor | None:
         """Per-element factor applied to the gradient reaching the latent weight (None = identity)."""
         return None
+
+    def dequantized(self, w: torch.Tensor) -> torch.Tensor:
+        """The forward weight of the detached ``w``: ``functional.dequantize(*quantize(w))``.
+        A quantizer may compute the same values faster (the loss-aware one does, in C++)."""
+        codes, scales = self.quantize(w)
+        return F.dequantize(codes, scales, self.format, self.bits, self.granularity, w.shape)
 
     # -- provided --------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:

@@ -587,3 +587,76 @@ def test_training_gives_the_same_codes_on_both_paths(method: str, opts: dict) ->
             assert float((x != y).float().mean()) <= 0.01  # equal but for borderline elements
         else:
             torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "bits"),
+    [
+        ("binary", 1),
+        ("ternary", 2),
+        ("ternary_asym", 2),
+        ("kbit_linear", 3),
+        ("kbit_linear", 8),
+        ("kbit_log", 3),
+        ("kbit_log", 8),
+    ],
+)
+@pytest.mark.parametrize("units", [1, 7])
+def test_dequantize_kernel_is_bit_identical_to_functional_dequantize(
+    fmt: str, bits: int, units: int
+) -> None:
+    from lowbit import functional as F
+
+    g = torch.Generator().manual_seed(units * 10 + bits)
+    top = 1 if fmt in ("binary", "ternary", "ternary_asym") else 2 ** (bits - 1) - 1
+    length = 1000
+    codes = torch.randint(-top, top + 1, (units, length), generator=g).to(torch.int8)
+    if fmt == "binary":
+        codes[codes == 0] = 1
+    codes[0, :3] = torch.tensor([top, -top, 0 if fmt != "binary" else 1], dtype=torch.int8)
+    scales = torch.exp(
+        torch.empty(units, 2 if fmt == "ternary_asym" else 1).uniform_(-30, 30, generator=g)
+    )
+    scales[0] = 0.0  # a unit whose scale collapsed
+    per_unit = scales if fmt == "ternary_asym" else scales[:, 0].contiguous()
+    got = kernels.la_dequantize(codes, per_unit, fmt, bits)
+    # the reference: lowbit.functional.dequantize with one scale per output row ("channel")
+    ref = F.dequantize(codes, per_unit, fmt, bits, Granularity.of("channel"), codes.shape)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))  # same bits, signs of zero too
+
+
+@pytest.mark.parametrize("method", ["lab", "lat", "lat2", "laq"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_layer_forward_uses_the_kernel_and_equals_the_export(
+    method: str, granularity: str, monkeypatch
+) -> None:
+    calls = []
+    real = kernels.la_dequantize
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "la_dequantize", counting)
+    torch.manual_seed(0)
+    net = lowbit.quantize(
+        nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 5)), method, keep=(), granularity=granularity
+    )
+    opt = lowbit.methods.get(method).wrap_optimizer(
+        net, torch.optim.Adam(net.parameters(), lr=0.01)
+    )
+    x = torch.randn(8, 40)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+    for layer in (net[0], net[1]):
+        q = layer.weight_quantizer
+        fast = q.dequantized(layer.weight.detach())
+        la.set_solver_backend("torch")
+        slow = q.dequantized(layer.weight.detach())
+        la.set_solver_backend(None)
+        assert torch.equal(fast, slow)
+        assert torch.equal(fast, layer.quantized_weight().dequantize())
+    assert len(calls) >= 4 and set(calls) == {net[0].weight_quantizer.format}  # forwards, checks

@@ -805,6 +805,7 @@ using Codes = nb::ndarray<const int8_t, nb::ndim<2>, nb::device::cpu, nb::c_cont
 using CodesOut = nb::ndarray<int8_t, nb::ndim<2>, nb::device::cpu, nb::c_contig>;
 using Scales = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
 using Iters = nb::ndarray<int64_t, nb::ndim<1>, nb::device::cpu, nb::c_contig>;
+using OutMat = nb::ndarray<float, nb::ndim<2>, nb::device::cpu, nb::c_contig>;
 
 Problem make_problem(const Mat& w, const Mat& d, const Codes& c0, int max_iter, double tol) {
     Problem p;
@@ -868,6 +869,49 @@ void laq_solve(Mat w, Mat d, Codes c0, int bits, bool log_levels, bool official,
     solve(p, co, ao, io, n_threads);
 }
 
+// The forward weight of solved codes in one pass (what lowbit.functional.dequantize computes in
+// several: casts, comparisons, products), with the same float operations so the result is
+// bit-identical: kind 0 `c * s` (binary, ternary, k-bit linear: s is the step), kind 1
+// `c > 0 ? wp : (c < 0 ? 0 - wn : 0)` (asymmetric ternary, scales [wp, wn] per unit), kind 2
+// `copysign(2^(|c| - k), c) * s` and 0 for c = 0 (k-bit log levels).
+void dequantize(Codes codes, Scales scales, int kind, int k, OutMat out, int n_threads) {
+    const int64_t units = (int64_t)codes.shape(0), len = (int64_t)codes.shape(1);
+    if ((int64_t)out.shape(0) != units || (int64_t)out.shape(1) != len)
+        throw std::invalid_argument("out must have the shape of codes");
+    if (kind < 0 || kind > 2) throw std::invalid_argument("kind must be 0 (linear), 1 (asymmetric) or 2 (log)");
+    if ((int64_t)scales.size() != units * (kind == 1 ? 2 : 1))
+        throw std::invalid_argument(kind == 1 ? "scales must hold [wp, wn] per unit" : "scales must hold one float per unit");
+    if (kind == 2 && (k < 1 || k > 127)) throw std::invalid_argument("log levels need 1 <= k <= 127");
+    float mult[256];
+    for (int c = -128; c < 128; ++c)
+        mult[c + 128] = c == 0 || std::abs(c) > k ? 0.0f : std::copysign(std::ldexp(1.0f, std::abs(c) - k), (float)c);
+    const int8_t* cp = codes.data();
+    const float* sp = scales.data();
+    float* op = out.data();
+    const int64_t total = units * len;
+    nb::gil_scoped_release release;
+    lowbit::parallel_for(total, total >= (1 << 18) ? n_threads : 1, 1 << 16, [&](int64_t b, int64_t e) {
+        int64_t i = b;
+        while (i < e) {
+            const int64_t u = i / len, end = std::min(e, (u + 1) * len);
+            const int8_t* c = cp + i;
+            float* o = op + i;
+            const int64_t n = end - i;
+            if (kind == 0) {
+                const float sc = sp[u];
+                for (int64_t j = 0; j < n; ++j) o[j] = (float)c[j] * sc;
+            } else if (kind == 1) {
+                const float wp = sp[2 * u], wn = 0.0f - sp[2 * u + 1];
+                for (int64_t j = 0; j < n; ++j) o[j] = c[j] > 0 ? wp : (c[j] < 0 ? wn : 0.0f);
+            } else {
+                const float sc = sp[u];
+                for (int64_t j = 0; j < n; ++j) o[j] = mult[c[j] + 128] * sc;
+            }
+            i = end;
+        }
+    });
+}
+
 }  // namespace
 
 void register_la_solver(nb::module_& m) {
@@ -877,6 +921,9 @@ void register_la_solver(nb::module_& m) {
     m.def("la_laq_solve", &laq_solve, "w"_a, "d"_a, "codes0"_a, "bits"_a, "log_levels"_a, "official"_a, "max_iter"_a,
           "tol"_a, "codes"_a, "alpha"_a, "iters"_a, "n_threads"_a = 1,
           "LAQ m-bit alternation (linear or log levels, LS or official scale) on (U, L) float32 units.");
+    m.def("la_dequantize", &dequantize, "codes"_a, "scales"_a, "kind"_a, "k"_a, "out"_a, "n_threads"_a = 1,
+          "Forward weight of (U, L) int8 codes with per-unit scales in one pass (kind 0 linear, 1 asymmetric "
+          "ternary, 2 log levels of k).");
     m.def("la_chunk", [] { return kChunk; }, "Elements per fixed summation chunk of a unit.");
     m.def(
         "la_stats",
