@@ -218,6 +218,18 @@ struct Fmt {
 template <int BITS>
 constexpr int kFlushTiles = BITS == 2 ? 8 : 4;
 
+// Integer epilogue of an HB x NR block: D = sum(code * a) - zero * sum(a), then store_out.
+template <int HB, int NR, int BITS>
+inline void store_block(const lowbit_t2_args* p, int64_t hb, int64_t m, const __m256i (&d)[HB][NR],
+                        const __m256i (&h)[HB][NR]) {
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+        const __m256i sa = _mm256_set1_epi32(Fmt<BITS>::zero * p->a_sums[(m + n) * p->sums_stride]);
+#pragma GCC unroll 16
+        for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
+    }
+}
+
 template <int HB, int NR, bool ASYM, int BITS>
 void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     using F = Fmt<BITS>;
@@ -272,12 +284,7 @@ void block_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
                 if (ASYM) h[r][n] = _mm256_add_epi32(h[r][n], _mm256_madd_epi16(sh[r][n], ones));
             }
     }
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-        const __m256i sa = _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride]);
-#pragma GCC unroll 16
-        for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
-    }
+    store_block<HB, NR, BITS>(p, hb, m, d, h);
 }
 
 // GEMV (one token; NR = 1 in practice): HB half blocks over the whole K, one weight load per tile
@@ -323,12 +330,7 @@ void gemv_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             }
         }
     }
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-        const __m256i sa = _mm256_set1_epi32(F::zero * p->a_sums[(m + n) * p->sums_stride]);
-#pragma GCC unroll 16
-        for (int r = 0; r < HB; ++r) store_out(p, m + n, (hb + r) * 8, _mm256_sub_epi32(d[r][n], sa), h[r][n]);
-    }
+    store_block<HB, NR, BITS>(p, hb, m, d, h);
 }
 
 template <int HB, int NR, int BITS, bool U>
