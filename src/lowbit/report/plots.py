@@ -178,19 +178,34 @@ def plot_tradeoff(rows: Sequence[ModelRow], path: str | Path) -> Path | None:
     )
     from matplotlib.ticker import FuncFormatter
 
-    def short(value: float, _pos: int) -> str:
-        # Label 1, 2 and 5 times powers of ten only, compactly: the default log-axis labels
-        # ("2x10^2 3x10^2 ...") overlap.
-        if value <= 0:
-            return ""
-        lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
-        if round(lead, 6) not in (1.0, 2.0, 5.0):
-            return ""
-        return f"{value / 1000:g}k" if value >= 1000 else f"{value:g}"
+    def leads_in(lo: float, hi: float, leads: tuple[float, ...]) -> int:
+        if lo <= 0:
+            return 0
+        n = 0
+        for e in range(math.floor(math.log10(lo)), math.floor(math.log10(hi)) + 1):
+            n += sum(lo <= lead * 10**e <= hi for lead in leads)
+        return n
+
+    def formatter(leads: tuple[float, ...]) -> FuncFormatter:
+        def short(value: float, _pos: int) -> str:
+            # Label 1, 2 and 5 times powers of ten only (every digit on a narrow axis), compactly:
+            # the default log-axis labels ("2x10^2 3x10^2 ...") overlap.
+            if value <= 0:
+                return ""
+            lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
+            if round(lead, 6) not in leads:
+                return ""
+            return f"{value / 1000:g}k" if value >= 1000 else f"{value:g}"
+
+        return FuncFormatter(short)
 
     for ax in (ax1, ax2):
-        ax.xaxis.set_major_formatter(FuncFormatter(short))
-        ax.xaxis.set_minor_formatter(FuncFormatter(short))
+        lo, hi = ax.get_xlim()
+        leads = (1.0, 2.0, 5.0)
+        if leads_in(lo, hi, leads) < 2:  # a narrow range: label every digit
+            leads = tuple(float(d) for d in range(1, 10))
+        ax.xaxis.set_major_formatter(formatter(leads))
+        ax.xaxis.set_minor_formatter(formatter(leads))
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
