@@ -10,7 +10,9 @@ import torch
 
 import lowbit
 from lowbit import models
+from lowbit.binary import PackedBinaryLinear
 from lowbit.data import synthetic
+from lowbit.pack import PackedLinear
 from lowbit.report import plots
 from lowbit.report.results import ModelRow, float_bytes, format_table, markdown_table, measure
 
@@ -102,3 +104,31 @@ def test_figures_are_written(tmp_path: Path) -> None:
     assert t is not None and t.is_file()
     assert plots.plot_training_curves({"none": tmp_path / "missing"}, tmp_path / "c.png") is None
     assert plots.plot_tradeoff([_row()], tmp_path / "x.png") is None
+
+
+def test_xnor_rows_fall_back_to_per_layer_packing_and_say_so(tmp_path: Path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    splits = synthetic.load(64, 0, 64, shape=(1, 8, 8))
+    net = models.create("mlp_bnn", input_shape=(1, 8, 8), widths=(16, 16))
+    q = lowbit.quantize(net, "bnn").eval()
+    arch = models.create("mlp_bnn", input_shape=(1, 8, 8), widths=(16, 16))
+    row, packed = measure(
+        "BNN", "bnn", q, arch, splits.test, tmp_path / "x.lowbit", timing=False, xnor=True
+    )
+    assert packed is not None and any(isinstance(m, PackedBinaryLinear) for m in packed.modules())
+    assert row.agreement == 100.0 and "XNOR" not in row.packed_note
+    real = lowbit.pack
+
+    def refuse(model, *args, xnor=False, **kwargs):
+        if xnor:
+            raise ValueError("threshold is not monotone\nmore")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(lowbit, "pack", refuse)
+    row, packed = measure(
+        "BNN", "bnn", q, arch, splits.test, tmp_path / "y.lowbit", timing=False, xnor=True
+    )
+    assert packed is not None and any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert (
+        "XNOR chain not possible (threshold is not monotone): packed per layer" in row.packed_note
+    )

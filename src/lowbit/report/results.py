@@ -291,6 +291,7 @@ def measure(
             raise
         xnor_note = f"XNOR chain not possible ({str(exc).splitlines()[0]}): packed per layer"
         packed = lowbit.pack(sim)
+    on_xnor = xnor and not xnor_note
     report = dict(getattr(packed, "packing_report", {}))
     row.packing_report = report
     row.acts = describe_acts(sim, packed)
@@ -299,7 +300,7 @@ def measure(
         reasons = sorted({r.split(": ", 1)[-1] for r in report.values()})
         row.packed_note = "n/a: " + "; ".join(reasons)
         return row, None
-    if len(done) < len(report) and not xnor:
+    if len(done) < len(report) and not on_xnor:  # an XNOR report also lists float stages
         kept = [p for p in report if p not in done]
         row.packed_note = f"{len(done)}/{len(report)} layers packed; simulated: {', '.join(kept)}"
     if xnor_note:
@@ -307,7 +308,6 @@ def measure(
     try:
         # the XNOR chain is a flat nn.Sequential of stages: stored as a module tree, not as the
         # registry architecture it came from (what `lowbit pack --xnor` does)
-        on_xnor = xnor and not xnor_note
         info = lowbit.save(
             packed,
             out_file,
