@@ -965,3 +965,35 @@ def la_dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, bits: int
         _num_threads(),
     )
     return out
+
+
+def ttq_forward(
+    w: torch.Tensor, wp: float, wn: float, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TTQ's ternary weight of a contiguous CPU float32 ``w`` with one ``(Wp, Wn)`` pair and
+    threshold ``delta``, in one C++ pass: ``(codes int8, w_t float32)``, both of ``w``'s shape,
+    bit-identical to :class:`lowbit.methods.ttq.TTQFunction`'s PyTorch forward."""
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    out = torch.empty(w.shape, dtype=torch.float32)
+    _la_ext().ttq_forward(
+        _as_numpy(w), float(wp), float(wn), float(delta), codes.numpy(), out.numpy(), _num_threads()
+    )
+    return codes, out
+
+
+def ttq_backward(
+    grad: torch.Tensor, codes: torch.Tensor, wp: float, wn: float
+) -> tuple[torch.Tensor, float, float]:
+    """TTQ's gradients in one C++ pass: ``(dL/dw, dL/dWp, dL/dWn)`` from the output gradient and
+    the forward's codes; ``dL/dw`` bit-identical to the PyTorch backward, the two scale gradients
+    summed in double (PyTorch's float32 dot products agree to rounding)."""
+    gw = torch.empty(grad.shape, dtype=torch.float32)
+    gwp, gwn = _la_ext().ttq_backward(
+        _as_numpy(grad.contiguous()),
+        _as_numpy(codes),
+        float(wp),
+        float(wn),
+        gw.numpy(),
+        _num_threads(),
+    )
+    return gw, float(gwp), float(gwn)

@@ -601,3 +601,53 @@ def test_every_ttq_recipe_loads_and_builds() -> None:
             assert load_recipe(r["recipe"]["init_from"])["paper"]["value"] == paper[depth][0]
             net = models.create("resnet_cifar", depth=depth)
             assert len(list(net.parameters())) > 0
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(37, 53), (600, 700)])
+def test_cpu_ops_equal_the_pytorch_path(
+    shape: tuple[int, int], n_threads: int, monkeypatch
+) -> None:
+    # One scale pair per tensor on CPU float32 runs lowbit._la_solver's TTQ ops; the PyTorch
+    # TTQFunction (forced by clearing the cache) is the reference: same forward and latent
+    # gradient bit for bit, scale gradients to float32 rounding (double sums vs float32 dots),
+    # and both near a float64 computation of eqs. 1-3.
+    from lowbit import kernels
+    from lowbit.methods import ttq as T
+
+    if not kernels.la_solver_available():
+        pytest.skip("lowbit._la_solver is not built")
+    g = torch.Generator().manual_seed(shape[0] + n_threads)
+    w0 = torch.randn(shape, generator=g).clamp(-3.9, 3.9)
+    w0[0, :3] = torch.tensor([0.0, -0.0, 1e-30])
+    w0[1, 0] = 4.0
+    w0[1, 1:3] = torch.tensor([0.2, -0.2])  # exactly at +-Delta = 0.05 * 4: code 0
+    grad = torch.randn(shape, generator=g)
+    runs = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        for native in (True, False):
+            monkeypatch.setattr(T, "_NATIVE", [native])
+            w = w0.clone().requires_grad_()
+            wp = torch.tensor(0.7, requires_grad=True)
+            wn = torch.tensor([1.3], requires_grad=True)
+            out = T.ttq(w, wp, wn, t=0.05)
+            out.backward(grad)
+            runs[native] = (out.detach(), w.grad, wp.grad, wn.grad)
+    finally:
+        torch.set_num_threads(previous)
+    (o1, gw1, gp1, gn1), (o2, gw2, gp2, gn2) = runs[True], runs[False]
+    assert torch.equal(o1.view(torch.int32), o2.view(torch.int32))
+    assert torch.equal(gw1, gw2)
+    assert o1[1, 1] == 0 and o1[1, 2] == 0 and o1[1, 0] == 0.7
+    assert gp1.shape == gp2.shape == () and gn1.shape == gn2.shape == (1,)
+    delta = 0.05 * float(w0.abs().max())
+    assert delta == 0.05 * 4.0
+    p = (w0 > delta).double()
+    n = (w0 < -delta).double()
+    g64 = grad.double()
+    torch.testing.assert_close(gp1.double(), (g64 * p).sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gn1.double(), -(g64 * n).sum().reshape(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gp1, gp2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gn1, gn2, rtol=1e-4, atol=1e-4)

@@ -163,6 +163,22 @@ def _unit_sum(x: torch.Tensor, g: Granularity) -> torch.Tensor:
     return units.sum(1).reshape(g.scale_shape(x.shape))
 
 
+_NATIVE: list[bool] = []  # whether lowbit._la_solver (which holds the TTQ ops) loads; cached
+
+
+def _native_ok(w: torch.Tensor, g: Granularity) -> bool:
+    """Whether the C++ TTQ ops apply: one scale pair per tensor, contiguous CPU float32."""
+    if g.kind != "tensor" or w.dtype != torch.float32 or w.device.type != "cpu":
+        return False
+    if not w.is_contiguous() or w.numel() == 0:
+        return False
+    if not _NATIVE:
+        from lowbit import kernels
+
+        _NATIVE.append(kernels.la_solver_available())
+    return _NATIVE[0]
+
+
 class TTQFunction(torch.autograd.Function):
     """``w_t = Wp * [w > Delta] - Wn * [w < -Delta]`` with TTQ's gradients (paper eqs. 1-3).
 
@@ -190,19 +206,42 @@ class TTQFunction(torch.autograd.Function):
         granularity: Granularity,
     ) -> torch.Tensor:
         g = granularity
+        ctx.granularity = g
+        ctx.shapes = (wp.shape, wn.shape)
+        if _native_ok(w, g):
+            # One scale pair per tensor on the CPU: one C++ pass each way, same values.
+            from lowbit import kernels
+
+            sp, sn = float(wp.detach().reshape(())), float(wn.detach().reshape(()))
+            codes, out = kernels.ttq_forward(w.detach(), sp, sn, float(delta.reshape(())))
+            ctx.native = (sp, sn)
+            ctx.save_for_backward(codes)
+            return out.reshape(w.shape)
+        ctx.native = None
         sshape = g.scale_shape(w.shape)
         pos, neg = _masks(w.detach(), delta.reshape(sshape), g)
         p = pos.to(w.dtype)
         n = neg.to(w.dtype)
         wp_e = F.expand_scales(wp.detach().reshape(sshape).to(w.dtype), w.shape, g)
         wn_e = F.expand_scales(wn.detach().reshape(sshape).to(w.dtype), w.shape, g)
-        ctx.granularity = g
-        ctx.shapes = (wp.shape, wn.shape)
         ctx.save_for_backward(p, n, wp_e, wn_e)
         return wp_e * p - wn_e * n
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        if ctx.native is not None:
+            from lowbit import kernels
+
+            (codes,) = ctx.saved_tensors
+            gw_, dwp, dwn = kernels.ttq_backward(grad, codes, *ctx.native)
+            need_wp, need_wn = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+            return (
+                gw_ if ctx.needs_input_grad[0] else None,
+                torch.full(ctx.shapes[0], dwp, dtype=grad.dtype) if need_wp else None,
+                torch.full(ctx.shapes[1], dwn, dtype=grad.dtype) if need_wn else None,
+                None,
+                None,
+            )
         p, n, wp_e, wn_e = ctx.saved_tensors
         g: Granularity = ctx.granularity
         gw = gwp = gwn = None

@@ -201,7 +201,7 @@ def plot_tradeoff(rows: Sequence[ModelRow], path: str | Path) -> Path | None:
 
     for ax in (ax1, ax2):
         lo, hi = ax.get_xlim()
-        leads = (1.0, 2.0, 5.0)
+        leads: tuple[float, ...] = (1.0, 2.0, 5.0)
         if leads_in(lo, hi, leads) < 2:  # a narrow range: label every digit
             leads = tuple(float(d) for d in range(1, 10))
         ax.xaxis.set_major_formatter(formatter(leads))

@@ -1,0 +1,113 @@
+// TTQ's ternary weight and its gradients (lowbit/methods/ttq.py, TTQFunction; TTQ paper
+// eqs. 1-3) for one scale pair per tensor, in one pass each way instead of PyTorch's many
+// (masks, casts, products, sums). The values are those of the PyTorch expressions, bit for bit:
+//   forward  code = w > delta ? 1 : (w < -delta ? -1 : 0)  (NaN: 0),
+//            w_t  = Wp * [code > 0] - Wn * [code < 0]      = Wp, 0 - Wn or 0,
+//   backward dL/dw = g * (Wp [code > 0] + Wn [code < 0] + [code == 0]),
+//            dL/dWp = sum g [code > 0], dL/dWn = -sum g [code < 0].
+// The two sums are accumulated in double per fixed 64K-element chunk and the chunk sums added in
+// chunk order, so they do not depend on the thread count (PyTorch's float32 dot products round
+// differently; the sums agree to float32 rounding).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "threadpool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using FloatIn = nb::ndarray<const float, nb::device::cpu, nb::c_contig>;
+using FloatOut = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
+using CodesIn = nb::ndarray<const int8_t, nb::device::cpu, nb::c_contig>;
+using CodesOut = nb::ndarray<int8_t, nb::device::cpu, nb::c_contig>;
+
+constexpr int64_t kChunk = 1 << 16;
+
+void check_sizes(int64_t n, std::initializer_list<int64_t> sizes) {
+    for (int64_t s : sizes)
+        if (s != n) throw std::invalid_argument("ttq ops: all arrays must have the same number of elements");
+}
+
+// Selections by bit masks, not `?:` (which compiles to branches that mispredict on random signs).
+inline uint32_t bits_of(float f) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    return b;
+}
+
+inline float float_of(uint32_t b) {
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+
+void forward(FloatIn w, float wp, float wn, float delta, CodesOut codes, FloatOut out, int n_threads) {
+    const int64_t n = (int64_t)w.size();
+    check_sizes(n, {(int64_t)codes.size(), (int64_t)out.size()});
+    const float* x = w.data();
+    int8_t* c = codes.data();
+    float* y = out.data();
+    const uint32_t bp = bits_of(wp), bn = bits_of(0.0f - wn);
+    const float minus_delta = -delta;
+    nb::gil_scoped_release release;
+    lowbit::parallel_for(n, n >= (1 << 18) ? n_threads : 1, kChunk, [&](int64_t b, int64_t e) {
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i) {
+            const int32_t pos = x[i] > delta, neg = x[i] < minus_delta;
+            c[i] = (int8_t)(pos - neg);
+            y[i] = float_of((bp & (0u - (uint32_t)pos)) | (bn & (0u - (uint32_t)neg)));
+        }
+    });
+}
+
+nb::tuple backward(FloatIn grad, CodesIn codes, float wp, float wn, FloatOut gw, int n_threads) {
+    const int64_t n = (int64_t)grad.size();
+    check_sizes(n, {(int64_t)codes.size(), (int64_t)gw.size()});
+    const float* g = grad.data();
+    const int8_t* c = codes.data();
+    float* o = gw.data();
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    const uint32_t bp = bits_of(wp), bn = bits_of(wn), one = bits_of(1.0f);
+    std::vector<double> sp((size_t)chunks, 0.0), sn((size_t)chunks, 0.0);
+    {
+        nb::gil_scoped_release release;
+        lowbit::parallel_for(chunks, n >= (1 << 18) ? n_threads : 1, 1, [&](int64_t b, int64_t e) {
+            for (int64_t k = b; k < e; ++k) {
+                const int64_t i0 = k * kChunk, i1 = std::min(n, i0 + kChunk);
+                double p = 0.0, q = 0.0;
+#pragma omp simd reduction(+ : p, q)
+                for (int64_t i = i0; i < i1; ++i) {
+                    const uint32_t mp = 0u - (uint32_t)(c[i] > 0), mn = 0u - (uint32_t)(c[i] < 0);
+                    const uint32_t factor = (bp & mp) | (bn & mn) | (one & ~(mp | mn));
+                    o[i] = g[i] * float_of(factor);
+                    p += (double)float_of(bits_of(g[i]) & mp);
+                    q += (double)float_of(bits_of(g[i]) & mn);
+                }
+                sp[(size_t)k] = p;
+                sn[(size_t)k] = q;
+            }
+        });
+    }
+    double p = 0.0, q = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+        p += sp[(size_t)k];
+        q += sn[(size_t)k];
+    }
+    return nb::make_tuple((float)p, (float)(-q));
+}
+
+}  // namespace
+
+void register_ttq(nb::module_& m) {
+    m.def("ttq_forward", &forward, "w"_a, "wp"_a, "wn"_a, "delta"_a, "codes"_a, "out"_a, "n_threads"_a = 1,
+          "TTQ ternary weight of w (one scale pair per tensor): int8 codes and Wp/0/-Wn, one pass.");
+    m.def("ttq_backward", &backward, "grad"_a, "codes"_a, "wp"_a, "wn"_a, "gw"_a, "n_threads"_a = 1,
+          "TTQ gradients: writes dL/dw into gw, returns (dL/dWp, dL/dWn), one pass.");
+}
