@@ -329,7 +329,8 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
             continue
         size = "-" if r.layer_compression is None else f"{r.layer_compression:.1f}x"
         wsize = "-" if r.weight_compression is None else f"{r.weight_compression:.1f}x"
-        fast = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        # three decimals: a 1.003x must not read as "1.00x ... met"
+        fast = "-" if r.speedup is None else f"{r.speedup:.3f}x"
         checks.append(
             f"- {r.name}: quantized layers {size} smaller than float32 with their fp32 biases, "
             f"{wsize} for the weight matrices and their scales alone (target >= 15x: "
