@@ -58,12 +58,19 @@ void forward(FloatIn w, float wp, float wn, float delta, CodesOut codes, FloatOu
     const float minus_delta = -delta;
     nb::gil_scoped_release release;
     lowbit::parallel_for(n, n >= (1 << 18) ? n_threads : 1, kChunk, [&](int64_t b, int64_t e) {
-#pragma omp simd
-        for (int64_t i = b; i < e; ++i) {
-            const int32_t pos = x[i] > delta, neg = x[i] < minus_delta;
-            c[i] = (int8_t)(pos - neg);
-            y[i] = float_of((bp & (0u - (uint32_t)pos)) | (bn & (0u - (uint32_t)neg)));
+        // Locals, not the lambda's by-reference captures: a store through y could otherwise alias
+        // the captured pointers and constants, which must then be reloaded (10x slower loops).
+        const float* xs = x + b;
+        float* ys = y + b;
+        int8_t* cs = c + b;
+        const int64_t m = e - b;
+        const float hi = delta, lo = minus_delta;
+        const uint32_t p_bits = bp, n_bits = bn;
+        for (int64_t i = 0; i < m; ++i) {
+            const uint32_t mp = 0u - (uint32_t)(xs[i] > hi), mn = 0u - (uint32_t)(xs[i] < lo);
+            ys[i] = float_of((p_bits & mp) | (n_bits & mn));
         }
+        for (int64_t i = 0; i < m; ++i) cs[i] = (int8_t)((int)(xs[i] > hi) - (int)(xs[i] < lo));
     });
 }
 
@@ -80,15 +87,19 @@ nb::tuple backward(FloatIn grad, CodesIn codes, float wp, float wn, FloatOut gw,
         nb::gil_scoped_release release;
         lowbit::parallel_for(chunks, n >= (1 << 18) ? n_threads : 1, 1, [&](int64_t b, int64_t e) {
             for (int64_t k = b; k < e; ++k) {
-                const int64_t i0 = k * kChunk, i1 = std::min(n, i0 + kChunk);
+                const int64_t i0 = k * kChunk, m = std::min(n, i0 + kChunk) - i0;
+                const float* gs = g + i0;  // locals: see forward
+                const int8_t* cs = c + i0;
+                float* os = o + i0;
+                const uint32_t p_bits = bp, n_bits = bn, one_bits = one;
                 double p = 0.0, q = 0.0;
 #pragma omp simd reduction(+ : p, q)
-                for (int64_t i = i0; i < i1; ++i) {
-                    const uint32_t mp = 0u - (uint32_t)(c[i] > 0), mn = 0u - (uint32_t)(c[i] < 0);
-                    const uint32_t factor = (bp & mp) | (bn & mn) | (one & ~(mp | mn));
-                    o[i] = g[i] * float_of(factor);
-                    p += (double)float_of(bits_of(g[i]) & mp);
-                    q += (double)float_of(bits_of(g[i]) & mn);
+                for (int64_t i = 0; i < m; ++i) {
+                    const uint32_t mp = 0u - (uint32_t)(cs[i] > 0), mn = 0u - (uint32_t)(cs[i] < 0);
+                    const uint32_t factor = (p_bits & mp) | (n_bits & mn) | (one_bits & ~(mp | mn));
+                    os[i] = gs[i] * float_of(factor);
+                    p += (double)float_of(bits_of(gs[i]) & mp);
+                    q += (double)float_of(bits_of(gs[i]) & mn);
                 }
                 sp[(size_t)k] = p;
                 sn[(size_t)k] = q;
