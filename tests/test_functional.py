@@ -516,3 +516,44 @@ def test_binarize_maps_nan_to_plus_one_in_forward() -> None:
 
     y = F.binarize(x, gate=False)
     assert y.tolist() == [1.0, 1.0, -1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_sign_ops_equal_the_pytorch_expressions(n_threads: int, monkeypatch) -> None:
+    # Large CPU float32 tensors take lowbit._la_solver's one-pass sign / gated binarize; the
+    # PyTorch expressions (forced by clearing the cache) are the reference, and the rule itself
+    # is checked by hand on the special values.
+    from lowbit import functional as Fn
+    from lowbit import kernels
+
+    if not kernels.la_solver_available():
+        pytest.skip("lowbit._la_solver is not built")
+    g = torch.Generator().manual_seed(n_threads)
+    x0 = torch.randn(300, 1000, generator=g) * 1.5
+    special = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1.0, -1.0, 1e-45, -1e-45]
+    x0[0, : len(special)] = torch.tensor(special)
+    grad = torch.randn(300, 1000, generator=g)
+    calls = []
+    for name in ("sign_pm1", "sign_gate", "gate_grad"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+    results = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        for native in (True, False):
+            monkeypatch.setattr(Fn, "_SIGN_OPS", [native])
+            s = Fn.sign(x0)
+            x = x0.clone().requires_grad_()
+            b = Fn.binarize(x)
+            b.backward(grad)
+            results[native] = (s, b.detach(), x.grad)
+    finally:
+        torch.set_num_threads(previous)
+    assert calls == ["sign_pm1", "sign_gate", "gate_grad"]  # the C++ path ran (once)
+    for a, c in zip(results[True], results[False], strict=True):
+        assert torch.equal(a, c)
+    s = results[True][0]
+    assert s[0, : len(special)].tolist() == [1.0, 1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
+    expected_grad = grad * ((x0.abs() <= 1).float())  # BNN eq. 4: g * 1{|x| <= 1}
+    assert torch.equal(results[True][2], expected_grad)

@@ -23,6 +23,7 @@ LAQ = Hou & Kwok 1802.08635; DFP = Mellempudi et al. 1701.08978. Section numbers
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -76,7 +77,50 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     """
     if not x.is_floating_point():
         return torch.where(x < 0, -1, 1).to(x.dtype)
+    if _sign_ops_apply(x):
+        from lowbit import kernels
+
+        return kernels.sign_pm1(x)
     return torch.sign(x).add_(0.5).sign_().nan_to_num_(1.0)
+
+
+# Large contiguous CPU float32 tensors take the one-pass C++ sign (lowbit._la_solver, 3x faster
+# than the four PyTorch passes); below this size the call overhead is not worth it. _SIGN_OPS
+# caches whether the extension loads.
+_SIGN_OPS_MIN = 1 << 14
+_SIGN_OPS: list[bool] = []
+
+
+def _sign_ops_apply(x: torch.Tensor) -> bool:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < _SIGN_OPS_MIN:
+        return False
+    if not x.is_contiguous() or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if not _SIGN_OPS:
+        from lowbit import kernels
+
+        _SIGN_OPS.append(kernels.la_solver_available())
+    return _SIGN_OPS[0]
+
+
+class _SignGate(torch.autograd.Function):
+    """Deterministic gated :func:`binarize` in one C++ pass each way: the values of the PyTorch
+    expression there (a gradient the gate zeroes may be -0.0 where PyTorch gives +0.0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from lowbit import kernels
+
+        out, gate = kernels.sign_gate(x.detach())
+        ctx.save_for_backward(gate)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from lowbit import kernels
+
+        (gate,) = ctx.saved_tensors
+        return kernels.gate_grad(g, gate)
 
 
 def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +158,8 @@ def binarize(
     identity STE used for latent weights, which BNN clips to [-1, 1] after each step instead.
     """
     xd = x.detach()
+    if not stochastic and gate and _sign_ops_apply(xd):
+        return _SignGate.apply(x)
     if stochastic:
         u = torch.rand(xd.shape, generator=generator, dtype=xd.dtype, device=xd.device)
         one = torch.ones((), dtype=xd.dtype, device=xd.device)

@@ -997,3 +997,26 @@ def ttq_backward(
         _num_threads(),
     )
     return gw, float(gwp), float(gwn)
+
+
+def sign_pm1(x: torch.Tensor) -> torch.Tensor:
+    """``functional.sign`` of a contiguous CPU float32 tensor in one C++ pass (+-1, sign(0) = +1,
+    NaN -> +1)."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _la_ext().sign_pm1(_as_numpy(x.detach()), out.numpy(), _num_threads())
+    return out
+
+
+def sign_gate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sign(x), |x| <= 1 as uint8)`` of a contiguous CPU float32 tensor in one C++ pass."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    gate = torch.empty(x.shape, dtype=torch.uint8)
+    _la_ext().sign_gate(_as_numpy(x.detach()), out.numpy(), gate.numpy(), _num_threads())
+    return out, gate
+
+
+def gate_grad(g: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``g * gate`` (a uint8 0/1 gate) in one C++ pass; CPU float32."""
+    out = torch.empty(g.shape, dtype=torch.float32)
+    _la_ext().gate_grad(_as_numpy(g.contiguous()), _as_numpy(gate), out.numpy(), _num_threads())
+    return out
