@@ -557,3 +557,38 @@ def test_cpu_sign_ops_equal_the_pytorch_expressions(n_threads: int, monkeypatch)
     assert s[0, : len(special)].tolist() == [1.0, 1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
     expected_grad = grad * ((x0.abs() <= 1).float())  # BNN eq. 4: g * 1{|x| <= 1}
     assert torch.equal(results[True][2], expected_grad)
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "clip"), [(4, True, 1.0), (2, False, 1.0), (8, True, 2.5), (3, False, 0.7)]
+)
+def test_cpu_kbit_fake_quantize_equals_the_pytorch_expression(
+    bits, signed, clip, monkeypatch
+) -> None:
+    from lowbit import functional as Fn
+    from lowbit import kernels
+
+    if not kernels.la_solver_available():
+        pytest.skip("lowbit._la_solver is not built")
+    g = torch.Generator().manual_seed(bits)
+    x0 = torch.randn(200, 500, generator=g) * clip
+    lo, hi = Fn.linear_qrange(bits, signed)
+    step = clip / hi
+    ties = [(k + 0.5) * step for k in range(-3, 3)]  # exact half steps: half-to-even
+    special = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), hi * step, lo * step, *ties]
+    x0[0, : len(special)] = torch.tensor(special)
+    grad = torch.randn(200, 500, generator=g)
+    calls = []
+    real = kernels.kbit_fake
+    monkeypatch.setattr(kernels, "kbit_fake", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(Fn, "_SIGN_OPS", [native])
+        x = x0.clone().requires_grad_()
+        y = Fn.linear_fake_quantize(x, bits, clip, signed)
+        y.backward(grad)
+        runs[native] = (y.detach(), x.grad)
+    assert calls == [1]
+    assert torch.equal(runs[True][0].nan_to_num(7.0), runs[False][0].nan_to_num(7.0))
+    assert torch.isnan(runs[True][0][0, 2])
+    assert torch.equal(runs[True][1], runs[False][1])

@@ -296,3 +296,28 @@ def test_quant_lstm_step_by_step_reference_matches_nn_lstm() -> None:
     out_q, (h_q, c_q) = q.reference_forward(x)
     for a, b in [(out_r, out_q), (h_r, h_q), (c_r, c_q)]:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("bits", "clip"), [(2, None), (4, None), (8, None), (4, 0.5)])
+def test_kbit_weight_cpu_forward_equals_functional_dequantize(bits: int, clip, monkeypatch) -> None:
+    # Large per-tensor CPU float32 weights take one C++ pass; the PyTorch quantize + dequantize
+    # (forced through the functional cache) and the export are the references, bit for bit.
+    from lowbit import functional as Fn
+    from lowbit import kernels
+    from lowbit.nn import KBitLinearWeight
+
+    if not kernels.la_solver_available():
+        pytest.skip("lowbit._la_solver is not built")
+    torch.manual_seed(bits)
+    w = torch.randn(300, 200)
+    w[0, :3] = torch.tensor([0.0, -0.0, float(w.abs().max())])
+    q = KBitLinearWeight(bits=bits, clip=clip)
+    calls = []
+    real = kernels.kbit_fake
+    monkeypatch.setattr(kernels, "kbit_fake", lambda *a: calls.append(1) or real(*a))
+    fast = q.dequantized(w)
+    monkeypatch.setattr(Fn, "_SIGN_OPS", [False])
+    slow = q.dequantized(w)
+    assert calls == [1]
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast, q.export(w).dequantize())

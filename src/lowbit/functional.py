@@ -103,6 +103,26 @@ def _sign_ops_apply(x: torch.Tensor) -> bool:
     return _SIGN_OPS[0]
 
 
+class _KBitGate(torch.autograd.Function):
+    """:func:`linear_fake_quantize` in one C++ pass each way (same values: PyTorch casts ``step``
+    and the saturation bounds ``lo * step``, ``hi * step`` to float32 too)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, step: float, lo: int, hi: int) -> torch.Tensor:  # type: ignore[override]
+        from lowbit import kernels
+
+        out, gate = kernels.kbit_fake(x.detach(), step, lo, hi, lo * step, hi * step)
+        ctx.save_for_backward(gate)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        from lowbit import kernels
+
+        (gate,) = ctx.saved_tensors
+        return kernels.gate_grad(g, gate), None, None, None
+
+
 class _SignGate(torch.autograd.Function):
     """Deterministic gated :func:`binarize` in one C++ pass each way: the values of the PyTorch
     expression there (a gradient the gate zeroes may be -0.0 where PyTorch gives +0.0)."""
@@ -461,6 +481,22 @@ def kbit_linear(
     Returns ``(step, codes)`` with ``step = alpha / q`` in scale shape (1 for an all-zero unit)
     and int8 ``codes = clamp(round(w / step), -q, q)`` (half-to-even); value = ``codes * step``.
     """
+    g = _gran(granularity)
+    w = w.detach()
+    q = 2 ** (bits - 1) - 1
+    step = kbit_step(w, bits, g, clip)
+    codes = torch.round(w / expand_scales(step, w.shape, g)).clamp(-q, q)
+    return step, codes.to(codes_dtype)
+
+
+def kbit_step(
+    w: torch.Tensor,
+    bits: int,
+    granularity: GranularityLike = None,
+    clip: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """The step of :func:`kbit_linear`: ``alpha / q`` in scale shape, ``alpha = clip`` or
+    ``max|w|`` per unit, 1 for an all-zero unit."""
     if not 2 <= bits <= 8:
         raise ValueError(f"kbit_linear supports 2..8 bits, got {bits}")
     g = _gran(granularity)
@@ -475,9 +511,7 @@ def kbit_linear(
             .clone()
         )
     step = alpha / q
-    step = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round(w / expand_scales(step, w.shape, g)).clamp(-q, q)
-    return step, codes.to(codes_dtype)
+    return torch.where(step > 0, step, torch.ones_like(step))
 
 
 def linear_fake_quantize(
@@ -491,6 +525,8 @@ def linear_fake_quantize(
     lo, hi = linear_qrange(bits, signed, narrow)
     step = clip / hi
     xd = x.detach()
+    if _sign_ops_apply(xd):
+        return _KBitGate.apply(x, step, lo, hi)
     codes = torch.round(xd / step).clamp(lo, hi)
     mask = ((xd >= lo * step) & (xd <= hi * step)).to(x.dtype)
     return ste(x, codes * step, mask)

@@ -1020,3 +1020,18 @@ def gate_grad(g: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g.shape, dtype=torch.float32)
     _la_ext().gate_grad(_as_numpy(g.contiguous()), _as_numpy(gate), out.numpy(), _num_threads())
     return out
+
+
+def kbit_fake(
+    x: torch.Tensor, step: float, lo: int, hi: int, lo_x: float, hi_x: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QNN's uniform k-bit fake quantization of a contiguous CPU float32 tensor in one C++ pass:
+    ``(clamp(round(x / step), lo, hi) * step, (lo_x <= x <= hi_x) as uint8)`` with ``step``,
+    ``lo_x``, ``hi_x`` as float32 (the values of ``functional.linear_fake_quantize``)."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    gate = torch.empty(x.shape, dtype=torch.uint8)
+    _la_ext().kbit_fake(
+        _as_numpy(x.detach()), float(step), float(lo), float(hi), float(lo_x), float(hi_x),
+        out.numpy(), gate.numpy(), _num_threads(),
+    )  # fmt: skip
+    return out, gate

@@ -223,6 +223,18 @@ class KBitLinearWeight(WeightQuantizer):
         step, codes = F.kbit_linear(w, self.bits, self.granularity, self.clip, codes_dtype=w.dtype)
         return codes, step
 
+    def dequantized(self, w: torch.Tensor) -> torch.Tensor:
+        """``codes * step`` in one C++ pass for one step per tensor on large CPU float32 weights
+        (the step computed as in :func:`functional.kbit_linear`; the same values)."""
+        if self.granularity.kind != "tensor" or not F._sign_ops_apply(w):
+            return super().dequantized(w)
+        from lowbit import kernels
+
+        q = 2 ** (self.bits - 1) - 1
+        step = F.kbit_step(w, self.bits, self.granularity, self.clip)
+        out, _ = kernels.kbit_fake(w, float(step.reshape(())), -q, q, 0.0, 0.0)
+        return out
+
     def grad_mask(self, w: torch.Tensor) -> torch.Tensor | None:
         return None if self.clip is None else (w.abs() <= self.clip).to(w.dtype)
 
