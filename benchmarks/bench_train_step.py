@@ -7,6 +7,10 @@ CPU time of the calling thread, minimum over ``--steps`` steps after 3 warm-up s
 
     .venv/bin/python benchmarks/bench_train_step.py
     .venv/bin/python benchmarks/bench_train_step.py --methods fp,lat2,laq --width 1024
+    .venv/bin/python benchmarks/bench_train_step.py --methods fp,lat,lat:solver=exact,lab
+
+A method may carry options after a colon (``lat:solver=exact``, ``laq:bits=2,levels=log`` is
+written ``laq:bits=2:levels=log``); values that parse as integers are passed as integers.
 """
 
 from __future__ import annotations
@@ -29,11 +33,22 @@ def mlp(width: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(fan_in, 10))
 
 
-def step_ms(method: str, fused: bool, width: int, steps: int) -> float:
+def parse_method(spec: str) -> tuple[str, dict[str, object]]:
+    """``"lat:solver=exact"`` -> ``("lat", {"solver": "exact"})``."""
+    name, *opts = spec.split(":")
+    options: dict[str, object] = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
+
+
+def step_ms(spec: str, fused: bool, width: int, steps: int) -> float:
+    method, options = parse_method(spec)
     torch.manual_seed(0)
     net = mlp(width)
     if method != "fp":
-        lowbit.quantize(net, method, keep=())
+        lowbit.quantize(net, method, keep=(), **options)
     opt: torch.optim.Optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused)
     if method != "fp":
         opt = lowbit.methods.get(method).wrap_optimizer(net, opt)
@@ -56,7 +71,11 @@ def step_ms(method: str, fused: bool, width: int, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="fp,lat2", help="comma list: fp and lowbit methods")
+    ap.add_argument(
+        "--methods",
+        default="fp,lat2",
+        help="comma list: fp and lowbit methods, each optionally with :key=value options",
+    )
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
@@ -68,7 +87,7 @@ def main() -> None:
     for method in args.methods.split(","):
         plain = step_ms(method, False, args.width, args.steps)
         fused = step_ms(method, True, args.width, args.steps)
-        print(f"{method:6s} per-tensor Adam {plain:8.1f}   fused Adam {fused:8.1f}", flush=True)
+        print(f"{method:18s} per-tensor Adam {plain:8.1f}   fused Adam {fused:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -838,7 +838,7 @@ def ternary_matmul_reference(a: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # Fused loss-aware solvers (lowbit._la_solver; the PyTorch reference is
-# lowbit.methods.loss_aware._support_alternate / _laq_alternate)
+# lowbit.methods.loss_aware._support_alternate / _laq_alternate / _topk_exact)
 
 _la_ext_cache: list[Any] = []
 
@@ -866,18 +866,23 @@ def la_solver_available() -> bool:
 
 
 def _la_inputs(
-    w: torch.Tensor, d: torch.Tensor, codes0: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if w.dim() != 2 or tuple(d.shape) != tuple(w.shape) or tuple(codes0.shape) != tuple(w.shape):
+    w: torch.Tensor, d: torch.Tensor, codes0: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """NumPy views of the solvers' ``(U, L)`` inputs after checking shapes and dtypes."""
+    c_shape = tuple(w.shape) if codes0 is None else tuple(codes0.shape)
+    if w.dim() != 2 or tuple(d.shape) != tuple(w.shape) or c_shape != tuple(w.shape):
+        given = f"{tuple(w.shape)}, {tuple(d.shape)}" + (
+            "" if codes0 is None else f" and {c_shape}"
+        )
         raise ValueError(
-            "the loss-aware solvers take (U, L) units: w, d and codes0 of one shape; got "
-            f"{tuple(w.shape)}, {tuple(d.shape)} and {tuple(codes0.shape)}"
+            f"the loss-aware solvers take (U, L) units: w, d (and codes0) of one shape; got {given}"
         )
-    if w.dtype != torch.float32 or d.dtype != torch.float32 or codes0.dtype != torch.int8:
+    c_dtype = torch.int8 if codes0 is None else codes0.dtype
+    if w.dtype != torch.float32 or d.dtype != torch.float32 or c_dtype != torch.int8:
         raise TypeError(
-            f"the loss-aware solvers take float32 w and d and int8 codes0; got {w.dtype}, {d.dtype}, {codes0.dtype}"
+            f"the loss-aware solvers take float32 w and d and int8 codes0; got {w.dtype}, {d.dtype}, {c_dtype}"
         )
-    return _as_numpy(w), _as_numpy(d), _as_numpy(codes0)
+    return _as_numpy(w), _as_numpy(d), None if codes0 is None else _as_numpy(codes0)
 
 
 def la_support_solve(
@@ -907,6 +912,24 @@ def la_support_solve(
         codes.numpy(), alpha.numpy(), iters.numpy(), _num_threads(),
     )  # fmt: skip
     return codes, alpha, iters
+
+
+def la_topk_exact(
+    w: torch.Tensor, d: torch.Tensor, *, two_sided: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LAT_e (``two_sided=False``) / LAT2_e (``two_sided=True``) solution on ``(U, L)`` units.
+
+    ``w``, ``d`` float32 ``(U, L)``. Returns ``(codes int8 (U, L), alpha)`` with alpha ``(U,)`` or
+    ``(U, 2) = [alpha_p, alpha_n]``: the computation of ``loss_aware._topk_exact`` (a stable
+    descending sort of the keys, then the cumulative sums in double), here a radix sort and one
+    scan per unit. Bit-identical to the PyTorch reference and for any thread count.
+    """
+    wn, dn, _ = _la_inputs(w, d)
+    u = w.shape[0]
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    alpha = torch.empty((u, 2) if two_sided else (u,), dtype=torch.float32)
+    _la_ext().la_topk_exact(wn, dn, bool(two_sided), codes.numpy(), alpha.numpy(), _num_threads())
+    return codes, alpha
 
 
 def la_laq_solve(

@@ -454,6 +454,129 @@ def test_brute_force_minimum(scheme: str, bits) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The exact solvers LAT_e / LAT2_e in C++ (kernels.la_topk_exact)
+
+
+def _exact_reference(w: torch.Tensor, d: torch.Tensor, two_sided: bool):
+    """A NumPy transcription of the sorted search (float64 cumulative sums in stable descending
+    key order, the first maximum of cumDA^2 / cumD, the top keys kept): codes and alphas."""
+    w64, d64 = w.double().numpy(), d.double().numpy()
+    codes = np.zeros(w64.shape, dtype=np.int8)
+    alphas = np.zeros((w64.shape[0], 2 if two_sided else 1))
+    for u in range(w64.shape[0]):
+        sides = (
+            [(w64[u], w64[u] > 0, 1), (-w64[u], w64[u] < 0, -1)]
+            if two_sided
+            else [(np.abs(w64[u]), w64[u] != 0, 0)]
+        )
+        for j, (key, ok, code) in enumerate(sides):
+            idx = np.flatnonzero(ok)
+            if idx.size == 0:
+                continue
+            order = idx[np.argsort(-key[idx], kind="stable")]
+            cd, cda = np.cumsum(d64[u, order]), np.cumsum(d64[u, order] * key[order])
+            score = np.where(cd > 0, cda * cda / np.where(cd > 0, cd, 1.0), -1.0)
+            best = int(np.argmax(score))
+            alpha = cda[best] / max(cd[best], 1e-300) if score[best] >= 0 else 0.0
+            if alpha > 0:
+                alphas[u, j] = np.float32(alpha)
+                kept = order[: best + 1]
+                codes[u, kept] = np.sign(w64[u, kept]) if code == 0 else code
+    return codes, alphas
+
+
+def _exact_problem(seed: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped latent weights with ties, exact zeros and entries at +-1, d over 6 decades."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, n, generator=g) * 0.4).clamp(-1, 1)
+    w[:, 1::7] = w[:, ::7][:, : w[:, 1::7].shape[1]]  # equal keys (with different d)
+    w[:, 2::11] = 0.0
+    w[:, 3::13] = -w[:, 3::13].sign()  # exactly +-1
+    d = torch.exp(torch.empty(rows, n).uniform_(-7, 7, generator=g))
+    return w, d
+
+
+@pytest.mark.parametrize("two_sided", [False, True], ids=["lat_e", "lat2_e"])
+def test_exact_solver_equals_the_sorted_search(two_sided: bool) -> None:
+    # Short units (sorted in full) and long ones (bucketed search, >= 65536 entries) against an
+    # independent NumPy transcription; ties, zeros and +-1 entries included.
+    for seed, (rows, n) in enumerate(
+        [(1, 1), (3, 7), (5, 300), (2, 5000), (1, 65536), (2, 150_001)]
+    ):
+        w, d = _exact_problem(seed, rows, n)
+        codes, alpha = kernels.la_topk_exact(w, d, two_sided=two_sided)
+        ref_codes, ref_alpha = _exact_reference(w, d, two_sided)
+        assert np.array_equal(codes.numpy(), ref_codes), (seed, rows, n)
+        got = alpha.numpy().reshape(rows, -1)
+        if n < 65536:  # the same additions in the same order: bit for bit
+            assert np.array_equal(got, ref_alpha.astype(np.float32)), (seed, rows, n)
+        else:  # bucket sums are added in another order: equal to double rounding
+            np.testing.assert_allclose(got, ref_alpha, rtol=1e-7)
+
+
+@pytest.mark.parametrize("scheme", ["lat_e", "lat2_e"])
+def test_exact_solver_matches_pytorch_path(scheme: str) -> None:
+    # solve() on CPU float32 runs the C++ solver; the PyTorch reference gives the same codes and
+    # (short units) the same scales bit for bit, per tensor, per channel and per group.
+    for seed, (shape, gran) in enumerate(
+        [((64, 48), "tensor"), ((64, 48), "channel"), ((32, 40), "group"), ((300, 300), "tensor")]
+    ):
+        w, d = _exact_problem(40 + seed, 1, shape[0] * shape[1])
+        w, d = w.reshape(shape), d.reshape(shape)
+        kw = {"group_size": 8} if gran == "group" else {"granularity": gran}
+        w_n, c_n, s_n, _ = _solve("native", w, d, scheme, None, None, **kw)
+        w_t, c_t, s_t, _ = _solve("torch", w, d, scheme, None, None, **kw)
+        assert torch.equal(c_n, c_t), (scheme, gran)
+        assert torch.equal(s_n, s_t), (scheme, gran)
+        assert torch.equal(w_n, w_t), (scheme, gran)
+
+
+def test_exact_solver_brute_force_and_degenerate_units() -> None:
+    # Exhaustive search over every ternary pattern (n <= 8), both schemes.
+    for seed in range(40):
+        g = torch.Generator().manual_seed(700 + seed)
+        n = 1 + seed % 8
+        w = torch.randn(n, generator=g)
+        d = torch.exp(torch.empty(n).uniform_(-3, 3, generator=g))
+        for scheme in ("lat_e", "lat2_e"):
+            best, _ = _brute_min(
+                w.double().numpy(), d.double().numpy(), scheme.replace("_e", "_a"), None
+            )
+            w_hat, *_ = _solve("native", w, d, scheme, None, None)
+            got = float(la.objective(w.double(), d.double(), w_hat.double()))
+            assert got == pytest.approx(best, rel=1e-6, abs=1e-12), (seed, scheme)
+    # one big tie (every weight clipped to +1): everything kept at alpha = 1, short and long
+    for n in (100, 70000):
+        codes, alpha = kernels.la_topk_exact(
+            torch.ones(1, n), torch.rand(1, n) + 0.5, two_sided=False
+        )
+        assert bool((codes == 1).all()) and float(alpha[0]) == 1.0
+    # an all-zero unit and a one-signed unit under LAT2_e: zero scales, nothing kept
+    w = torch.zeros(2, 70000)
+    w[1] = torch.rand(70000) + 0.1
+    codes, alpha = kernels.la_topk_exact(w, torch.ones(2, 70000), two_sided=True)
+    assert (
+        torch.equal(alpha[0], torch.zeros(2))
+        and float(alpha[1, 1]) == 0.0
+        and float(alpha[1, 0]) > 0
+    )
+    assert bool((codes[0] == 0).all()) and bool((codes[1] >= 0).all())
+
+
+def test_exact_solver_thread_count_and_bad_input() -> None:
+    w, d = _exact_problem(5, 6, 70000)
+    torch.set_num_threads(1)
+    one = kernels.la_topk_exact(w, d, two_sided=True)
+    torch.set_num_threads(3)
+    three = kernels.la_topk_exact(w, d, two_sided=True)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.la_topk_exact(w, d[:, :10], two_sided=False)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.la_topk_exact(w.double(), d.double(), two_sided=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # Dispatch, edge cases, training
 
 
@@ -471,7 +594,9 @@ def test_backend_switch_and_dispatch(monkeypatch) -> None:
     assert la._use_native(w32, d32, "lat_a", False)
     assert la._use_native(w32, d32, "laq_log", False)
     assert not la._use_native(w32, d32, "laq_log", True)  # laq_exact stays in PyTorch
-    assert not la._use_native(w32, d32, "lat_e", False)
+    assert la._use_native(w32, d32, "lat_e", False)
+    assert la._use_native(w32, d32, "lat2_e", False)
+    assert not la._use_native(w32, d32, "lab", False)
     assert not la._use_native(w32.double(), d32.double(), "lat_a", False)
     la.set_solver_backend("torch")
     assert not la._use_native(w32, d32, "lat_a", False)
@@ -486,6 +611,14 @@ def test_backend_switch_and_dispatch(monkeypatch) -> None:
     assert calls == [1]
     la.solve(w32.double(), d32.double(), "lat2_a")
     assert calls == [1]
+    exact = []
+    orig_e = kernels.la_topk_exact
+    monkeypatch.setattr(
+        kernels, "la_topk_exact", lambda *a, **k: exact.append(1) or orig_e(*a, **k)
+    )
+    la.solve(w32, d32, "lat_e")
+    la.solve(w32.double(), d32.double(), "lat_e")
+    assert exact == [1]
 
 
 @pytest.mark.parametrize("scheme,bits,rule", ALT, ids=IDS)

@@ -48,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "float_bits.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -94,24 +95,15 @@ thread_local Stats t_stats;
 // ----------------------------------------------------------------------------------------------
 // Float helpers
 
-inline float bits_to_float(uint32_t b) {
-    float f;
-    std::memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-    uint32_t b;
-    std::memcpy(&b, &f, sizeof b);
-    return b;
-}
+using lowbit::bits_of;
+using lowbit::float_of;
 
 // All-ones where `keep`, else 0. Selections are bit masks, not `keep ? x : 0`: the compiler turns
 // the latter into branches (mispredicted on half the elements) instead of vector code.
 inline uint32_t mask_of(bool keep) { return 0u - (uint32_t)keep; }
 
 // v where the mask is set, +0.0 elsewhere.
-inline float masked(float v, uint32_t mask) { return bits_to_float(float_to_bits(v) & mask); }
+inline float masked(float v, uint32_t mask) { return float_of(bits_of(v) & mask); }
 
 // Nearest linear code round(clamp(y, -k, k)) with ties to even, y = w / step: the float value
 // torch.round(w / step).clamp(-k, k) gives. (y + 1.5 * 2^23) - 1.5 * 2^23 rounds half-to-even in the
@@ -132,14 +124,14 @@ inline float linear_code(float x, float step, float kf) {
 inline int32_t log_mag(float a, float s, float log_zero, int k) {
     const float r = a / s;
     const uint32_t keep = mask_of(r >= log_zero);
-    int32_t e = (int32_t)((float_to_bits(r) >> 23) & 0xFFu) - 127;
+    int32_t e = (int32_t)((bits_of(r) >> 23) & 0xFFu) - 127;
     e = std::min(std::max(e, -(k - 1)), 0);
     return (int32_t)((uint32_t)(e + k) & keep);
 }
 
 // 2^(mag - k) for mag in 1..k (an exact power of two), 0 for mag = 0.
 inline float log_mult(int32_t mag, int k) {
-    return bits_to_float(((uint32_t)(mag - k + 127) << 23) & mask_of(mag != 0));
+    return float_of(((uint32_t)(mag - k + 127) << 23) & mask_of(mag != 0));
 }
 
 inline int32_t signed_code(int32_t mag, float x) {
@@ -190,12 +182,12 @@ Lv make_lv(const Problem& p, const float* alpha, const bool* use, bool threshold
             uint32_t a = lo, b = 0x7f800000u;
             while (a < b) {
                 const uint32_t mid = a + (b - a) / 2;
-                if (laq_mag_direct(lv, p.log, bits_to_float(mid)) >= j)
+                if (laq_mag_direct(lv, p.log, float_of(mid)) >= j)
                     b = mid;
                 else
                     a = mid + 1;
             }
-            lv.thr[j - 1] = bits_to_float(a);
+            lv.thr[j - 1] = float_of(a);
             lo = a;
         }
     }

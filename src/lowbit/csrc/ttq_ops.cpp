@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "float_bits.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -36,17 +37,8 @@ void check_sizes(int64_t n, std::initializer_list<int64_t> sizes) {
 }
 
 // Selections by bit masks, not `?:` (which compiles to branches that mispredict on random signs).
-inline uint32_t bits_of(float f) {
-    uint32_t b;
-    std::memcpy(&b, &f, 4);
-    return b;
-}
-
-inline float float_of(uint32_t b) {
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-}
+using lowbit::bits_of;
+using lowbit::float_of;
 
 void forward(FloatIn w, float wp, float wn, float delta, CodesOut codes, FloatOut out, int n_threads) {
     const int64_t n = (int64_t)w.size();

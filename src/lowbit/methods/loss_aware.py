@@ -152,10 +152,13 @@ def _topk_exact(
     ``c_k^2 cumD_k`` over self-consistent k, which is the same maximiser). O(n log n).
 
     Returns ``(alpha, kept)``: alpha per row (0 where nothing is eligible) and the support mask.
-    Cumulative sums are taken in float64 so the argmax is not decided by rounding.
+    Cumulative sums are taken in float64 so the argmax is not decided by rounding. On CPU float32
+    units the same computation runs in C++ (:func:`lowbit.kernels.la_topk_exact`).
     """
     key = torch.where(eligible, a, torch.full_like(a, -1.0))
-    s, order = key.sort(dim=1, descending=True)
+    # stable: equal keys keep their index order, so the C++ solver (kernels.la_topk_exact) can
+    # reproduce the cumulative sums and the support exactly
+    s, order = key.sort(dim=1, descending=True, stable=True)
     ds = torch.where(s >= 0, d.gather(1, order), torch.zeros_like(s)).double()
     sa = s.clamp(min=0).double()
     cum_da = (ds * sa).cumsum(1)
@@ -172,7 +175,8 @@ def _topk_exact(
     has = n_ok > 0
     alpha = (cum_da.gather(1, best) / cum_d.gather(1, best).clamp(min=1e-300)).squeeze(1)
     alpha = torch.where(has & (alpha > 0), alpha, torch.zeros_like(alpha)).to(a.dtype)
-    kept_sorted = (k[None, :] <= (best + 1)) & valid & (alpha > 0)[:, None]
+    # the top (best + 1) keys (entries before the first positive d, whose d is 0, change nothing)
+    kept_sorted = (k[None, :] <= (best + 1)) & (alpha > 0)[:, None]
     kept = torch.zeros_like(eligible).scatter(1, order, kept_sorted)
     return alpha, kept
 
@@ -399,10 +403,11 @@ def _laq_exact(wu: torch.Tensor, du: torch.Tensor, fmt: str, bits: int) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Which implementation runs the alternating solvers (LAT_a, LAT2_a, LAQ alternation)
+# Which implementation runs the solvers (LAT_e, LAT2_e, and the alternating LAT_a, LAT2_a, LAQ)
 
 SOLVER_BACKENDS = ("auto", "native", "torch")
 _ALTERNATING = ("lat_a", "lat2_a", "laq_linear", "laq_log")
+_NATIVE = (*_ALTERNATING, "lat_e", "lat2_e")
 _backend_override: str | None = None
 _native_loaded: bool | None = None
 
@@ -424,7 +429,7 @@ def set_solver_backend(backend: str | None) -> None:
     * ``"native"``: the C++ solver on CPU float32 tensors, an error if the extension is missing;
     * ``"torch"``: always the PyTorch reference.
 
-    Float64 and GPU tensors, and the exact schemes, always run in PyTorch.
+    Float64 and GPU tensors, LAB and LAQ's exact search always run in PyTorch.
     """
     global _backend_override
     _backend_override = None if backend is None else _check_backend(backend)
@@ -454,8 +459,9 @@ def _native_available(required: bool) -> bool:
 
 
 def _use_native(wu: torch.Tensor, du: torch.Tensor, scheme: str, laq_exact: bool) -> bool:
-    """True where the C++ solver runs: CPU float32 units of an alternating scheme, not disabled."""
-    if scheme not in _ALTERNATING or (laq_exact and scheme.startswith("laq")):
+    """True where the C++ solver runs: CPU float32 units of LAT_e, LAT2_e or an alternating
+    scheme, not disabled."""
+    if scheme not in _NATIVE or (laq_exact and scheme.startswith("laq")):
         return False
     backend = solver_backend()
     if backend == "torch":
@@ -473,15 +479,21 @@ def _solve_native(
     scheme: str,
     fmt: str,
     m: int,
-    codes0: torch.Tensor,
+    prev: Any,
     alpha_rule: str,
     max_iter: int,
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_solve_units` of the alternating schemes by the C++ solver (int8 codes, same scales)."""
+    """:func:`_solve_units` by the C++ solvers (int8 codes, the same scales); ``prev()`` gives the
+    alternating schemes' warm-start codes (the exact ones need none)."""
     from lowbit import kernels
 
-    wu, du, codes0 = wu.contiguous(), du.contiguous(), codes0.contiguous()
+    if scheme in ("lat_e", "lat2_e"):
+        codes, alpha = kernels.la_topk_exact(
+            wu.contiguous(), du.contiguous(), two_sided=scheme == "lat2_e"
+        )
+        return codes, alpha, torch.zeros(wu.shape[0], dtype=torch.int64)
+    wu, du, codes0 = wu.contiguous(), du.contiguous(), prev().contiguous()
     if scheme in ("lat_a", "lat2_a"):
         return kernels.la_support_solve(
             wu,
@@ -521,10 +533,11 @@ def _solve_units(
 
     Padding of remainder groups is 0 in both ``wu`` and ``du``, so it never enters a sum and always
     gets code 0 (it is dropped by ``from_units`` anyway). ``prev()`` gives the warm-start codes
-    (int8 units). The alternating schemes run in C++ on CPU float32 units (:func:`_use_native`).
+    (int8 units). LAT_e, LAT2_e and the alternating schemes run in C++ on CPU float32 units
+    (:func:`_use_native`).
     """
     if _use_native(wu, du, scheme, laq_exact):
-        return _solve_native(wu, du, scheme, fmt, m, prev(), alpha_rule, max_iter, tol)
+        return _solve_native(wu, du, scheme, fmt, m, prev, alpha_rule, max_iter, tol)
     iters = torch.zeros(wu.shape[0], dtype=torch.int64, device=wu.device)
     if scheme == "lab":
         alpha = _ratio(
