@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lowbit import functional as F
+from lowbit import kernels
 from lowbit.qtypes import Granularity
 
 GRANS = [
@@ -592,3 +593,44 @@ def test_cpu_kbit_fake_quantize_equals_the_pytorch_expression(
     assert torch.equal(runs[True][0].nan_to_num(7.0), runs[False][0].nan_to_num(7.0))
     assert torch.isnan(runs[True][0][0, 2])
     assert torch.equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.skipif(not kernels.la_solver_available(), reason="lowbit._la_solver is not built")
+def test_twn_exact_short_units_in_cpp_equal_the_pytorch_search(monkeypatch) -> None:
+    # Short float64 units on the CPU (FGQ's groups) run in C++ (kernels.twn_exact_units): the same
+    # codes and alphas bit for bit as the PyTorch search, with ties, zeros, remainder groups and
+    # all-zero groups; the brute-force tests above cover both paths' optimality.
+    from lowbit.methods import loss_aware
+
+    calls: list[int] = []
+    native = kernels.twn_exact_units
+    monkeypatch.setattr(kernels, "twn_exact_units", lambda *a: calls.append(1) or native(*a))
+    gen = torch.Generator().manual_seed(3)
+    for n, shape in [
+        (1, (3, 5)),
+        (2, (4, 9)),
+        (4, (64, 130)),
+        (5, (7, 23)),
+        (16, (9, 70)),
+        (33, (3, 100)),
+        (256, (2, 600)),
+    ]:
+        w = torch.randn(shape, generator=gen, dtype=torch.float64)
+        w[:, ::4] = 0.0
+        w[:, 1::6] = w[:, 2::6][:, : w[:, 1::6].shape[1]].abs()  # equal magnitudes
+        w[0, : min(n, shape[1])] = 0.0  # an all-zero group
+        g = Granularity("group", n, "in")
+        out = {}
+        for backend in ("torch", "auto"):
+            loss_aware.set_solver_backend(backend)
+            try:
+                out[backend] = F.twn(w, "exact", g)
+            finally:
+                loss_aware.set_solver_backend(None)
+        assert torch.equal(out["torch"][0], out["auto"][0]), n
+        assert torch.equal(out["torch"][1], out["auto"][1]), n
+    assert len(calls) == 7  # the C++ search ran once per case (and never on the torch backend)
+    with pytest.raises(ValueError, match="L <= 256"):
+        native(torch.zeros(2, 300, dtype=torch.float64), torch.full((2,), 300))
+    with pytest.raises(ValueError, match="float64"):
+        native(torch.zeros(2, 4), torch.full((2,), 4))

@@ -392,7 +392,8 @@ def twn(
     problem is ``max_I (sum_I |w|)² / |I|`` over sets I = {|w| > Delta}.
 
     * ``rule="exact"``: sort ``|w|`` descending per unit and scan k (the thresholds between
-      consecutive distinct magnitudes), O(n log n); this is LAT_e with d = 1 (§3.3).
+      consecutive distinct magnitudes), O(n log n); this is LAT_e with d = 1 (§3.3). Short float64
+      units on the CPU (FGQ's groups) run in C++, with the same result bit for bit.
     * ``rule="0.7"``: the TWN heuristic ``Delta = 0.7 * mean|w|`` (Li & Liu 2016, eq. 10),
       then ``alpha = mean`` of the kept ``|w|``.
 
@@ -405,6 +406,12 @@ def twn(
     if rule == "0.7" and g.kind in ("tensor", "channel") and w.dim() > 0:
         return _twn07_rows(w, g, codes_dtype)
     units, counts = to_units(w, g)
+    if rule == "exact" and _twn_native(units):
+        from lowbit import kernels
+
+        alpha, codes_u = kernels.twn_exact_units(units.contiguous(), counts)
+        codes = from_units(codes_u, shape, g).to(codes_dtype)
+        return _to_scale_shape(alpha, shape, g), codes
     a = units.abs()
     if rule == "0.7":
         mean = a.sum(1) / counts.to(a.dtype)
@@ -432,6 +439,18 @@ def twn(
     codes_u = sign(units).mul_(kept)
     codes = from_units(codes_u, shape, g).to(codes_dtype)
     return _to_scale_shape(alpha, shape, g), codes
+
+
+def _twn_native(units: torch.Tensor) -> bool:
+    """The exact TWN search of short CPU float64 units (FGQ's groups) runs in C++
+    (:func:`lowbit.kernels.twn_exact_units`, bit-identical); ``LOWBIT_LA_SOLVER=torch`` disables it."""
+    if units.device.type != "cpu" or units.dtype != torch.float64 or units.shape[1] > 256:
+        return False
+    if units.numel() == 0 or units.requires_grad:
+        return False
+    from lowbit.methods import loss_aware
+
+    return loss_aware.solver_backend() != "torch" and loss_aware._native_available(required=False)
 
 
 def _twn07_rows(

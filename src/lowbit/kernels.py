@@ -932,6 +932,30 @@ def la_topk_exact(
     return codes, alpha
 
 
+def twn_exact_units(units: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TWN's exact ternarization (``d = 1``) of float64 ``(U, L)`` units, ``L <= 256`` (FGQ's
+    groups), with ``counts`` (int64 ``(U,)``) the true length of each padded unit. Returns
+    ``(alpha float64 (U,), codes int8 (U, L))``: the computation of ``functional.twn(w, "exact")``
+    (candidate thresholds only between distinct magnitudes), one small sort per unit, bit-identical.
+    """
+    if units.dim() != 2 or units.dtype != torch.float64 or units.shape[1] > 256:
+        raise ValueError(
+            f"twn_exact_units takes float64 (U, L) units with L <= 256; got {units.dtype} {tuple(units.shape)}"
+        )
+    if tuple(counts.shape) != (units.shape[0],):
+        raise ValueError(f"one count per unit: {tuple(counts.shape)} for {units.shape[0]} units")
+    alpha = torch.empty(units.shape[0], dtype=torch.float64)
+    codes = torch.empty(units.shape, dtype=torch.int8)
+    _la_ext().twn_exact_units(
+        _as_numpy(units),
+        _as_numpy(counts.to(torch.int64)),
+        alpha.numpy(),
+        codes.numpy(),
+        _num_threads(),
+    )
+    return alpha, codes
+
+
 def la_laq_solve(
     w: torch.Tensor,
     d: torch.Tensor,

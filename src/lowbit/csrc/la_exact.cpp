@@ -38,6 +38,9 @@ namespace {
 using FloatIn = nb::ndarray<const float, nb::device::cpu, nb::c_contig>;
 using FloatOut = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
 using CodesOut = nb::ndarray<int8_t, nb::device::cpu, nb::c_contig>;
+using DoubleIn = nb::ndarray<const double, nb::device::cpu, nb::c_contig>;
+using DoubleOut = nb::ndarray<double, nb::device::cpu, nb::c_contig>;
+using CountsIn = nb::ndarray<const int64_t, nb::device::cpu, nb::c_contig>;
 
 constexpr int64_t kRadixMin = 2048;       // shorter units: std::sort of the items
 constexpr int64_t kBucketMin = 1 << 16;    // units at least this long: the bucketed search
@@ -349,10 +352,99 @@ void la_topk_exact(FloatIn w, FloatIn d, bool two_sided, CodesOut codes, FloatOu
     });
 }
 
+// TWN's exact ternarization with d = 1 on short units (FGQ's groups; functional.twn(w, "exact"),
+// whose PyTorch code is the reference): sort |w| descending, cs_k = cumulative sum in double,
+// candidate k only where |w|_(k) > |w|_(k+1) or k = count (thresholds between distinct
+// magnitudes, so a tie is kept or dropped whole and the order within it cannot matter), the first
+// k maximising cs_k^2 / k; alpha = cs_k / k, kept = |w| > |w|_(k+1) (-1 past the end), and
+// nothing kept when alpha is 0. Units are padded with zeros past their count (functional.to_units).
+constexpr int64_t kTwnMaxLen = 256;
+
+void twn_exact_units(DoubleIn w, CountsIn counts, DoubleOut alpha, CodesOut codes, int n_threads) {
+    if (w.ndim() != 2 || codes.ndim() != 2 || (int64_t)codes.shape(0) != (int64_t)w.shape(0) ||
+        (int64_t)codes.shape(1) != (int64_t)w.shape(1))
+        throw std::invalid_argument("twn_exact_units: w and codes must be 2-D (units, length) of one shape");
+    const int64_t units = (int64_t)w.shape(0), len = (int64_t)w.shape(1);
+    if ((int64_t)counts.size() != units || (int64_t)alpha.size() != units)
+        throw std::invalid_argument("twn_exact_units: one count and one alpha per unit");
+    if (len > kTwnMaxLen) throw std::invalid_argument("twn_exact_units: units longer than 256");
+    const double* wp = w.data();
+    const int64_t* np = counts.data();
+    double* ap = alpha.data();
+    int8_t* cp = codes.data();
+    nb::gil_scoped_release release;
+    lowbit::parallel_for(units, std::max(1, n_threads), 4096, [&](int64_t b, int64_t e) {
+        const double* wb = wp;
+        const int64_t* nb_ = np;
+        double* ab = ap;
+        int8_t* cb = cp;
+        const int64_t L = len;
+        double s[kTwnMaxLen + 1];
+        for (int64_t u = b; u < e; ++u) {
+            const double* wu = wb + u * L;
+            int8_t* cu = cb + u * L;
+            const int64_t cnt = std::min<int64_t>(std::max<int64_t>(nb_[u], 0), L);
+            for (int64_t i = 0; i < L; ++i) s[i] = std::fabs(wu[i]);
+            if (L == 4) {  // FGQ's N = 4: a branch-free sorting network
+                auto cx = [&s](int i, int j) {
+                    const double hi = std::max(s[i], s[j]), lo = std::min(s[i], s[j]);
+                    s[i] = hi;
+                    s[j] = lo;
+                };
+                cx(0, 1);
+                cx(2, 3);
+                cx(0, 2);
+                cx(1, 3);
+                cx(1, 2);
+            } else if (L <= 32) {  // insertion sort, descending
+                for (int64_t i = 1; i < L; ++i) {
+                    const double x = s[i];
+                    int64_t j = i;
+                    for (; j > 0 && s[j - 1] < x; --j) s[j] = s[j - 1];
+                    s[j] = x;
+                }
+            } else {
+                std::sort(s, s + L, [](double x, double y) { return x > y; });
+            }
+            s[L] = -1.0;
+            double cs = 0.0, best_score = -1.0, best_cs = 0.0, delta = -1.0;
+            int64_t best = 0;
+            for (int64_t k = 1; k <= L; ++k) {
+                // selects, not branches: which k wins is a coin flip on random weights
+                cs += s[k - 1];
+                const bool last = k == cnt;
+                const bool cand = (k <= cnt) & ((s[k - 1] > s[k]) | last);
+                const double sq = cs * cs;
+                const double score = cand ? sq / (double)k : -1.0;
+                const bool better = score > best_score;
+                best_score = better ? score : best_score;
+                best = better ? k - 1 : best;
+                best_cs = better ? cs : best_cs;
+                const double next = last ? -1.0 : s[k];
+                delta = better ? next : delta;
+            }
+            if (best_score < 0.0) {  // no candidate (count 0): the reference's argmax is k = 1
+                best_cs = s[0];
+                delta = L > 1 ? s[1] : -1.0;
+            }
+            const double a = best_cs / (double)(best + 1);
+            ab[u] = a;
+            for (int64_t i = 0; i < L; ++i) {
+                const double x = wu[i];
+                const bool keep = a > 0.0 && std::fabs(x) > delta;
+                cu[i] = (int8_t)((int)keep * (1 - 2 * (int)(x < 0.0)));
+            }
+        }
+    });
+}
+
 }  // namespace
 
 void register_la_exact(nb::module_& m) {
     m.def("la_topk_exact", &la_topk_exact, "w"_a, "d"_a, "two_sided"_a, "codes"_a, "alpha"_a, "n_threads"_a = 1,
           "LAT_e / LAT2_e: the exact weighted ternary solution per unit (sorted search), bit-identical to "
           "loss_aware._topk_exact.");
+    m.def("twn_exact_units", &twn_exact_units, "w"_a, "counts"_a, "alpha"_a, "codes"_a, "n_threads"_a = 1,
+          "TWN's exact ternarization (d = 1) of float64 units of at most 256 entries, bit-identical to "
+          "functional.twn(w, 'exact').");
 }
