@@ -449,6 +449,26 @@ def test_cli_pack_xnor_then_run(tmp_path: Path) -> None:
     assert ran["dataset"] == "synthetic" and ran["accuracy"] == info["packed_acc"]
     result = runner.invoke(app, ["pack", str(run), "-o", str(out), "--xnor", "--quantized"])
     assert result.exit_code == 2 and "pass one of them" in result.output
+    # a run without binary layers is refused (not written as a chain of float stages)
+    from lowbit import models
+    from lowbit.train.checkpoint import save_checkpoint
+
+    spec = json.loads((run / "config.json").read_text())
+    spec["method"] = {"name": "twn"}
+    twn = lowbit.quantize(models.create("mlp", widths=[64, 70, 64]), "twn")
+    spec["model"] = {"name": "mlp", "widths": [64, 70, 64]}
+    run2 = tmp_path / "run-twn"
+    (run2 / "checkpoints").mkdir(parents=True)
+    (run2 / "config.json").write_text(json.dumps(spec))
+    save_checkpoint(run2 / "checkpoints", {"model": twn.state_dict(), "epoch": 1}, 1, kind="best")
+    other = tmp_path / "twn.lowbit"
+    result = runner.invoke(app, ["pack", str(run2), "-o", str(other), "--xnor"])
+    assert (
+        result.exit_code == 2
+        and "no layer of" in result.output
+        and "without --xnor" in result.output
+    )
+    assert not other.exists()
 
 
 def test_any_flipped_byte_of_a_bnn_file_is_refused_or_harmless(tmp_path: Path) -> None:

@@ -396,6 +396,13 @@ def test_cli_ptq_writes_model_and_reports(tmp_path):
 
     bad = CliRunner().invoke(app, ["ptq", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+    # a run of a quantization method is not a float model: say so (not a state-dict key dump)
+    (run / "config.json").write_text(
+        json.dumps({"model": spec, "dataset": {"name": "synthetic"}, "method": {"name": "ttq"}})
+    )
+    bad = CliRunner().invoke(app, ["ptq", str(run)])
+    assert bad.exit_code == 2 and "was trained with method 'ttq'" in bad.output
+    assert "give the run of its float baseline" in bad.output
 
 
 def test_saturation_is_recounted_on_evaluation_data():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,40 @@ def test_cli_summary_loads_a_checkpoint(tmp_path) -> None:
     torch.save({"nonsense": torch.zeros(2)}, tmp_path / "bad.pt")
     res = CliRunner().invoke(app, ["summary", "lenet5", "--state", str(tmp_path / "bad.pt")])
     assert res.exit_code == 2 and "does not fit" in res.output
+
+
+def test_cli_summary_of_a_run_directory_and_model_options(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lowbit import models
+    from lowbit.cli import app
+    from lowbit.train.runs import make_spec, train_spec
+
+    spec = make_spec(
+        model="mlp",
+        dataset="synthetic",
+        method="twn",
+        model_options={"widths": [24]},
+        data_options={"n_train": 64, "n_valid": 16, "n_test": 16, "shape": [1, 6, 6]},
+        train={"epochs": 1, "batch_size": 32},
+    )
+    train_spec(spec, tmp_path / "run", progress=False)
+    runner = CliRunner()
+    # the run directory: its widths, its method (twn), its best weights
+    res = runner.invoke(app, ["summary", "mlp", "--state", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    net = lowbit.quantize(models.create("mlp", input_shape=(1, 6, 6), widths=[24]), "twn")
+    assert data["method"] == "twn" and data["total_bytes"] == lowbit.summary(net).total_bytes
+    res = runner.invoke(app, ["summary", "lenet5", "--state", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "is a run of model 'mlp', not 'lenet5'" in res.output
+    # a state dict needs the options it was trained with: -M, and a short error without them
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    args = ["summary", "mlp", "-m", "twn", "--state", str(tmp_path / "sd.pt"), "--no-macs"]
+    res = runner.invoke(app, [*args, "-M", "widths=[24]", "-M", "input_shape=[1,6,6]"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "pass the model options it was trained with (-M" in res.output
+    assert len(res.output.strip().splitlines()) <= 3
+    res = runner.invoke(app, ["summary", "mlp", "-M", "width=3"])
+    assert res.exit_code == 2 and "cannot build model 'mlp'" in res.output

@@ -44,13 +44,13 @@ TARGETS: dict[str, tuple[float | None, float | None]] = {
 
 
 def target_note() -> str | None:
-    """A line saying what the targets assume when this CPU runs another kernel path: they are
-    DESIGN.md's, set on the reference machine (AVX-512 VNNI + VPOPCNTDQ, Zen 4)."""
+    """A line saying what the targets assume when this CPU runs another kernel path: they were
+    set on the reference machine (AVX-512 VNNI + VPOPCNTDQ, Zen 4; docs/kernels.md)."""
     isa = kernels.active_isa()
     if isa == "avx512":
         return None
     return (
-        f"note: the targets (DESIGN.md) are set for the AVX-512 VNNI/VPOPCNTDQ path of the "
+        f"note: the targets (docs/kernels.md) are set for the AVX-512 VNNI/VPOPCNTDQ path of the "
         f"reference machine; this CPU runs the {isa} path (no vpdpbusd / vpopcntq), so a "
         f"MISSED row here says how far this path is from them, not that the avx512 path misses"
     )
@@ -333,6 +333,8 @@ def binary_rows(
 
 def _check_timing_args(reps: int, clock: str, threads: Sequence[int]) -> None:
     """The benchmarks' shared argument rules (both ``bench kernels`` and ``bench model``)."""
+    if not threads or any(t < 1 for t in threads):
+        raise ValueError(f"thread counts must be at least 1, got {', '.join(map(str, threads))}")
     if reps < 20:
         raise ValueError(
             "use at least 20 timed repetitions (medians of fewer runs are too noisy here)"

@@ -37,6 +37,7 @@ def _root(
         callback=_version_callback,
         is_eager=True,
         help="Print the version and exit.",
+        metavar="",
     ),
 ) -> None:
     """lowbit: TTQ, BNN/QNN, loss-aware (LAB/LAT/LAQ) and FGQ/DFP quantization with packed C++ kernels."""
@@ -55,7 +56,7 @@ def _not_yet(what: str, issue: int) -> None:
 
 
 @app.command("cpu")
-def cpu_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def cpu_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.", metavar="")) -> None:
     """Show the CPU features and which kernel path (scalar/avx2/avx512) runs."""
     feats = lowbit.kernels.cpu_features()
     if as_json:
@@ -81,7 +82,10 @@ def demo_cmd(
         help="Epochs of every trained model (default: 2-3 each, see lowbit.demo.STAGES).",
     ),
     full: bool = typer.Option(
-        False, "--full", help="The recipes' own epochs and schedules (longer, better models)."
+        False,
+        "--full",
+        help="The recipes' own epochs and schedules (longer, better models).",
+        metavar="",
     ),
     budget: float = typer.Option(
         540.0,
@@ -106,15 +110,19 @@ def demo_cmd(
         None, "--data-dir", help="Dataset directory (MNIST is embedded; not needed)."
     ),
     no_progress: bool = typer.Option(
-        False, "--no-progress", help="No live progress bars (epoch lines only)."
+        False, "--no-progress", help="No live progress bars (epoch lines only).", metavar=""
     ),
     keep_checkpoints: bool = typer.Option(
         False,
         "--keep-checkpoints",
         help="Keep the per-epoch training checkpoints (default: only the .lowbit models and metrics stay).",
+        metavar="",
     ),
     check_kernels: bool = typer.Option(
-        False, "--check-kernels", help="Only check the binary GEMM on every ISA path and exit."
+        False,
+        "--check-kernels",
+        help="Only check the binary GEMM on every ISA path and exit.",
+        metavar="",
     ),
 ) -> None:
     """Train float, FGQ, TTQ, BNN, LAT2 and 3-bit LAQ MLPs on embedded MNIST, pack them, and print
@@ -156,6 +164,53 @@ def demo_cmd(
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
 
 
+def _check_resume_flags(run_dir: str, stored: dict, **given: object) -> None:
+    """``--resume --run-dir R`` continues R's stored model, data and method: a flag that says
+    otherwise is an error, not silently ignored (train flags like --epochs may change)."""
+    clashes = []
+    method = given.pop("method")
+    if method is not None and method != stored["method"].get("name"):
+        clashes.append(f"--method {method} (the run's is {stored['method'].get('name')})")
+    for table, flag in (
+        ("model", "-M"),
+        ("data", "-D/--split/--preprocess/--augment"),
+        ("method_opts", "-Q"),
+    ):
+        opts = given[table]
+        have = stored["method" if table == "method_opts" else table]
+        assert isinstance(opts, dict)
+        for key, value in opts.items():
+            if have.get(key) != value:
+                clashes.append(f"{flag} {key}={value!r} (the run's is {have.get(key)!r})")
+    if clashes:
+        raise ValueError(
+            f"--resume continues {run_dir} with its stored model, data and method, but "
+            + "; ".join(clashes)
+            + ": drop those flags, or start a new run in another --run-dir"
+        )
+
+
+def _refuse_recipe_init(name: str, init: str) -> None:
+    """A recipe that fine-tunes from another run (``[recipe] init_from``) cannot start from
+    random weights by accident: say what to run instead."""
+    from pathlib import Path
+
+    if Path(init).exists():
+        return  # a run directory or checkpoint: the caller starts from it
+    raise ValueError(
+        f"recipe {name} fine-tunes from {init} ([recipe] init_from): run `lowbit reproduce {name}` "
+        f"(trains {init} first), or pass --set init_from=RUN_DIR with a finished run of {init}, "
+        "or --set init_from= to start from random weights"
+    )
+
+
+def _keep_tuple(keep: str) -> tuple[str, ...]:
+    """``--keep``: ``'first,last'``, globs, or ``'none'`` / ``''`` for no float layers."""
+    if keep.strip().lower() in ("", "none"):
+        return ()
+    return tuple(k.strip() for k in keep.split(",") if k.strip())
+
+
 @app.command("train")
 def train_cmd(
     model: str = typer.Option(None, "--model", help="Model name (see `lowbit models`)."),
@@ -171,13 +226,17 @@ def train_cmd(
     epochs: int = typer.Option(None, "--epochs", help="Number of epochs."),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch size."),
     lr: float = typer.Option(None, "--lr", help="Base learning rate."),
-    optimizer: str = typer.Option(None, "--optimizer", help="adam | sgd | adamax."),
-    schedule: str = typer.Option(None, "--schedule", help="constant | step | exp."),
+    optimizer: str = typer.Option(None, "--optimizer", help="adam | sgd | adamax | shift_adamax."),
+    schedule: str = typer.Option(
+        None, "--schedule", help="constant | step | exp | cosine (the default without a recipe)."
+    ),
     milestones: str = typer.Option(None, "--milestones", help="Step schedule epochs, e.g. 15,25."),
     gamma: float = typer.Option(
         None, "--gamma", help="LR factor per milestone (step) or per epoch (exp)."
     ),
-    loss: str = typer.Option(None, "--loss", help="cross_entropy | squared_hinge."),
+    loss: str = typer.Option(
+        None, "--loss", help="cross_entropy (alias ce) | squared_hinge (aliases hinge, l2svm)."
+    ),
     weight_decay: float = typer.Option(
         None, "--weight-decay", help="L2 weight decay on weights (ndim >= 2)."
     ),
@@ -219,10 +278,13 @@ def train_cmd(
         None, "--run-dir", help="Run directory (default runs/MODEL-DATASET-METHOD-TIME)."
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --run-dir from its last good checkpoint."
+        False,
+        "--resume",
+        help="Continue the run in --run-dir from its last good checkpoint.",
+        metavar="",
     ),
     no_progress: bool = typer.Option(
-        False, "--no-progress", help="No live progress bar (epoch lines only)."
+        False, "--no-progress", help="No live progress bar (epoch lines only).", metavar=""
     ),
 ) -> None:
     """Train a model with a quantization method (fp = float); checkpoints, metrics.jsonl and
@@ -250,7 +312,12 @@ def train_cmd(
             "threads": threads,
         }
         if milestones is not None:
-            flags["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
+            try:
+                flags["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
+            except ValueError:
+                raise ValueError(
+                    f"--milestones expects epochs separated by commas, like 15,25; got {milestones!r}"
+                ) from None
         train.update({k: v for k, v in flags.items() if v is not None})
         data_options = parse_options(data_opt, "--data-opt")
         data_options.update(
@@ -262,20 +329,29 @@ def train_cmd(
         )
         model_options = parse_options(model_opt, "--model-opt")
         method_options = parse_options(method_opt, "--method-opt")
-        if (
-            resume
-            and run_dir
-            and (Path(run_dir) / "config.json").exists()
-            and not recipe
-            and not model
-            and not dataset
-        ):
-            stored = read_run_spec(run_dir)  # `--resume --run-dir R` alone continues R as it was
+        if resume and not recipe and not model and not dataset:
+            # `--resume --run-dir R` alone continues R as it was stored
+            if not run_dir:
+                raise ValueError("--resume needs --run-dir R: the run directory to continue")
+            if not (Path(run_dir) / "config.json").exists():
+                raise ValueError(
+                    f"{run_dir} is not a run directory (no config.json): nothing to resume; "
+                    "drop --resume to start a new run there, or pass the directory of an existing run"
+                )
+            stored = read_run_spec(run_dir)
             spec = {
                 t: dict(stored.get(t, {}))
                 for t in ("recipe", "paper", "model", "data", "method", "train")
             }
             spec["recipe"].pop("path", None)
+            _check_resume_flags(
+                run_dir,
+                spec,
+                method=method,
+                model=model_options,
+                data=data_options,
+                method_opts=method_options,
+            )
             spec["train"].update(train)
         else:
             spec = make_spec(
@@ -288,6 +364,10 @@ def train_cmd(
                 method_options=method_options,
                 train=train,
             )
+        init = spec["recipe"].get("init_from")
+        if init and "init_from" not in spec["train"] and not resume:
+            _refuse_recipe_init(str(spec["recipe"].get("name", recipe)), str(init))
+            spec["train"]["init_from"] = str(init)  # a path that exists
         if run_dir is None:
             stamp = _time.strftime("%Y%m%d-%H%M%S")
             run_dir = f"runs/{spec['model']['name']}-{spec['data']['name']}-{spec['method']['name']}-{stamp}"
@@ -339,7 +419,7 @@ def eval_cmd(
     data_dir: str = typer.Option(
         None, "--data-dir", help="Dataset directory (default: as the run)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON.", metavar=""),
 ) -> None:
     """Evaluate a run directory or checkpoint (loss, accuracy, error per split)."""
     from lowbit.data import DataNotFoundError
@@ -376,7 +456,7 @@ def datasets_cmd(
     data_dir: str = typer.Option(
         None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON.", metavar=""),
 ) -> None:
     """List datasets, whether they are available offline, and where their files go."""
     from lowbit import data as _data
@@ -412,7 +492,9 @@ def datasets_cmd(
 
 
 @app.command("models")
-def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def models_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON.", metavar=""),
+) -> None:
     """List the reference models (name, task, default input shape and classes, description)."""
     from lowbit import models as _models
 
@@ -439,6 +521,35 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
     Console(width=max(120, Console().width)).print(table)
 
 
+def _summary_model_of_run(run_dir: str, model: str, method: str, options: bool) -> tuple[Any, str]:
+    """The model of a ``lowbit train`` run directory, quantized as stored, with its best weights."""
+    from lowbit.data import DataNotFoundError
+    from lowbit.train import CheckpointError
+    from lowbit.train.checkpoint import load_checkpoint
+    from lowbit.train.runs import _locate, _method_parts, build_data, build_model, read_run_spec
+
+    try:
+        spec = read_run_spec(run_dir)
+        stored, stored_opts = _method_parts(spec.get("method", {}))
+        if spec["model"]["name"] != model:
+            raise ValueError(
+                f"{run_dir} is a run of model {spec['model']['name']!r}, not {model!r}"
+            )
+        if (method != "fp" and method != stored) or options:
+            raise ValueError(
+                f"{run_dir} stores its method ({stored}): drop --method/--option with a run directory"
+            )
+        data = build_data(spec["data"], None)  # the input shape and classes the model was built for
+        net = build_model(spec["model"], data)
+        if stored != "fp":
+            lowbit.quantize(net, stored, **stored_opts)
+        _, path = _locate(run_dir, "best")
+        net.load_state_dict(load_checkpoint(path)["model"])
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataNotFoundError) as exc:
+        fail(f"cannot rebuild the model of {run_dir}: {str(exc).splitlines()[0]}")
+    return net, stored
+
+
 @app.command("summary")
 def summary_cmd(
     model: str = typer.Argument(..., help="Reference model name (see `lowbit models`)."),
@@ -454,10 +565,19 @@ def summary_cmd(
     keep: str = typer.Option(
         "first,last",
         "--keep",
-        help="Layers kept float: comma list of first/last/globs ('' for none).",
+        help="Layers kept float: 'first,last', globs, or 'none'.",
     ),
     state: str = typer.Option(
-        None, "--state", help="State dict or training checkpoint (.pt) to load, weights_only."
+        None,
+        "--state",
+        help="State dict or training checkpoint (.pt) to load (weights_only), or a run directory "
+        "(its model options, method and best checkpoint).",
+    ),
+    model_opt: list[str] = typer.Option(
+        [],
+        "--model-opt",
+        "-M",
+        help="Model option key=value (repeatable), e.g. -M widths=[2048,2048].",
     ),
     input_shape: str = typer.Option(
         None,
@@ -465,9 +585,9 @@ def summary_cmd(
         help="Input shape with batch, e.g. 1,1,28,28 (default: the model's, batch 1).",
     ),
     no_macs: bool = typer.Option(
-        False, "--no-macs", help="Skip the forward trace (no MAC columns)."
+        False, "--no-macs", help="Skip the forward trace (no MAC columns).", metavar=""
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON.", metavar=""),
 ) -> None:
     """Per-layer bits, packed bytes and MACs of a model."""
     import ast
@@ -496,23 +616,35 @@ def summary_cmd(
             options[key.strip()] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             options[key.strip()] = raw
-    net = _models.create(model)
-    try:
-        if method != "fp" or options:
-            lowbit.quantize(net, method, keep=tuple(k for k in keep.split(",") if k), **options)
-    except (ValueError, TypeError) as exc:
-        fail(str(exc))
-    if state:
+    if state and Path(state).is_dir():  # a run: its model options, method and best weights
+        net, method = _summary_model_of_run(state, model, method, bool(options))
+        state_file = None
+    else:
+        state_file = state
+        from lowbit.train.runs import parse_options
+
         try:
-            loaded = torch.load(state, map_location="cpu", weights_only=True)
+            net = _models.create(model, **parse_options(model_opt, "--model-opt"))
+            if method != "fp" or options:
+                lowbit.quantize(net, method, keep=_keep_tuple(keep), **options)
+        except (ValueError, TypeError) as exc:
+            fail(f"cannot build model {model!r} with method {method!r}: {exc}")
+    if state_file:
+        try:
+            loaded = torch.load(state_file, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - report any load failure in one line
-            fail(f"cannot load {state}: {type(exc).__name__}: {exc}")
+            fail(f"cannot load {state_file}: {type(exc).__name__}: {exc}")
         if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
             loaded = loaded["model"]  # a lowbit training checkpoint
         try:
             net.load_state_dict(loaded)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            fail(f"{state} does not fit model {model!r} quantized with {method!r}: {exc}")
+            first = str(exc).strip().splitlines()
+            fail(
+                f"{state_file} does not fit model {model!r} quantized with {method!r} "
+                f"({first[-1].strip() if first else type(exc).__name__}): pass the model options it "
+                "was trained with (-M key=value), or the run directory itself as --state"
+            )
     shape: tuple[int, ...] | None = None
     if input_shape:
         try:
@@ -576,14 +708,16 @@ def ptq_cmd(
         "first,last", "--keep", help="Layers kept float: 'first,last', globs, or 'none'."
     ),
     fold_bn: bool = typer.Option(
-        True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm before quantizing."
+        True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm before quantizing.", metavar=""
     ),
     out: str = typer.Option(
         None, "--out", "-o", help="Output file (default: next to the run, ptq-fgq-*.pt)."
     ),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Test accuracy before and after."),
+    evaluate: bool = typer.Option(
+        True, "--eval/--no-eval", help="Test accuracy before and after.", metavar=""
+    ),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.", metavar=""),
 ) -> None:
     """Post-training quantization (FGQ / DFP): ternary or k-bit weight groups + DFP activations.
 
@@ -599,9 +733,7 @@ def ptq_cmd(
     gs: int | str = int(group_size) if group_size.isdigit() else group_size
     if isinstance(gs, str) and gs not in ("layer", "channel"):
         fail(f"--group-size must be an int, 'layer' or 'channel', got {group_size!r}")
-    keep_t: tuple[str, ...] = (
-        () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
-    )
+    keep_t = _keep_tuple(keep)
     try:
         run = ptq.float_run_info(source)
     except (FileNotFoundError, ValueError) as exc:
@@ -712,19 +844,23 @@ def pack_cmd(
         help="Model option key=value (repeatable), e.g. -M widths=[512,512].",
     ),
     quantized: bool = typer.Option(
-        False, "--quantized", help="Save the quantized (Quant*) model instead of packing it."
+        False,
+        "--quantized",
+        help="Save the quantized (Quant*) model instead of packing it.",
+        metavar="",
     ),
     xnor: bool = typer.Option(
         False,
         "--xnor",
         help="BNN runs: the fully binary XNOR-popcount model (lowbit.binary.pack_bnn): packed bits "
         "between binary layers, batch norm + sign folded into thresholds.",
+        metavar="",
     ),
     evaluate: bool = typer.Option(
-        False, "--eval", help="Also print test accuracy: simulated vs packed."
+        False, "--eval", help="Also print test accuracy: simulated vs packed.", metavar=""
     ),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.", metavar=""),
 ) -> None:
     """Pack a quantized model into a .lowbit file (prints its size and the compression vs float32).
 
@@ -735,9 +871,7 @@ def pack_cmd(
     from lowbit.saveload import save
     from lowbit.train.runs import parse_options
 
-    keep_t: tuple[str, ...] = (
-        () if keep.strip().lower() in ("", "none") else tuple(k.strip() for k in keep.split(","))
-    )
+    keep_t = _keep_tuple(keep)
     if xnor and quantized:
         fail("--xnor packs the model; --quantized saves it unpacked: pass one of them")
     try:
@@ -751,6 +885,12 @@ def pack_cmd(
         )
         if xnor:
             target = lowbit.pack(model, xnor=True)  # with its packing_report
+            report = getattr(target, "packing_report", {}) or {}
+            if not any(str(r).startswith("packed") for r in report.values()):
+                raise ValueError(
+                    f"--xnor packs binary networks (BNN runs) on the XNOR-popcount kernels, but no "
+                    f"layer of {source} (method {info.get('method')}) is binary: pack it without --xnor"
+                )
         else:
             target = model if quantized else lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
@@ -814,7 +954,7 @@ def run_cmd(
     ),
     reps: int = typer.Option(30, "--reps", help="Timed forward passes (medians)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.", metavar=""),
 ) -> None:
     """Run a .lowbit model on a dataset: accuracy (character models: loss in nats/char),
     throughput (batch) and latency (batch 1)."""
@@ -823,6 +963,9 @@ def run_cmd(
     from lowbit import deploy
     from lowbit.saveload import LowbitFileError, load, read_manifest
 
+    for name, value in (("--batch-size", batch_size), ("--reps", reps), ("--threads", threads)):
+        if value is not None and value < 1:
+            fail(f"{name} must be at least 1, got {value}")
     if threads:
         import torch
 
@@ -843,6 +986,8 @@ def run_cmd(
         splits = build_data(table, data_dir)
     except Exception as exc:  # DataNotFoundError and friends: one line
         fail(f"cannot load dataset {table['name']!r}: {exc}")
+    if split not in ("train", "valid", "test"):
+        fail(f"unknown split {split!r}: choose train, valid or test")
     data = getattr(splits, split, None)
     if data is None:
         fail(f"dataset {table['name']!r} has no {split!r} split")
@@ -900,7 +1045,7 @@ def bench_cmd(
     size: int = typer.Option(4096, help="Layer size N = K."),
     batch: int = typer.Option(64, help="Batch of the GEMM case."),
     variants: bool = typer.Option(
-        True, help="Also time asymmetric / grouped ternary and the custom op."
+        True, help="Also time asymmetric / grouped ternary and the custom op.", metavar=""
     ),
     clock: str = typer.Option(
         "wall",
@@ -920,6 +1065,10 @@ def bench_cmd(
         counts = tuple(int(t) for t in threads.split(",") if t.strip())
     except ValueError:
         fail(f"--threads must be comma-separated integers, got {threads!r}")
+    try:  # before any output: a bad argument is one error line, not a table header and a line
+        bench._check_timing_args(reps, clock, counts)
+    except ValueError as exc:
+        fail(str(exc))
     if what == "model":
         from lowbit.saveload import LowbitFileError, load, read_manifest
 
@@ -961,7 +1110,10 @@ def bench_cmd(
 def reproduce_cmd(
     recipe: str = typer.Argument(None, help="Recipe NAME (see --list) or a .toml file."),
     list_: bool = typer.Option(
-        False, "--list", help="List every recipe, the data it needs and whether it is here."
+        False,
+        "--list",
+        help="List every recipe, the data it needs and whether it is here.",
+        metavar="",
     ),
     out: str = typer.Option(
         None, "--out", "-o", help="Output directory (default runs/reproduce-NAME-TIME)."
@@ -969,7 +1121,7 @@ def reproduce_cmd(
     epochs: int = typer.Option(
         None,
         "--epochs",
-        help="Override [train] epochs (smoke runs; the paper number needs the recipe's).",
+        help="Override the recipe's training epochs (smoke runs; the paper number needs the recipe's).",
     ),
     threads: int = typer.Option(None, "--threads", help="torch / kernel threads."),
     train_samples: int = typer.Option(
@@ -978,8 +1130,10 @@ def reproduce_cmd(
     data_dir: str = typer.Option(
         None, "--data-dir", help="Dataset directory (default $LOWBIT_DATA_DIR or ~/.cache/lowbit)."
     ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bars."),
-    as_json: bool = typer.Option(False, "--json", help="With --list: print JSON."),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="No live progress bars.", metavar=""
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --list: print JSON.", metavar=""),
 ) -> None:
     """Reproduce a paper table row from a recipe and report the paper's number beside the measured one."""
     from lowbit import reproduce as R

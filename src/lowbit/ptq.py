@@ -810,6 +810,13 @@ def load_float_model(
     from lowbit.train.checkpoint import load_checkpoint
 
     path, config = _resolve_checkpoint(Path(source))
+    trained = (config.get("method") or {}).get("name", "fp") if isinstance(config, dict) else "fp"
+    if trained not in (None, "fp"):
+        raise ValueError(
+            f"{source} was trained with method {trained!r}: post-training quantization starts from "
+            "a float model; give the run of its float baseline (method fp), or pack this run "
+            f"directly (`lowbit pack {source}`)"
+        )
     name, opts = _model_spec(config)
     if model is not None:
         name, opts = model, {}

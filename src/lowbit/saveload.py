@@ -1068,6 +1068,21 @@ def _fail(path: Path, msg: str) -> LowbitFileError:
     return LowbitFileError(f"{path}: {msg}")
 
 
+def _file_size(p: Path) -> int:
+    """The size of the file at ``p``; clear errors for a missing path and for a directory (a run
+    directory is the usual mistake: it has to be packed first)."""
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such .lowbit file") from None
+    if p.is_dir():
+        hint = ""
+        if (p / "config.json").exists():
+            hint = f": a run directory; pack it first (`lowbit pack {p} -o model.lowbit`)"
+        raise _fail(p, f"a directory, not a .lowbit file{hint}")
+    return size
+
+
 def _read_header(path: Path, f: Any, size: int) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(tensor entries, manifest, data start) after checking every byte range against the size."""
     if size < 8:
@@ -1163,10 +1178,7 @@ def _read_header(path: Path, f: Any, size: int) -> tuple[dict[str, Any], dict[st
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a ``.lowbit`` file (header checks only; tensors are not read)."""
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no such .lowbit file") from None
+    size = _file_size(p)
     with open(p, "rb") as f:
         return _read_header(p, f, size)[1]
 
@@ -1291,10 +1303,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     :class:`LowbitFileError` (a ``ValueError``) before touching ``model`` if anything is wrong.
     """
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no such .lowbit file") from None
+    size = _file_size(p)
     with open(p, "rb") as f:
         header, manifest, start = _read_header(p, f, size)
         # Checksums first (mmap: nothing is copied to hash it).

@@ -177,6 +177,10 @@ def test_download_verifies_checksum_and_lands_atomically(tmp_path, monkeypatch) 
     with pytest.raises(data.DataNotFoundError, match="checksum mismatch"):
         files.require(bad, tmp_path / "dl", "Y")
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["x.bin"]  # no partial files left
+    # a failed download into folders that did not exist leaves no empty folders behind
+    with pytest.raises(data.DataNotFoundError):
+        files.require(bad, tmp_path / "new" / "deeper", "Y")
+    assert not (tmp_path / "new").exists()
 
 
 def test_download_without_published_checksum_records_and_checks_sha256(

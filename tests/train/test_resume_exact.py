@@ -118,6 +118,44 @@ def test_stop_after_epochs_and_resume_through_the_spec(tmp_path: Path) -> None:
     assert summary_a["test_error_at_best"] == summary_b["test_error_at_best"]
 
 
+def test_resume_falls_back_to_the_older_checkpoint_when_the_newest_is_damaged(
+    tmp_path: Path, capsys
+) -> None:
+    import pytest
+
+    from lowbit.train import CheckpointError
+    from lowbit.train.checkpoint import read_manifest
+
+    spec = make_spec(
+        model="mlp",
+        dataset="synthetic",
+        model_options={"widths": [16], "dropout": 0.2},
+        data_options={"n_train": 128, "n_valid": 32, "n_test": 32, "shape": [1, 6, 6]},
+        train={"epochs": 3, "batch_size": 32, "lr": 0.01},
+    )
+    train_spec(spec, tmp_path / "a", progress=False, stop_after_epochs=2)
+    ck = tmp_path / "a" / "checkpoints"
+    newest = latest(ck)
+    assert newest is not None and newest.name == "epoch-0002.pt"
+    assert read_manifest(ck)["history"] == ["epoch-0001.pt", "epoch-0002.pt"]
+    newest.write_bytes(newest.read_bytes()[:-100])  # e.g. the disk filled up while writing it
+    summary_a = train_spec(spec, tmp_path / "a", resume=True, progress=False)
+    assert "resuming from the older epoch-0001.pt (epoch 1)" in capsys.readouterr().err
+    summary_b = train_spec(spec, tmp_path / "b", progress=False)
+    # epoch 2 was trained again, exactly: the same weights and the same metrics as a clean run
+    wa = load_checkpoint(latest(ck))["model"]
+    wb = load_checkpoint(latest(tmp_path / "b" / "checkpoints"))["model"]
+    _assert_same(wa, wb)
+    assert summary_a["test_error_at_best"] == summary_b["test_error_at_best"]
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    # with nothing intact left, the error says what to do
+    for f in ck.glob("epoch-*.pt"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no older intact checkpoint"):
+        train_spec(spec, tmp_path / "a", resume=True, progress=False)
+
+
 def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     import pytest
 

@@ -50,6 +50,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert res.exit_code == 0, res.output
     assert "best epoch" in res.output and "test error" in res.output
+    # --no-progress: no bar, but one line per epoch (what a nohup'd run's log shows)
+    assert "epoch 1/2  loss" in res.output and "epoch 2/2  loss" in res.output, res.output
     return run
 
 
@@ -86,6 +88,25 @@ def test_eval_refuses_a_corrupt_checkpoint(run_dir: Path, tmp_path: Path) -> Non
     assert res.exit_code == 2 and "truncated" in res.output
 
 
+def test_eval_and_run_name_the_mistake(run_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    res = _invoke("eval", str(run_dir), "--split", "foo")
+    assert res.exit_code == 2 and "unknown split 'foo': choose train, valid or test" in res.output
+    res = _invoke("eval", str(run_dir / "config.json"))
+    assert res.exit_code == 2 and "is not a checkpoint of a run" in res.output
+    packed = tmp_path / "m.lowbit"
+    packed.write_bytes(b"not really")
+    res = _invoke("eval", str(packed))
+    assert res.exit_code == 2 and f"lowbit run {packed}" in res.output
+    res = _invoke("run", str(run_dir))
+    assert res.exit_code == 2 and "a run directory; pack it first (`lowbit pack" in res.output
+    if not torch.cuda.is_available():
+        res = _invoke("eval", str(run_dir), "--device", "cuda")
+        assert res.exit_code == 2 and "torch.cuda.is_available() is False" in res.output
+        assert "corrupt" not in res.output
+
+
 def test_resume_with_only_the_run_dir_continues_the_run(run_dir: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -95,6 +116,60 @@ def test_resume_with_only_the_run_dir_continues_the_run(run_dir: Path, tmp_path:
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3]
+
+
+def test_resume_refuses_flags_that_change_the_stored_run(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "more"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "metrics.jsonl").read_text()
+    res = _invoke("train", "--run-dir", str(copy), "--resume", "--method", "bnn", "--epochs", "3")
+    assert res.exit_code == 2, res.output
+    assert "--method bnn (the run's is fp)" in res.output and "another --run-dir" in res.output
+    res = _invoke("train", "--run-dir", str(copy), "--resume", "-M", "widths=[32]", "--epochs", "3")
+    assert res.exit_code == 2 and "-M widths=[32]" in res.output, res.output
+    assert (copy / "metrics.jsonl").read_text() == before  # nothing trained, nothing lost
+    # the stored values themselves are fine
+    res = _invoke(
+        "train", "--run-dir", str(copy), "--resume", "--method", "fp", "-M", "widths=[16]",
+        "--epochs", "3", "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    # --resume without a run to continue says so
+    res = _invoke("train", "--resume")
+    assert res.exit_code == 2 and "--resume needs --run-dir" in res.output
+    res = _invoke("train", "--resume", "--run-dir", str(tmp_path / "nope"))
+    assert res.exit_code == 2 and "is not a run directory (no config.json)" in res.output
+
+
+def test_recipe_that_fine_tunes_from_another_run_is_not_started_from_scratch(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "tiny-ft.toml"
+    recipe.write_text(
+        'name = "tiny-ft"\ninit_from = "tiny-fp"\n'
+        '[model]\nname = "mlp"\nwidths = [16]\n'
+        '[data]\ndataset = "synthetic"\nn_train = 96\nn_valid = 32\nn_test = 32\nshape = [1, 6, 6]\n'
+        '[method]\nname = "fp"\n[train]\nepochs = 1\nbatch_size = 32\n'
+    )
+    run = tmp_path / "ft"
+    res = _invoke("train", "--recipe", str(recipe), "--run-dir", str(run))
+    assert res.exit_code == 2, res.output
+    assert "fine-tunes from tiny-fp" in res.output and "--set init_from=RUN_DIR" in res.output
+    assert not run.exists()
+    # from a finished run (the fixture's), or explicitly from random weights
+    res = _invoke(
+        "train", "--recipe", str(recipe), "--run-dir", str(run), "--set", f"init_from={run_dir}",
+        "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["train"]["init_from"] == str(run_dir)
+    res = _invoke(
+        "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "scratch"), "--set",
+        "init_from=", "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
 
 
 def test_unknown_names_list_the_valid_ones() -> None:

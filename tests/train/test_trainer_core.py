@@ -304,7 +304,7 @@ def _run_two_epochs(tmp_path):
     return tmp_path / "checkpoints"
 
 
-def test_truncated_or_corrupt_checkpoints_are_refused(tmp_path) -> None:
+def test_truncated_or_corrupt_checkpoints_are_refused(tmp_path, capsys) -> None:
     ck = _run_two_epochs(tmp_path)
     path = checkpoint.latest(ck)
     good = path.read_bytes()
@@ -320,8 +320,10 @@ def test_truncated_or_corrupt_checkpoints_are_refused(tmp_path) -> None:
     t = Trainer(
         _mlp(splits), splits, TrainConfig(epochs=3, batch_size=32), run_dir=tmp_path, progress=False
     )
-    with pytest.raises(CheckpointError):
-        t.fit(resume=True)
+    # resuming refuses the damaged newest checkpoint and goes back to the older one it keeps
+    t.fit(resume=True)
+    assert "resuming from the older epoch-0001.pt (epoch 1)" in capsys.readouterr().err
+    assert t.epoch == 3
     # Without a manifest next to it, a truncated file is still refused (torch cannot read it).
     lone = tmp_path / "lone.pt"
     lone.write_bytes(good[:-100])

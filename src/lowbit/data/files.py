@@ -86,6 +86,11 @@ def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
 
     A checksum mismatch raises ``OSError`` and leaves nothing at ``dest``.
     """
+    created = []  # the folders made here, deepest first: removed again if every mirror fails
+    d = dest.parent
+    while not d.exists():
+        created.append(d)
+        d = d.parent
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
     for url in remote.urls:
@@ -111,6 +116,11 @@ def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
             errors.append(f"{url}: {exc}")
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    for folder in created:
+        try:
+            folder.rmdir()  # only if still empty
+        except OSError:
+            break
     raise OSError("; ".join(errors))
 
 

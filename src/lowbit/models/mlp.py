@@ -62,15 +62,11 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def _mlp(**kw: object) -> MLP:
-    return MLP(**kw)  # type: ignore[arg-type]
-
-
 register(
     "mlp",
     "MLP, default 2x1024 BN-ReLU (options: widths, batchnorm, bn_output, act, dropout_in, dropout)",
     (1, 28, 28),
-)(_mlp)
+)(MLP)
 register(
     "mlp_laq",
     "LAQ/LAB MNIST net: 3x2048 FC-BN-ReLU, FC-BN output for squared hinge (§3.7)",
@@ -78,7 +74,7 @@ register(
     widths=(2048, 2048, 2048),
     bn_output=True,
     bn_eps=1e-4,
-)(_mlp)
+)(MLP)
 register(
     "mlp_bnn",
     "BNN/QNN MNIST net: dropout 0.2, 3x4096 FC-BN-hardtanh-dropout 0.5, FC-BN output (§2.8)",
@@ -89,4 +85,4 @@ register(
     dropout_in=0.2,
     dropout=0.5,
     bn_eps=1e-4,
-)(_mlp)
+)(MLP)

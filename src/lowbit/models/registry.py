@@ -73,6 +73,13 @@ def create(
     model's reference dataset). ``kwargs`` are the model's own options."""
     spec = get_spec(name)
     options = {**spec.defaults, **kwargs}
+    valid = _builder_options(spec.builder)
+    unknown = sorted(k for k in options if valid is not None and k not in valid)
+    if unknown:
+        raise TypeError(
+            f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(sorted(valid or ()))}"
+        )
     model = spec.builder(
         input_shape=tuple(input_shape) if input_shape is not None else spec.input_shape,
         num_classes=num_classes if num_classes is not None else spec.num_classes,
@@ -88,6 +95,24 @@ def create(
         },
     }
     return model
+
+
+def _builder_options(builder: Any) -> set[str] | None:
+    """The keyword options a model builder takes (None when it accepts any: ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {
+        p.name
+        for p in params
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.name not in ("input_shape", "num_classes")
+    }
 
 
 def describe() -> list[dict[str, Any]]:

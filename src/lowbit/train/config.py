@@ -86,6 +86,7 @@ class TrainConfig:
     fused: bool | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.optimizer = self.optimizer.lower()
         self.schedule = _SCHEDULE_ALIASES.get(self.schedule, self.schedule)
         self.loss = _LOSS_ALIASES.get(self.loss, self.loss)
@@ -114,6 +115,42 @@ class TrainConfig:
         from lowbit.train.losses import get as _get_loss
 
         _get_loss(self.loss)
+
+    def _check_types(self) -> None:
+        """Scalar options of the wrong kind fail here, naming the option (``--set lr=abc`` or
+        ``epochs = 1.5`` in a recipe), not deep inside training."""
+        kinds = {
+            "int": ("epochs", "batch_size", "eval_batch_size", "seed", "decay_start"),
+            "int?": ("step_size", "threads"),
+            "float": ("lr", "momentum", "eps", "weight_decay", "gamma", "log_every"),
+            "float?": ("lr_final", "grad_clip_norm"),
+            "bool": ("nesterov", "eval_test"),
+            "bool?": ("fused",),
+            "str": ("optimizer", "schedule", "loss", "device"),
+        }
+        for kind, names in kinds.items():
+            base, optional = kind.rstrip("?"), kind.endswith("?")
+            for name in names:
+                v = getattr(self, name)
+                if v is None and optional:
+                    continue
+                if base == "int":
+                    ok = isinstance(v, int) and not isinstance(v, bool)
+                    if isinstance(v, float) and v.is_integer():  # 10.0 from a hand-written file
+                        setattr(self, name, int(v))
+                        ok = True
+                    what = "a whole number"
+                elif base == "float":
+                    ok = isinstance(v, int | float) and not isinstance(v, bool)
+                    if ok:
+                        setattr(self, name, float(v))
+                    what = "a number"
+                elif base == "bool":
+                    ok, what = isinstance(v, bool), "true or false"
+                else:
+                    ok, what = isinstance(v, str), "a name"
+                if not ok:
+                    raise ValueError(f"training option {name} must be {what}, got {v!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -186,7 +223,10 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     """
     path = find_recipe(name_or_path)
     with open(path, "rb") as f:
-        raw = tomllib.load(f)
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"recipe {path} is not valid TOML: {exc}") from None
     tables = ("recipe", "paper", "model", "data", "method", "train")
     unknown = sorted(k for k, v in raw.items() if isinstance(v, dict) and k not in tables)
     if unknown:

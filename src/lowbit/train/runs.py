@@ -191,6 +191,15 @@ def _locate(target: str | Path, which: str) -> tuple[Path, Path]:
         return target, path
     if not target.exists():
         raise FileNotFoundError(f"{target} is neither a run directory nor a checkpoint file")
+    if target.suffix == ".lowbit":
+        raise ValueError(
+            f"{target} is a packed model file: evaluate it with `lowbit run {target} --dataset NAME`"
+        )
+    if target.parent.name != "checkpoints":
+        raise ValueError(
+            f"{target} is not a checkpoint of a run: pass the run directory (the folder that holds "
+            "config.json and checkpoints/) or a file inside its checkpoints/"
+        )
     return target.parent.parent, target
 
 
@@ -209,9 +218,17 @@ def evaluate_run(
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be best or last, got {which!r}")
+    bad = [s for s in splits or [] if s not in ("train", "valid", "test")]
+    if bad:
+        raise ValueError(f"unknown split {bad[0]!r}: choose train, valid or test")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device} was asked for but torch.cuda.is_available() is False on this machine"
+        )
     run_dir, path = _locate(target, which)
     spec = read_run_spec(run_dir)
-    state = load_checkpoint(path, map_location=device)
+    # read onto the CPU (a checkpoint written on a GPU loads anywhere), then moved with the model
+    state = load_checkpoint(path, map_location="cpu")
     data = build_data(spec["data"], data_dir)
     model = build_model(spec["model"], data)
     method, options = _method_parts(spec.get("method", {}))
@@ -254,5 +271,11 @@ def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{flag} expects key=value, got {item!r}")
-        out[key.strip().replace("-", "_")] = parse_value(raw.strip())
+        value = parse_value(raw.strip())
+        if isinstance(value, str) and value[:1] in "[({" and value:
+            raise ValueError(
+                f"{flag} {key.strip()}={raw.strip()}: not a valid list or table (unbalanced "
+                "brackets?); write it like [2048, 2048]"
+            )
+        out[key.strip().replace("-", "_")] = value
     return out

@@ -18,6 +18,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from torch import nn
 
 from lowbit.data.core import DataSplits
 from lowbit.train import distributed
-from lowbit.train.checkpoint import CheckpointError, latest, load_checkpoint, save_checkpoint
+from lowbit.train.checkpoint import (
+    CheckpointError,
+    latest,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from lowbit.train.config import TrainConfig, json_safe, lr_factor
 from lowbit.train.losses import get as get_loss
 from lowbit.train.metrics import MetricsLog, Progress, accuracy_counts, write_summary
@@ -248,7 +255,13 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.run_info = dict(run_info or {})
-        self.progress = Progress(enabled=progress and self.dist.is_main, log_every=cfg.log_every)
+        # progress=False (--no-progress): no live bar and no step lines, but still one summary
+        # line per epoch; other DDP ranks print nothing
+        self.progress = Progress(
+            enabled=self.dist.is_main,
+            live=None if progress else False,
+            log_every=cfg.log_every if progress else float("inf"),
+        )
 
     # ------------------------------------------------------------------ setup
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -346,15 +359,49 @@ class Trainer:
             return False
         # Loaded on the CPU: load_state_dict copies weights onto the model's device and the
         # optimizer casts its state to its parameters' device; RNG states must stay on the CPU.
-        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
+        self.load_state_dict(self._last_good_checkpoint(path))
         if self.dist.is_main and self.run_dir is not None:
             MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(self.epoch)
         return True
+
+    def _last_good_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The newest checkpoint that loads: the manifest's ``last`` one, else (truncated or
+        corrupt, e.g. a disk filled up while writing it) the older ones it still keeps, newest
+        first; training then repeats the lost epochs exactly."""
+        assert self.checkpoint_dir is not None
+        try:
+            return load_checkpoint(path, map_location="cpu")
+        except CheckpointError as exc:
+            first = exc
+        older = [
+            self.checkpoint_dir / name
+            for name in reversed(read_manifest(self.checkpoint_dir).get("history", []))
+            if name != path.name and (self.checkpoint_dir / name).is_file()
+        ]
+        for candidate in older:
+            try:
+                state = load_checkpoint(candidate, map_location="cpu")
+            except CheckpointError:
+                continue
+            if self.dist.is_main:
+                print(
+                    f"warning: {first}; resuming from the older {candidate.name} "
+                    f"(epoch {int(state['epoch'])}) instead",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return state
+        raise CheckpointError(
+            f"{first}; no older intact checkpoint to fall back on: start the run again "
+            "(without --resume, or in a new --run-dir)"
+        ) from first
 
     # ------------------------------------------------------------------ loops
     @torch.no_grad()
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Mean loss, accuracy and error (in %) of the current model on ``split`` (all ranks)."""
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"unknown split {split!r}: choose train, valid or test")
         ds = getattr(self.data, split)
         if ds is None:
             raise ValueError(f"dataset {self.data.name} has no {split} split")
