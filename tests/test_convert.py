@@ -319,3 +319,16 @@ def test_transformer_encoder_layer_fast_path_cannot_bypass_quantized_weights() -
     with torch.enable_grad():  # the module path, not the fused one
         expected = ref_layer(x)
     torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_warns_when_nothing_is_quantized_and_checks_activation_bits() -> None:
+    two = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="quantized no layer"):
+        lowbit.quantize(two, "twn")  # keep=("first", "last") keeps both
+    assert not quantized_layers(two)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    for bad in ("int1", "int0", "int33", "log1", "dfp1"):
+        with pytest.raises(ValueError, match="activations take"):
+            lowbit.quantize(copy.deepcopy(net), "twn", activations=bad)
+    q = lowbit.quantize(copy.deepcopy(net), "twn", activations="uint1")
+    assert quantized_layers(q)

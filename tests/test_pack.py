@@ -352,3 +352,43 @@ def test_dfp_inputs_of_any_width_and_sign(
     expected, tol = _reference(qw, x, bias, ints.double() * 2.0**e)
     err = np.abs(layer(x).double().numpy() - expected)
     assert (err <= tol).all(), float((err - tol).max())
+
+
+class _CustomNet(torch.nn.Module):
+    """Not an nn.Sequential: convolutions, BN, a pool, two linear layers."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc1 = torch.nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = torch.nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_pack_of_custom_models_reports_refuses_and_freezes() -> None:
+    import lowbit
+
+    x = torch.randn(2, 3, 16, 16)
+    # "fp" layers (convolutions included) have nothing to pack: kept, said so, no crash
+    fp = lowbit.quantize(_CustomNet(), "fp", keep=()).eval()
+    packed = pack_model(fp)
+    assert all(r.startswith("kept as") for r in packed.packing_report.values())
+    with torch.no_grad():
+        assert torch.equal(packed(x), fp(x))
+    # a packed model is inference-only: no parameter wants a gradient (torch.compile traces
+    # the custom ops, which have no autograd formula, only then)
+    twn = lowbit.quantize(_CustomNet(), "twn", keep=()).eval()
+    packed = pack_model(twn)
+    assert not any(p.requires_grad for p in packed.parameters())
+    assert any(p.requires_grad for p in twn.parameters())  # the input model is untouched
+    # the XNOR path needs binary layers it can chain; float64 models need .float() first
+    with pytest.raises(ValueError, match="no binary layer to put on the XNOR kernels"):
+        pack_model(twn, xnor=True)
+    with pytest.raises(ValueError, match=r"float64 parameters: call model.float\(\)"):
+        pack_model(copy.deepcopy(twn).double())

@@ -296,3 +296,27 @@ def test_registry_models_load_standalone_without_naming_their_architecture(tmp_p
     assert type(again) is type(model)
     x = torch.randn(3, 1, 6, 6)
     assert torch.equal(again(x), model(x))
+
+
+def test_load_refuses_a_skeleton_whose_float_layers_differ(tmp_path: Path) -> None:
+    def net(classes: int, eps: float = 1e-5) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Linear(8, 16), nn.BatchNorm1d(16, eps=eps), nn.Linear(16, 16), nn.Linear(16, classes)
+        )
+
+    q = lowbit.quantize(net(10), "twn").eval()  # first and last layers stay float
+    for m in (q, lowbit.pack(q)):
+        lowbit.save(m, tmp_path / "m.lowbit")
+        wrong = net(5)
+        last = wrong[3]
+        with pytest.raises(
+            lowbit.saveload.LowbitFileError, match=r"at '3'.*out_features=10 \(the model's 5\)"
+        ):
+            lowbit.load(tmp_path / "m.lowbit", model=wrong)
+        assert wrong[3] is last and last.out_features == 5  # untouched
+    lowbit.save(q, tmp_path / "q.lowbit")
+    with pytest.raises(lowbit.saveload.LowbitFileError, match="eps"):
+        lowbit.load(tmp_path / "q.lowbit", model=net(10, eps=0.1))
+    # a replayed quantized layer's latent weight no longer sets its forward weight: frozen
+    loaded = lowbit.load(tmp_path / "q.lowbit", model=net(10))
+    assert not loaded[2].weight.requires_grad and loaded[0].weight.requires_grad

@@ -155,7 +155,7 @@ def test_cli_summary_of_a_run_directory_and_model_options(tmp_path) -> None:
         model="mlp",
         dataset="synthetic",
         method="twn",
-        model_options={"widths": [24]},
+        model_options={"widths": [24, 24]},
         data_options={"n_train": 64, "n_valid": 16, "n_test": 16, "shape": [1, 6, 6]},
         train={"epochs": 1, "batch_size": 32},
     )
@@ -165,14 +165,14 @@ def test_cli_summary_of_a_run_directory_and_model_options(tmp_path) -> None:
     res = runner.invoke(app, ["summary", "mlp", "--state", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
-    net = lowbit.quantize(models.create("mlp", input_shape=(1, 6, 6), widths=[24]), "twn")
+    net = lowbit.quantize(models.create("mlp", input_shape=(1, 6, 6), widths=[24, 24]), "twn")
     assert data["method"] == "twn" and data["total_bytes"] == lowbit.summary(net).total_bytes
     res = runner.invoke(app, ["summary", "lenet5", "--state", str(tmp_path / "run")])
     assert res.exit_code == 2 and "is a run of model 'mlp', not 'lenet5'" in res.output
     # a state dict needs the options it was trained with: -M, and a short error without them
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     args = ["summary", "mlp", "-m", "twn", "--state", str(tmp_path / "sd.pt"), "--no-macs"]
-    res = runner.invoke(app, [*args, "-M", "widths=[24]", "-M", "input_shape=[1,6,6]"])
+    res = runner.invoke(app, [*args, "-M", "widths=[24,24]", "-M", "input_shape=[1,6,6]"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "pass the model options it was trained with (-M" in res.output

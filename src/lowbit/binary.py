@@ -1437,6 +1437,13 @@ def pack_bnn(
             i += 1
     packed = nn.Sequential(*stages).eval()
     packed.packing_report = _stage_report(packed)  # type: ignore[assignment]
+    if not any(r.startswith("packed") for r in packed.packing_report.values()):  # type: ignore[union-attr, operator]
+        kinds = ", ".join(sorted({type(leaf).__name__ for leaf in leaves}))
+        raise ValueError(
+            "pack_bnn / pack(xnor=True) found no binary layer to put on the XNOR kernels among "
+            f"the model's stages ({kinds}): it takes an nn.Sequential (or a lowbit.models MLP / "
+            "ConvNet) whose layers are BNN-quantized; pack other models with lowbit.pack(model)"
+        )
     return packed
 
 

@@ -884,13 +884,15 @@ def pack_cmd(
             model_options=parse_options(model_opt, "--model-opt"),
         )
         if xnor:
-            target = lowbit.pack(model, xnor=True)  # with its packing_report
-            report = getattr(target, "packing_report", {}) or {}
-            if not any(str(r).startswith("packed") for r in report.values()):
+            try:
+                target = lowbit.pack(model, xnor=True)  # with its packing_report
+            except ValueError as exc:
+                if "no binary layer" not in str(exc):
+                    raise
                 raise ValueError(
                     f"--xnor packs binary networks (BNN runs) on the XNOR-popcount kernels, but no "
                     f"layer of {source} (method {info.get('method')}) is binary: pack it without --xnor"
-                )
+                ) from None
         else:
             target = model if quantized else lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:

@@ -22,6 +22,7 @@ holding them are preserved); quantizer state is created on the weight's device a
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -218,6 +219,14 @@ def quantize(
         for parent, attr in places.get(id(module), []):
             setattr(parent, attr, new)
         done[id(module)] = new
+    if names and not selected and m.name != "fp":
+        warnings.warn(
+            f"lowbit.quantize(..., {m.name!r}) quantized no layer: every candidate "
+            f"({', '.join(names)}) is kept float by keep={keep!r} / exclude / include "
+            "(the default keep=('first', 'last') keeps both layers of a 2-layer net); "
+            "pass keep=() to quantize them",
+            stacklevel=2,
+        )
     _disable_transformer_fastpath(model)
     model.__dict__["_lowbit_quantization"] = {
         "method": m.name,

@@ -292,12 +292,22 @@ class BinaryAct(ActQuantizer):
         return ActSpec("binary")
 
 
+def _check_act_bits(kind: str, bits: int, lowest: int) -> None:
+    """Activation bit widths outside what the format can represent fail when the layer is built,
+    not at its first forward (``int1`` has no nonzero symmetric level)."""
+    if not lowest <= bits <= 16:
+        raise ValueError(f"{kind} activations take {lowest} to 16 bits, got {bits}")
+
+
 class LinearAct(ActQuantizer):
     """Uniform k-bit activations in ``[-clip, clip]`` (or ``[0, clip]`` unsigned), STE with saturation."""
 
     def __init__(self, bits: int = 8, clip: float = 1.0, signed: bool = True) -> None:
         super().__init__()
         self.bits, self.clip, self.signed = int(bits), float(clip), bool(signed)
+        _check_act_bits("uniform k-bit", self.bits, 2 if self.signed else 1)
+        if not self.clip > 0:
+            raise ValueError(f"activation clip must be positive, got {clip}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear_fake_quantize(x, self.bits, self.clip, self.signed)
@@ -313,6 +323,7 @@ class LogAct(ActQuantizer):
     def __init__(self, bits: int = 4, scale: float = 1.0) -> None:
         super().__init__()
         self.bits, self.scale = int(bits), float(scale)
+        _check_act_bits("logarithmic", self.bits, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_fake_quantize(x, self.bits, self.scale)
@@ -331,6 +342,8 @@ class DFPAct(ActQuantizer):
     def __init__(self, bits: int = 8, signed: bool = True, exponent: int | None = None) -> None:
         super().__init__()
         self.bits, self.signed, self.exponent = int(bits), bool(signed), exponent
+        if self.signed is not None:
+            _check_act_bits("dynamic fixed point", self.bits, 2 if self.signed else 1)
         self.last_exponent: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -403,6 +416,41 @@ class QuantModule:
         """Every quantized weight of the layer, by parameter name (``{"weight": ...}`` for Linear/Conv)."""
         raise NotImplementedError
 
+    def weight_pairs(self) -> list[tuple[torch.Tensor, Any]]:
+        """``(latent weight, its quantizer)`` for every quantized weight (LSTM: each gate block)."""
+        raise NotImplementedError
+
+
+# Quantizers that cache a solution for the latent weight they were solved for (the loss-aware
+# ones: the forward weight is the stored solution of the last proximal step, not a function of
+# the weight alone) must keep that solution when the layer is reloaded or copied: re-solving from
+# the warm start can land elsewhere (LAQ's alternation), so a reloaded, copied or packed model
+# would no longer be the model that was trained and evaluated. The layer, which sees both the
+# weight and the quantizer, hands the quantizer its new weight after a load (a
+# load_state_dict post-hook) and after a copy or unpickling (__getstate__ / __setstate__).
+
+
+def _adopt_after_load(module: Any, incompatible_keys: Any) -> None:
+    for w, q in module.weight_pairs():
+        adopt = getattr(q, "adopt_loaded", None)
+        if adopt is not None:
+            adopt(w)
+
+
+def _state_with_solutions(module: Any, state: dict[str, Any]) -> dict[str, Any]:
+    state["_lowbit_solved_for"] = [
+        bool(getattr(q, "solved_for", lambda w: False)(w)) for w, q in module.weight_pairs()
+    ]
+    return state
+
+
+def _adopt_after_copy(module: Any, flags: list[bool] | None) -> None:
+    if not flags:
+        return
+    for (w, q), ok in zip(module.weight_pairs(), flags, strict=False):
+        if ok and hasattr(q, "adopt_copied"):
+            q.adopt_copied(w)
+
 
 class _OneWeightQuant(QuantModule):
     """What QuantLinear and QuantConv2d share: one ``weight`` and its ``weight_quantizer``.
@@ -418,6 +466,17 @@ class _OneWeightQuant(QuantModule):
 
     def quantized_weights(self) -> dict[str, QuantizedWeight]:
         return {"weight": self.quantized_weight()}
+
+    def weight_pairs(self) -> list[tuple[torch.Tensor, Any]]:
+        return [(self.weight, self.weight_quantizer)]  # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _state_with_solutions(self, super().__getstate__())  # type: ignore[misc, arg-type]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        flags = state.pop("_lowbit_solved_for", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        _adopt_after_copy(self, flags)
 
     def extra_repr(self) -> str:
         return (
@@ -445,6 +504,7 @@ class QuantLinear(_OneWeightQuant, nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
         self.input_quantizer = input_quantizer
+        self.register_load_state_dict_post_hook(_adopt_after_load)
 
     @classmethod
     def from_float(
@@ -493,6 +553,7 @@ class QuantConv2d(_OneWeightQuant, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
         self.input_quantizer = input_quantizer
+        self.register_load_state_dict_post_hook(_adopt_after_load)
 
     @classmethod
     def from_float(
@@ -564,6 +625,23 @@ class QuantLSTM(nn.LSTM, QuantModule):
             )
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+        self.register_load_state_dict_post_hook(_adopt_after_load)
+
+    def weight_pairs(self) -> list[tuple[torch.Tensor, Any]]:
+        h = self.hidden_size
+        return [
+            (getattr(self, self.param_name(key))[j * h : (j + 1) * h], self._gate_quantizer(key, j))
+            for key in self.matrix_keys()
+            for j in range(len(GATES))
+        ]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _state_with_solutions(self, super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        flags = state.pop("_lowbit_solved_for", None)
+        super().__setstate__(state)
+        _adopt_after_copy(self, flags)
 
     def matrix_keys(self) -> list[str]:
         keys = []

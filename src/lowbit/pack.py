@@ -1357,6 +1357,8 @@ def _packed_from(layer: nn.Module, activations: str) -> tuple[nn.Module | None, 
 
     qw = layer.quantized_weight()  # type: ignore[operator]
     is_conv = isinstance(layer, QuantConv2d)
+    if qw.format == "float":  # an "fp"-quantized layer: nothing to pack (and no codes to reshape)
+        return None, f"no packed kernel for {qw!r}"
     if is_conv:
         if layer.groups != 1:
             return None, f"grouped convolutions (groups={layer.groups}) have no packed kernel"
@@ -1441,6 +1443,15 @@ def pack(
     with :func:`lowbit.save` (``lowbit pack RUN --xnor -o m.lowbit`` on the command line).
     The result is in eval mode; the input model is left untouched unless ``inplace``.
     """
+    other = sorted(
+        {str(t.dtype).replace("torch.", "") for t in model.state_dict().values()
+         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32}
+    )  # fmt: skip
+    if other:
+        raise ValueError(
+            f"lowbit.pack runs float32 models (the kernels take float32 in and out); this one has "
+            f"{', '.join(other)} parameters: call model.float() before packing"
+        )
     if xnor:
         from lowbit.binary import pack_bnn
 
@@ -1489,4 +1500,8 @@ def pack(
                 "cannot pack: " + "; ".join(f"layer {p!r} {r}" for p, r in bad.items())
             )
     target.packing_report = report  # type: ignore[assignment]
+    # Inference only: no parameter of a packed model wants a gradient (the kept float layers
+    # included), so torch.compile / export trace it without autograd (the custom ops have none).
+    for p in target.parameters():
+        p.requires_grad_(False)
     return target.eval()

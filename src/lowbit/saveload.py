@@ -1322,7 +1322,32 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 dtype = _DTYPES[e["dtype"]]
                 t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
                 tensors[name] = t.reshape(e["shape"])
-    return _apply(p, manifest, skeleton, plan, tensors)
+    loaded = _apply(p, manifest, skeleton, plan, tensors)
+    _freeze_inference_only(loaded)
+    return loaded
+
+
+def _freeze_inference_only(model: nn.Module) -> None:
+    """A model with packed layers is inference-only, as ``lowbit.pack`` returns it (no parameter
+    wants a gradient); in a replayed quantized model the latent weights of the quantized layers
+    no longer set the forward weight (the stored codes do), so they do not train either."""
+    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
+    from lowbit.nn import QuantModule
+    from lowbit.pack import PackedConv2d, PackedLinear, PackedLSTM
+
+    packed = (
+        PackedLinear, PackedConv2d, PackedLSTM,
+        PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear,
+    )  # fmt: skip
+    if any(isinstance(m, packed) for m in model.modules()):
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        return
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            for w, q in m.weight_pairs():
+                if isinstance(q, StoredWeight) and w.is_leaf:
+                    w.requires_grad_(False)
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -1336,11 +1361,25 @@ def _plan(
     """Check that the file fits ``skeleton`` and what to replace, without changing anything."""
     replace: dict[str, nn.Module | dict[str, Any]] = {}
     named = dict(skeleton.named_modules())
-    # Leaves that changed type since the skeleton was built (BN folded to Identity, ...).
     for lpath, enc in manifest["leaves"].items():
         if lpath not in named:
             raise _fail(path, f"does not fit the model: it has no module {lpath!r}")
-        if _plain_encoding(named[lpath]) != enc:
+        leaf = _plain_encoding(named[lpath])
+        if leaf != enc:
+            if leaf is not None and isinstance(enc, dict) and leaf["type"] == enc.get("type"):
+                # the same kind of layer configured differently (another width, eps, ...): the
+                # skeleton is not the saved model, which must not be swapped in silently
+                diff = {
+                    k: (enc.get("args", {}).get(k), v)
+                    for k, v in leaf["args"].items()
+                    if enc.get("args", {}).get(k) != v
+                }
+                raise _fail(
+                    path,
+                    f"does not fit the model at {lpath!r}: the file's {leaf['type']} has "
+                    + ", ".join(f"{k}={a!r} (the model's {b!r})" for k, (a, b) in diff.items()),
+                )
+            # a leaf that changed type since the skeleton was built (BN folded to Identity, ...)
             replace[lpath] = _plain_build(enc, f"{path}: {lpath}")
     expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for lpath, spec in manifest["layers"].items():

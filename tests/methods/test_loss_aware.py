@@ -483,3 +483,82 @@ def test_layer_forward_equals_export(method: str, opts: dict, fmt: str) -> None:
         opts.get("bits"),
     )[0]
     assert torch.equal(model[2].weight_quantizer(model[2].weight).detach(), expect)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained model survives a reload, a copy, pickling and packing (the stored solution is kept)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, bias=False)
+        self.fc1 = nn.Linear(16 * 3 * 3, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = nn.functional.max_pool2d(torch.relu(self.conv3(x)), 2)
+        return self.fc(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _trained(method: str, opts: dict) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = lowbit.quantize(_ConvNet(), method, keep=(), **opts)
+    opt = lowbit.methods.get(method).wrap_optimizer(
+        net, torch.optim.Adam(net.parameters(), lr=1e-2)
+    )
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval(), x
+
+
+# max_iter=1: the stored solution is one alternation round from the warm start, not a fixed point,
+# so solving again from it moves (as LAQ's alternation can at the default cap): only a kept
+# solution reproduces the trained model.
+@pytest.mark.parametrize(
+    "method,opts", [("laq", {"max_iter": 1}), ("lat2", {"max_iter": 1}), ("lat", {})]
+)
+def test_reload_copy_pickle_and_pack_keep_the_trained_forward_weight(
+    method: str, opts: dict, tmp_path
+) -> None:
+    import copy
+    import io
+
+    net, x = _trained(method, opts)
+    with torch.no_grad():
+        ref = net(x)
+        fresh = lowbit.quantize(_ConvNet(), method, keep=(), **opts)
+        fresh.load_state_dict(net.state_dict())
+        assert torch.equal(fresh.eval()(x), ref)
+        assert torch.equal(copy.deepcopy(net)(x), ref)
+        buf = io.BytesIO()
+        torch.save(net, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), ref)
+        # the exported codes and scales are the trained ones, so the packed float path agrees
+        packed = lowbit.pack(net, activations="float")
+        torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
+    qw, qf = net.fc.quantized_weight(), fresh.fc.quantized_weight()
+    assert torch.equal(qw.codes, qf.codes) and torch.equal(qw.scales, qf.scales)
+    # a weight changed after the load is solved again (the version counter moved)...
+    q = fresh.fc.weight_quantizer
+    solves = int(q.solves)
+    with torch.no_grad():
+        fresh.fc.weight.mul_(0.5)
+    with pytest.warns(UserWarning, match="changed without a loss-aware optimizer step"):
+        fresh.train()(x)
+    assert int(q.solves) == solves + 1
+    # ... and a load without the quantizer's state (weights only) solves from scratch
+    partial = lowbit.quantize(_ConvNet(), method, keep=(), **opts)
+    weights_only = {k: v for k, v in net.state_dict().items() if "weight_quantizer" not in k}
+    partial.load_state_dict(weights_only, strict=False)
+    partial.eval()(x)
+    assert int(partial.fc.weight_quantizer.solves) == 1

@@ -880,11 +880,33 @@ class LossAwareWeight(WeightQuantizer):
             return out.reshape(w.shape)
         return F.dequantize(codes, scales, self.format, self.bits, g, w.shape)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        # Loaded weights/buffers: the cached solution no longer belongs to a known weight version.
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Loaded weights/buffers: the cached solution no longer belongs to a known weight version
+        # until the layer hands over its loaded weight (adopt_loaded, after the whole load).
         self.__dict__["_key"] = None
         self.__dict__["_solved"] = None
-        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__["_loaded"] = all(
+            prefix + name in state_dict for name in ("codes", "scales", "solves")
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def solved_for(self, w: torch.Tensor) -> bool:
+        """True when the stored solution is that of the latent weight ``w`` as it is now."""
+        return self.__dict__["_key"] == self._key_of(w)
+
+    def adopt_loaded(self, w: torch.Tensor) -> None:
+        """After ``load_state_dict`` (called by the layer): a solution loaded together with the
+        weight is that weight's solution (both were saved from one consistent state), so the
+        forward keeps it instead of re-solving from the warm start."""
+        if self.__dict__.pop("_loaded", False) and int(self.solves) > 0:
+            self.__dict__["_key"] = self._key_of(w)
+            self.__dict__["_solved"] = True
+
+    def adopt_copied(self, w: torch.Tensor) -> None:
+        """After a deepcopy / unpickling of the layer whose original weight this solution was for."""
+        self.__dict__["_key"] = self._key_of(w)
 
     def describe(self) -> str:
         return f"{self.scheme}{'' if self.format in ('binary', 'ternary', 'ternary_asym') else self.bits}/{self.granularity.describe()}"
