@@ -719,8 +719,10 @@ class LossAwareWeight(WeightQuantizer):
     :class:`lowbit.optim.LossAwareOptimizer` calls :meth:`prox_update` after every optimizer step
     with the freshly clipped latent weight and ``d = sqrt(exp_avg_sq) + eps``. The forward pass
     reuses that solution as long as the latent weight is unchanged (same storage and version
-    counter); if the weight changed some other way (``load_state_dict``, a manual edit, a step by
-    an unwrapped optimizer) it re-solves with the stored ``d`` and warm start, exactly as the
+    counter, handed over by the layer after ``load_state_dict``, a deepcopy or unpickling, so a
+    reloaded, copied or packed model is the trained one); if the weight changed some other way (a
+    manual edit, a step by an unwrapped optimizer, a load without these buffers) it re-solves with
+    the stored ``d`` and warm start, exactly as the
     official code recomputes ``Wb`` from ``W`` in every forward. The gradient reaches the latent
     weight unchanged (identity straight-through, no mask; the clip to [-1, 1] keeps it bounded).
     """
