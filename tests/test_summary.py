@@ -179,3 +179,27 @@ def test_cli_summary_of_a_run_directory_and_model_options(tmp_path) -> None:
     assert len(res.output.strip().splitlines()) <= 3
     res = runner.invoke(app, ["summary", "mlp", "-M", "width=3"])
     assert res.exit_code == 2 and "cannot build model 'mlp'" in res.output
+
+
+def test_summary_of_packed_models_counts_their_packed_bytes_and_macs() -> None:
+    from lowbit import models
+
+    for name, method, shape in (("mlp", "ttq", (1, 1, 28, 28)), ("lenet5", "twn", (1, 1, 28, 28))):
+        q = lowbit.quantize(models.create(name), method).eval()
+        packed = lowbit.pack(q)
+        s_q, s_p = lowbit.summary(q, shape), lowbit.summary(packed, shape)
+        # the same arithmetic: every MAC of the quantized model is counted once after packing
+        assert s_p.total_macs == s_q.total_macs
+        assert s_p.macs["addsub"] == s_q.macs["addsub"]
+        # bytes: exactly the tensors the packed model holds (BN folded away) and nothing else
+        assert s_p.total_bytes == sum(
+            t.numel() * t.element_size()
+            for t in packed.state_dict().values()
+            if t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int32)
+        )
+        assert s_p.compression > 1.0
+    # the XNOR chain of a BNN: its linear layers are xnor MACs
+    bnn = lowbit.quantize(models.create("mlp_bnn", widths=[64, 64, 64]), "bnn", keep=()).eval()
+    chain = lowbit.pack(bnn, xnor=True)
+    s = lowbit.summary(chain, (1, 1, 28, 28))
+    assert s.macs["xnor"] >= 2 * 64 * 64 and s.compression > 10

@@ -219,12 +219,79 @@ def _weight_quantizers(layer: nn.Module) -> list[nn.Module]:
     return [wq]
 
 
+def packed_layer_bytes(m: nn.Module) -> tuple[int, int, int, int] | None:
+    """For one packed layer (``lowbit.pack`` / ``pack_bnn`` output): (bytes of its tensors,
+    float32 bytes of the weight + bias it replaces, bytes of its weight tensors (all but the bias),
+    float32 bytes of the weight matrix alone); ``None`` for any other module. A PackedConv2d
+    counts its GEMM (the PackedLinear inside it is then not a layer of its own)."""
+    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
+    from lowbit.pack import PackedConv2d, PackedLinear
+    from lowbit.saveload import _binary_layer_spec
+
+    if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear)):
+        # what lowbit.save stores of the layer (thresholds, scales, bias: all but the bias count
+        # as weight data) and the float32 bytes of the layer it replaces
+        _, own, float_bytes = _binary_layer_spec(m)
+        bias = own.get("bias")
+        bias_f32 = 0 if bias is None else 4 * bias.numel()
+        total = sum(t.numel() * t.element_size() for t in own.values())
+        weights = sum(t.numel() * t.element_size() for n, t in own.items() if n != "bias")
+        return total, float_bytes, weights, float_bytes - bias_f32
+    if isinstance(m, (PackedLinear, PackedConv2d)):
+        gemm = m if isinstance(m, PackedLinear) else m.gemm
+        total = weights = 0
+        for name, t in m.state_dict().items():
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+                weights += 0 if name.endswith("bias") else t.numel() * t.element_size()
+        w_f32 = 4 * gemm.in_features * gemm.out_features
+        return total, w_f32 + (4 * gemm.out_features if gemm.has_bias else 0), weights, w_f32
+    return None
+
+
+def _packed_row(name: str, m: nn.Module) -> LayerSummary | None:
+    counts = packed_layer_bytes(m)
+    if counts is None:
+        return None
+    from lowbit.pack import PackedConv2d, PackedLinear
+
+    total, f32, _, _ = counts
+    if isinstance(m, (PackedLinear, PackedConv2d)):
+        gemm = m if isinstance(m, PackedLinear) else m.gemm
+        fmt, bits, act = gemm.weight_format, gemm.bits, gemm.act_label()
+        # int8 / DFP / k-bit codes are integer activations (kbit_linear stands for them all)
+        act_kind = "float" if act == "float" else ("binary" if act == "sign" else "kbit_linear")
+        act_bits = {"float": 32, "binary": 1}.get(act_kind, gemm.act_bits or 8)
+        weight = f"packed {fmt}" + (f"/N={gemm.group_size}" if gemm.group_size else "")
+    else:  # the binary XNOR layers: 1-bit weights; bits or bit planes in
+        fmt, bits, act = "binary", 1, str(getattr(m, "input", "bits"))
+        act_kind, act_bits, weight = "binary", 1, "packed binary"
+    return LayerSummary(
+        name=name,
+        type=type(m).__name__,
+        weight=weight,
+        act=act,
+        params=f32 // 4,
+        bytes=total,
+        float32_bytes=f32,
+        weight_bits=bits,
+        act_bits=act_bits,
+        kind=mac_kind(fmt, act_kind),
+    )
+
+
 def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSummary]]:
     rows: list[LayerSummary] = []
     by_name: dict[str, LayerSummary] = {}
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip):
+            continue
+        packed_row = _packed_row(name, module)
+        if packed_row is not None:
+            skip.append(name + ".")
+            rows.append(packed_row)
+            by_name[name] = packed_row
             continue
         if isinstance(module, QuantModule):
             layer: Any = module
@@ -284,6 +351,14 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
 
 
 def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
+    from lowbit.binary import PackedBinaryLinear, PackedBitplaneLinear
+    from lowbit.pack import PackedConv2d, PackedLinear
+
+    if isinstance(module, (PackedLinear, PackedBinaryLinear, PackedBitplaneLinear)):
+        rows = output.numel() // max(output.shape[-1], 1)  # the last dim may be packed bits
+        return rows * module.in_features * module.out_features
+    if isinstance(module, PackedConv2d):
+        return output.numel() * module.gemm.in_features
     if isinstance(module, nn.Linear):
         return output.numel() // module.out_features * module.in_features * module.out_features
     if isinstance(module, nn.Conv2d):
@@ -305,6 +380,15 @@ def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
     return 0
 
 
+def _is_packed(module: nn.Module) -> bool:
+    from lowbit.binary import PackedBinaryLinear, PackedBitplaneLinear
+    from lowbit.pack import PackedConv2d, PackedLinear
+
+    return isinstance(
+        module, (PackedLinear, PackedConv2d, PackedBinaryLinear, PackedBitplaneLinear)
+    )
+
+
 def _trace_macs(
     model: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype | None
 ) -> dict[str, int]:
@@ -315,9 +399,9 @@ def _trace_macs(
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, nn.MultiheadAttention | QuantModule):
+        if isinstance(module, nn.MultiheadAttention | QuantModule) or _is_packed(module):
             skip.append(name + ".")
-        if isinstance(module, nn.Linear | nn.Conv2d | nn.LSTM):
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.LSTM) or _is_packed(module):
 
             def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
                 out = output[0] if isinstance(output, tuple) else output

@@ -206,34 +206,14 @@ def speed(
 def _packed_layer_bytes(model: nn.Module) -> tuple[int, int, int, int]:
     """Of the packed layers: (bytes of all their tensors, float32 bytes of weight + bias, bytes of
     their weight tensors (all but the bias), float32 bytes of the weight matrices alone)."""
-    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
-    from lowbit.pack import PackedConv2d, PackedLinear
-    from lowbit.saveload import _binary_layer_spec
+    from lowbit.summary import packed_layer_bytes
 
-    packed = fl = wpacked = wfl = 0
+    totals = [0, 0, 0, 0]
     for m in model.modules():
-        if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear)):
-            # what lowbit.save stores of the layer (thresholds, scales, bias: all but the bias
-            # count as weight data) and the float32 bytes of the layer it replaces
-            _, own, float_bytes = _binary_layer_spec(m)
-            bias = own.get("bias")
-            bias_f32 = 0 if bias is None else 4 * bias.numel()
-            for name, t in own.items():
-                packed += t.numel() * t.element_size()
-                if name != "bias":
-                    wpacked += t.numel() * t.element_size()
-            fl += float_bytes
-            wfl += float_bytes - bias_f32
-        elif isinstance(m, (PackedLinear, PackedConv2d)):
-            gemm = m if isinstance(m, PackedLinear) else m.gemm
-            for name, t in m.state_dict().items():
-                packed += t.numel() * t.element_size()
-                if not name.endswith("bias"):
-                    wpacked += t.numel() * t.element_size()
-            wfl += 4 * gemm.in_features * gemm.out_features
-            fl += 4 * gemm.in_features * gemm.out_features
-            fl += 4 * gemm.out_features if gemm.has_bias else 0
-    return packed, fl, wpacked, wfl
+        counts = packed_layer_bytes(m)
+        if counts is not None:
+            totals = [t + c for t, c in zip(totals, counts, strict=True)]
+    return totals[0], totals[1], totals[2], totals[3]
 
 
 def measure(
