@@ -345,6 +345,22 @@ def test_linear_batch_dims_and_zero_tokens(isa: str) -> None:
     assert empty.shape == (0, 24)
 
 
+@pytest.mark.parametrize("k", [7, 48, 100])
+def test_linear_nan_tokens_give_nan_rows(isa: str, k: int) -> None:
+    # A NaN anywhere in a token (SIMD body or tail) makes that token's absmax, and so its whole
+    # output row, NaN (as the PyTorch per-token reference); the other tokens are unchanged.
+    codes = _codes(np.random.default_rng(k), 24, k)
+    tiles = kernels.pack_ternary(torch.from_numpy(codes))
+    scale, _ = kernels.pack_ternary_scales(torch.tensor(0.5), 24, k)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+    clean = kernels.ternary_linear(x, tiles, scale, out_features=24)
+    x[1, 0] = float("nan")
+    x[3, k - 1] = float("nan")
+    y = kernels.ternary_linear(x, tiles, scale, out_features=24)
+    assert bool(y[[1, 3]].isnan().all())
+    assert torch.equal(y[[0, 2, 4]], clean[[0, 2, 4]])
+
+
 def test_linear_rejects_bad_scales() -> None:
     tiles = kernels.pack_ternary(torch.zeros(20, 40, dtype=torch.int8))
     with pytest.raises(ValueError, match="scale must hold 32 floats"):

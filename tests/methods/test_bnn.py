@@ -266,7 +266,8 @@ def test_glorot_scales_match_hand_computation() -> None:
     plain = lowbit.quantize(
         nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "bnn", keep=(), lr_scale=None
     )
-    assert methods.get("bnn").param_groups(plain, 0.01) is None
+    (only,) = methods.get("bnn").param_groups(plain, 0.01)
+    assert only["params"] == [p for p in plain.parameters() if p.requires_grad]
 
 
 def test_uniform_init_option() -> None:
@@ -605,7 +606,8 @@ def test_qnn_max_weight_scale_for_small_lstm_weights() -> None:
     qw = scaled[0].quantized_weights()["weight_ih_l0.i"]
     step = block.abs().max() / 7
     torch.testing.assert_close(qw.dequantize(), (block / step).round() * step)
-    assert methods.get("qnn").param_groups(scaled, 0.01) is None
+    (only,) = methods.get("qnn").param_groups(scaled, 0.01)
+    assert only["params"] == [p for p in scaled.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="weight_scale"):
         lowbit.quantize(
             nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "qnn", keep=(), weight_scale="mean"

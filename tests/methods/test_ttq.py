@@ -394,7 +394,9 @@ def test_positivity_clamp_after_a_real_step_that_overshoots() -> None:
 def test_param_groups_weight_decay_on_scales() -> None:
     method = methods.get("ttq")
     on = quantize(_mlp(), "ttq", keep=())
-    assert method.param_groups(on, 0.1) is None  # one group: decay hits the scales (official CIFAR)
+    # one group (decay hits the scales, official CIFAR): every trainable parameter
+    (only,) = method.param_groups(on, 0.1)
+    assert only["params"] == [p for p in on.parameters() if p.requires_grad]
     off = quantize(_mlp(), "ttq", keep=(), scale_weight_decay=False)
     groups = method.param_groups(off, 0.1)
     assert groups is not None and len(groups) == 2

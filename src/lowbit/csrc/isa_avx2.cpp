@@ -73,23 +73,29 @@ void binary_gemm(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w
 // |2 * 2 * 128| = 512 per product pair, so four planes summed in int16 stay <= 2048 (no
 // saturation, unlike bitnet.cpp's 128-step int16 accumulation), then vpmaddwd widens to int32.
 
+// max |x| per row as the maximum of the bit patterns of |x|: non-negative floats order like their
+// bits, and a NaN (above +inf) wins and stays, so a row with a NaN gets amax NaN and NaN outputs
+// (as the PyTorch reference), where a float max would drop it.
 void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
-        __m256 m = _mm256_setzero_ps();
+        __m256i m = _mm256_setzero_si256();
         int64_t j = 0;
-        for (; j + 8 <= k; j += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xr + j), abs_mask));
-        float lanes[8];
-        _mm256_storeu_ps(lanes, m);
-        float best = 0.0f;
+        for (; j + 8 <= k; j += 8)
+            m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(xr + j)), abs_mask));
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i*)lanes, m);
+        int32_t best = 0;
         #pragma GCC unroll 16
         for (int i = 0; i < 8; ++i) best = lanes[i] > best ? lanes[i] : best;
         for (; j < k; ++j) {
-            const float v = xr[j] < 0.0f ? -xr[j] : xr[j];
+            int32_t v;
+            memcpy(&v, xr + j, 4);
+            v &= 0x7FFFFFFF;
             best = v > best ? v : best;
         }
-        amax[r] = best;
+        memcpy(amax + r, &best, 4);
     }
 }
 

@@ -84,13 +84,16 @@ void binary_gemm(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w
 void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax) {
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
-        __m512 m = _mm512_setzero_ps();
+        // the maximum of the bit patterns of |x| (a NaN wins and stays; see isa_avx2.cpp)
+        const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+        __m512i m = _mm512_setzero_si512();
         for (int64_t j = 0; j < k; j += 16) {
             const int64_t left = k - j;
             const __mmask16 valid = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, xr + j)));
+            m = _mm512_max_epi32(m, _mm512_and_si512(_mm512_maskz_loadu_epi32(valid, xr + j), abs_mask));
         }
-        amax[r] = _mm512_reduce_max_ps(m);
+        const int32_t best = _mm512_reduce_max_epi32(m);
+        memcpy(amax + r, &best, 4);
     }
 }
 

@@ -43,12 +43,17 @@ void binary_gemm(const uint8_t* a, int64_t a_stride, const uint8_t* w, int64_t w
 
 // ---- ternary x int8 ------------------------------------------------------------------------
 
+// max |x| over the bit patterns of |x| (a NaN wins and stays; see isa_avx2.cpp).
 void absmax_f32(const float* x, int64_t rows, int64_t k, int64_t x_stride, float* amax) {
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * x_stride;
-        float m = 0.0f;
-        for (int64_t j = 0; j < k; ++j) m = std::max(m, std::fabs(xr[j]));
-        amax[r] = m;
+        uint32_t m = 0;
+        for (int64_t j = 0; j < k; ++j) {
+            uint32_t v;
+            memcpy(&v, xr + j, 4);
+            m = std::max(m, v & 0x7FFFFFFFu);
+        }
+        memcpy(amax + r, &m, 4);
     }
 }
 

@@ -117,8 +117,10 @@ class Method:
         return optimizer
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
-        """Per-parameter-group learning rates (BNN's Glorot scaling). Default: ``None`` (one group)."""
-        return None
+        """Parameter groups for the optimizer: per-group learning rates (BNN's Glorot scaling),
+        TTQ's scales without weight decay. Default: one group of every trainable parameter, so
+        ``torch.optim.Adam(method.param_groups(model, lr), lr=lr)`` works for every method."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every ``optimizer.step()`` (BNN/LAQ latent clipping). Default: nothing."""

@@ -609,8 +609,8 @@ class BNNMethod(Method):
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """One group per latent weight with ``lr * gamma`` (``gamma`` from :func:`glorot_lr_scale`), one for the rest.
 
-        Returns ``None`` when the layers were quantized with ``lr_scale=None`` (or none by this
-        method). Groups carry ``lr_scale`` and ``name`` for logging; LR schedulers scale every
+        One group of every trainable parameter when the layers were quantized with
+        ``lr_scale=None`` (or none by this method). Groups carry ``lr_scale`` and ``name`` for logging; LR schedulers scale every
         group's ``lr`` alike, so the ratio is kept.
         """
         groups: list[dict[str, Any]] = []
@@ -627,7 +627,7 @@ class BNNMethod(Method):
                     {"params": [param], "lr": lr * gamma, "lr_scale": gamma, "name": full}
                 )
         if not groups:
-            return None
+            return super().param_groups(model, lr)
         rest = [p for p in model.parameters() if id(p) not in seen]
         if rest:
             groups.insert(0, {"params": rest, "lr": lr, "lr_scale": 1.0, "name": "other"})

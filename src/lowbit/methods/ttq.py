@@ -485,8 +485,9 @@ class TTQMethod(Method):
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
-        """``None`` (one group) unless some layer has ``scale_weight_decay=False``: then two
-        groups, everything else, and those layers' ``wp``/``wn`` with ``weight_decay=0``."""
+        """One group of every trainable parameter unless some layer has
+        ``scale_weight_decay=False``: then two groups, everything else, and those layers'
+        ``wp``/``wn`` with ``weight_decay=0``."""
         no_decay = [
             p
             for q in ttq_quantizers(model).values()
@@ -494,7 +495,7 @@ class TTQMethod(Method):
             for p in (q.wp, q.wn)
         ]
         if not no_decay:
-            return None
+            return super().param_groups(model, lr)
         ids = {id(p) for p in no_decay}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": rest, "lr": lr}, {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
