@@ -634,3 +634,11 @@ def test_twn_exact_short_units_in_cpp_equal_the_pytorch_search(monkeypatch) -> N
         native(torch.zeros(2, 300, dtype=torch.float64), torch.full((2,), 300))
     with pytest.raises(ValueError, match="float64"):
         native(torch.zeros(2, 4), torch.full((2,), 4))
+
+
+def test_twn_of_an_empty_tensor_is_empty() -> None:
+    for g in ("tensor", "channel"):
+        for rule in ("exact", "0.7"):
+            alpha, codes = F.twn(torch.zeros(0, 4), rule, g)
+            assert codes.shape == (0, 4) and codes.dtype == torch.int8
+            assert not alpha.any()

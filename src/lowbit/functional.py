@@ -403,6 +403,11 @@ def twn(
     g = _gran(granularity)
     w = w.detach()
     shape = tuple(w.shape)
+    if rule not in ("exact", "0.7"):
+        raise ValueError(f"unknown TWN rule {rule!r}: choose 'exact' or '0.7'")
+    if w.numel() == 0:  # nothing to ternarize: zero scales, no codes
+        alpha = torch.zeros(g.scale_shape(shape), dtype=w.dtype, device=w.device)
+        return alpha, torch.zeros(shape, dtype=codes_dtype, device=w.device)
     if rule == "0.7" and g.kind in ("tensor", "channel") and w.dim() > 0:
         return _twn07_rows(w, g, codes_dtype)
     units, counts = to_units(w, g)
