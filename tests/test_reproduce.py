@@ -148,3 +148,29 @@ def test_deadline_stops_training_after_one_epoch(tmp_path: Path) -> None:
     assert res.summary["status"] == "stopped"
     assert any("time budget" in s for s in said)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_smoke_overrides_are_said_and_bad_runs_leave_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    recipe = _write(tmp_path, "tiny-fp", method='name = "fp"')
+    lines: list[str] = []
+    res = reproduce(
+        str(recipe), tmp_path / "out", epochs=1, train_samples=100, progress=False,
+        timing=False, log=lines.append,
+    )  # fmt: skip
+    md = res.report.read_text()
+    # the verdict counts against the recipe's own budget and says the data was cut
+    assert "1 of the recipe's 2 epochs; first 100 training samples only)" in md
+    assert any("--epochs 1: 1 of the recipe's 2 epochs" in line for line in lines)
+    assert any("packing, saving, reloading" in line for line in lines)
+    with pytest.raises(ValueError, match="--epochs must be at least 1"):
+        reproduce(str(recipe), tmp_path / "bad", epochs=0, progress=False, log=lambda s: None)
+    assert not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(
+        app, ["reproduce", str(recipe), "--json", "--out", str(tmp_path / "j")]
+    )
+    assert res.exit_code == 2 and "--json goes with --list" in res.output
+    assert not (tmp_path / "j").exists()

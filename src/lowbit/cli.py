@@ -1149,6 +1149,8 @@ def reproduce_cmd(
         return
     if not recipe:
         fail("give a recipe NAME or .toml file, or --list to see them")
+    if as_json:
+        fail("--json goes with --list (a run writes its results to results.json in --out)")
     if threads:
         import torch
 

@@ -314,12 +314,7 @@ def reproduce(
     ``epochs`` overrides ``[train] epochs`` (of this recipe and of the one it starts from);
     ``train_samples`` / ``test_samples`` cut the splits (smoke runs).
     """
-    from lowbit.report import plots as P
-    from lowbit.report import ttq_plots
-    from lowbit.report.markdown import write_report
-    from lowbit.report.results import environment, format_table, measure
     from lowbit.train.config import load_recipe
-    from lowbit.train.runs import build_model
 
     t0 = time.perf_counter()
     spec = load_recipe(recipe)
@@ -330,7 +325,44 @@ def reproduce(
         if out_dir is not None
         else Path("runs") / f"reproduce-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    out.mkdir(parents=True, exist_ok=True)
+    if epochs is not None and int(epochs) < 1:
+        raise ValueError(f"--epochs must be at least 1, got {epochs}")
+    recipe_epochs = spec["train"].get("epochs")
+    created = not out.exists()
+    try:
+        return _reproduce_into(
+            spec, kind, name, out, recipe_epochs, t0, epochs, data_dir, train_samples,
+            test_samples, progress, timing, log, _depth,
+        )  # fmt: skip
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+def _reproduce_into(
+    spec: dict[str, Any],
+    kind: str,
+    name: str,
+    out: Path,
+    recipe_epochs: Any,
+    t0: float,
+    epochs: int | None,
+    data_dir: str | Path | None,
+    train_samples: int | None,
+    test_samples: int | None,
+    progress: bool,
+    timing: bool,
+    log: Log,
+    _depth: int,
+) -> ReproduceResult:
+    """The body of :func:`reproduce` once the output folder is chosen."""
+    from lowbit.report import plots as P
+    from lowbit.report import ttq_plots
+    from lowbit.report.markdown import write_report
+    from lowbit.report.results import environment, format_table, measure
+    from lowbit.train.runs import build_model
+
     if epochs is not None:
         spec["train"]["epochs"] = int(epochs)
         ms = [m for m in spec["train"].get("milestones", []) if m < epochs]
@@ -352,7 +384,12 @@ def reproduce(
                 )
             spec[table] = dict(base[table])
     splits = load_splits(spec["data"], data_dir, train_samples, test_samples)
+    out.mkdir(parents=True, exist_ok=True)
     log(f"reproduce {name} ({kind}): {spec['recipe'].get('description', '')}")
+    if epochs is not None and kind != "ptq":
+        log(f"  --epochs {epochs}: {epochs} of the recipe's {recipe_epochs} epochs (a smoke run)")
+    if train_samples is not None:
+        log(f"  --train-samples {train_samples}: the first {train_samples} training samples only")
     if kind == "ptq":
         if init_model is None:
             raise ValueError(
@@ -364,6 +401,8 @@ def reproduce(
             spec, splits, out / "run", init_state=init_state, progress=progress, log=log
         )
     float_model = build_model(spec["model"], splits).eval()
+    if splits.task == "classification":
+        log("packing, saving, reloading, evaluating and timing the model ...")
     paper = spec.get("paper", {})
     rows = []
     if splits.task == "classification":
@@ -426,10 +465,12 @@ def reproduce(
             f"Measured {measured:.2f}{unit} ({how}) against the paper's {row.paper_value:g}{unit} "
             f"({measured - row.paper_value:+.2f} points; "
             + (
-                f"{row.epochs} epochs of the recipe's {spec['train'].get('epochs')})."
+                f"{trained.epochs_done} of the recipe's {recipe_epochs} epochs"
                 if trained.epochs
-                else "post-training)."
+                else "post-training"
             )
+            + (f"; first {train_samples} training samples only" if train_samples else "")
+            + ")."
         )
     elif row.paper_value is None:
         verdict = "This recipe carries no paper number" + (

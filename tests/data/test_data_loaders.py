@@ -439,3 +439,14 @@ def test_stdlib_splits_interleave_blocks_from_across_the_library() -> None:
     contiguous = data.load("stdlib", max_chars=400_000, seq_len=50, fractions=(0.9, 0.05, 0.05))
     assert contiguous.info["chars"] == [360_000, 20_000, 20_000]
     assert not torch.equal(contiguous.test.x, loaded.test.x)
+
+
+def test_unknown_or_bad_loader_options_name_the_valid_ones() -> None:
+    with pytest.raises(
+        ValueError, match="dataset 'mnist' takes no option 'seq_len'; valid: source"
+    ):
+        data.load("mnist", seq_len=100)
+    with pytest.raises(ValueError, match="valid: classes, n_test, n_train, n_valid, seed, shape"):
+        data.load("synthetic", seq_len=10)
+    with pytest.raises(ValueError, match="seq_len must be a positive integer, got 0"):
+        data.load("stdlib", seq_len=0)

@@ -94,6 +94,7 @@ def _text_loader(name: str) -> Callable[..., DataSplits]:
     def loader(data_dir: Path, split: str, download: bool, **options: Any) -> DataSplits:
         return text.load(name, data_dir, download=download, **options)
 
+    loader.forwards_to = text.load  # type: ignore[attr-defined]
     return loader
 
 
@@ -105,6 +106,10 @@ def _synthetic(data_dir: Path, split: str, download: bool, **options: Any) -> Da
     if "shape" in options:
         options["shape"] = tuple(options["shape"])
     return synthetic.load(**options)
+
+
+_imagenet.forwards_to = imagenet.load  # type: ignore[attr-defined]
+_synthetic.forwards_to = synthetic.load  # type: ignore[attr-defined]
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -282,6 +287,7 @@ def load(
     if preprocess is not None and preprocess != "none" and preprocess not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {preprocess!r}; valid: {', '.join(PREPROCESSING)}")
     d = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    _check_options(name, spec.loader, options)
     if spec.streamed:
         return spec.loader(
             d,
@@ -303,6 +309,28 @@ def load(
     elif preprocess not in (None, "none") or augment != "none":
         raise ValueError(f"{name} is a text corpus: it takes no preprocessing or augmentation")
     return splits
+
+
+def _check_options(name: str, loader: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Options a dataset's loader does not take fail here, listing the ones it does."""
+    import inspect
+
+    target = getattr(loader, "forwards_to", loader)  # wrappers that pass **options on
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    fixed = {"name", "data_dir", "split", "download", "preprocess", "augment"}
+    valid = {p.name for p in params} - fixed
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(
+            f"dataset {name!r} takes no option {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(sorted(valid)) or '(none)'}"
+        )
+    for key in ("seq_len", "n_train", "n_valid", "n_test"):
+        v = options.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"dataset {name!r}: {key} must be a positive integer, got {v!r}")
 
 
 def status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
