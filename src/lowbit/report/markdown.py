@@ -42,7 +42,9 @@ def write_report(
         "architecture / file size; *q-layer compr.* = float32 bytes of the quantized layers' "
         "weights and biases / bytes of their packed tensors; *samples/s b256* and *latency b1* = "
         "packed model, medians, against the float32 PyTorch model of the same architecture "
-        "(*vs fp32*), same process, same threads.",
+        "(*vs fp32*), same process, same threads: each row's float model is timed alternately "
+        "with it, call by call, so the ratio is not the quotient of this row and the float row "
+        "(a separate measurement on a shared machine).",
         "",
     ]
     if paper:

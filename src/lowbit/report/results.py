@@ -396,6 +396,12 @@ def format_table(rows: list[ModelRow], paper: bool = False) -> str:
         ).rstrip()
 
     out = [line(header), line(["-" * w for w in widths]), *(line(c) for c in cells)]
+    if any(r.float_throughput and r.method != "fp" for r in rows):
+        out += [
+            "",
+            "vs fp32: each row against the float model timed alternately with it in the same call "
+            "(the float row's own timing is a separate measurement on a shared machine)",
+        ]
     notes = [f"  {r.name}: {r.packed_note}" for r in rows if r.packed_note and r.method != "fp"]
     if notes:
         out += ["", "notes:", *notes]
