@@ -91,7 +91,7 @@ def test_report_files_exist(demo: DemoResult) -> None:
     for key in ("fp", "ttq", "bnn", "lat2", "laq"):
         assert (out / "runs" / key / "metrics.jsonl").is_file()
         assert not (out / "runs" / key / "checkpoints").exists()  # only the .lowbit models stay
-    assert "## Targets (issue 11)" in md
+    assert "## Targets" in md
 
 
 @pytest.mark.parametrize("key", KEYS[1:])

@@ -155,6 +155,10 @@ def _architecture(spec: dict[str, Any], splits: Any) -> dict[str, Any]:
     return {"name": spec["model"]["name"], "options": opts}
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoResult:
     """Run the demo (see the module docstring); returns the rows, table, report path and models."""
     from lowbit.report import plots as P
@@ -207,7 +211,7 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
         m = spec["method"]
         say(
             f"[{step}/{n_steps}] {stage.label}: {spec['model']['name']} widths {spec['model'].get('widths')}, "
-            f"method {m.get('name')}, {spec['train']['epochs']} epochs on {len(splits.train)} "
+            f"method {m.get('name')}, {_count(spec['train']['epochs'], 'epoch')} on {len(splits.train)} "
             f"{splits.name} images{' (fine-tuned from the float model)' if init is not None else ''}"
         )
         result = train_budgeted(
@@ -221,7 +225,7 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
         )
         trained[stage.key] = result
         labels[stage.key] = stage.label
-        say(f"  done in {result.seconds:.1f} s ({result.epochs_done} epochs)")
+        say(f"  done in {result.seconds:.1f} s ({_count(result.epochs_done, 'epoch')})")
         if stage.key == "fp" and "fgq" in cfg.methods:
             step += 1
             say(
@@ -323,7 +327,7 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
         f"architecture, same process, {torch.get_num_threads()} thread(s); on a shared machine they "
         "vary from run to run (load average in the facts below)."
     )
-    checks = ["## Targets (issue 11)", ""]
+    checks = ["## Targets", ""]
     for r in rows:
         if r.method == "fp":
             continue
