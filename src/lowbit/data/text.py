@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lowbit.data.core import ArrayDataset, DataSplits
-from lowbit.data.files import RemoteFile, require
+from lowbit.data.files import DataNotFoundError, RemoteFile, require
 
 __all__ = ["CORPORA", "load", "interleaved_splits", "stdlib_files", "stdlib_text", "to_sequences"]
 
@@ -126,7 +126,8 @@ def to_sequences(ids: torch.Tensor, seq_len: int) -> ArrayDataset:
     n = (ids.numel() - 1) // seq_len
     if n < 1:
         raise ValueError(
-            f"a split of {ids.numel()} characters is too short for sequences of {seq_len}"
+            f"a split of {ids.numel()} characters is too short for sequences of {seq_len}: "
+            f"pass a shorter seq_len (-D seq_len=N, N < {ids.numel()}) or a longer text"
         )
     return ArrayDataset(
         ids[: n * seq_len].reshape(n, seq_len).clone(),
@@ -179,6 +180,8 @@ def load(
         elif name == "text":
             if path is None:
                 raise ValueError("the 'text' corpus needs path=FILE (any UTF-8 text file)")
+            if not Path(path).is_file():
+                raise DataNotFoundError(f"text file {path} does not exist: check -D path=FILE")
             text, source = Path(path).read_text(encoding="utf-8"), str(path)
         else:
             f = require(spec["file"], d, name, download_ok=download)
