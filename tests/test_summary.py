@@ -203,3 +203,9 @@ def test_summary_of_packed_models_counts_their_packed_bytes_and_macs() -> None:
     chain = lowbit.pack(bnn, xnor=True)
     s = lowbit.summary(chain, (1, 1, 28, 28))
     assert s.macs["xnor"] >= 2 * 64 * 64 and s.compression > 10
+    # a binary ConvNet on the XNOR chain (convolutions with packed-bit outputs included): every
+    # MAC of the quantized model, each of the same kind
+    conv = lowbit.quantize(models.create("convnet"), "bnn").eval()
+    shape = (1, *conv.input_shape)
+    s_q, s_p = lowbit.summary(conv, shape), lowbit.summary(lowbit.pack(conv, xnor=True), shape)
+    assert s_p.macs == s_q.macs and s_p.macs["xnor"] > 0

@@ -351,9 +351,17 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
 
 
 def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
-    from lowbit.binary import PackedBinaryLinear, PackedBitplaneLinear
+    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
     from lowbit.pack import PackedConv2d, PackedLinear
 
+    if isinstance(module, PackedBinaryConv2d):
+        # NCHW floats, or packed NHWC bits (B, H, W, bytes): one output pixel per row of bytes
+        pixels = (
+            output.numel() // output.shape[-1]
+            if module.out_kind == "bits"
+            else output.numel() // max(module.out_channels, 1)
+        )
+        return pixels * module.out_channels * module._reduction()
     if isinstance(module, (PackedLinear, PackedBinaryLinear, PackedBitplaneLinear)):
         rows = output.numel() // max(output.shape[-1], 1)  # the last dim may be packed bits
         return rows * module.in_features * module.out_features
@@ -381,11 +389,12 @@ def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
 
 
 def _is_packed(module: nn.Module) -> bool:
-    from lowbit.binary import PackedBinaryLinear, PackedBitplaneLinear
+    from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
     from lowbit.pack import PackedConv2d, PackedLinear
 
     return isinstance(
-        module, (PackedLinear, PackedConv2d, PackedBinaryLinear, PackedBitplaneLinear)
+        module,
+        (PackedLinear, PackedConv2d, PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear),
     )
 
 
