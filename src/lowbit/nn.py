@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as TF
@@ -452,6 +452,17 @@ def _adopt_after_copy(module: Any, flags: list[bool] | None) -> None:
             q.adopt_copied(w)
 
 
+_Q = TypeVar("_Q", bound=nn.Module)
+
+
+def _take_params(new: _Q, module: nn.Module) -> _Q:
+    """Give ``new`` ``module``'s own Parameter objects (optimizers holding them stay valid)."""
+    new.weight = module.weight
+    new.bias = module.bias
+    new.train(module.training)
+    return new
+
+
 class _OneWeightQuant(QuantModule):
     """What QuantLinear and QuantConv2d share: one ``weight`` and its ``weight_quantizer``.
 
@@ -460,6 +471,16 @@ class _OneWeightQuant(QuantModule):
 
     weight_quantizer: Any
     input_quantizer: Any
+
+    def _set_quantizers(
+        self, weight_quantizer: nn.Module | None, input_quantizer: nn.Module | None
+    ) -> None:
+        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
+        self.input_quantizer = input_quantizer
+        self.register_load_state_dict_post_hook(_adopt_after_load)  # type: ignore[attr-defined]
+
+    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def quantized_weight(self) -> QuantizedWeight:
         return self.weight_quantizer.export(self.weight)  # type: ignore[attr-defined]
@@ -502,9 +523,7 @@ class QuantLinear(_OneWeightQuant, nn.Linear):
         dtype: Any = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
-        self.input_quantizer = input_quantizer
-        self.register_load_state_dict_post_hook(_adopt_after_load)
+        self._set_quantizers(weight_quantizer, input_quantizer)
 
     @classmethod
     def from_float(
@@ -522,15 +541,10 @@ class QuantLinear(_OneWeightQuant, nn.Linear):
             input_quantizer,
             device="meta",
         )
-        new.weight = module.weight
-        new.bias = module.bias
-        new.train(module.training)
-        return new
+        return _take_params(new, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return TF.linear(x, self.weight_quantizer(self.weight), self.bias)
+        return TF.linear(self._quantized_input(x), self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantConv2d(_OneWeightQuant, nn.Conv2d):
@@ -551,9 +565,7 @@ class QuantConv2d(_OneWeightQuant, nn.Conv2d):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else FloatWeight()
-        self.input_quantizer = input_quantizer
-        self.register_load_state_dict_post_hook(_adopt_after_load)
+        self._set_quantizers(weight_quantizer, input_quantizer)
 
     @classmethod
     def from_float(
@@ -576,15 +588,12 @@ class QuantConv2d(_OneWeightQuant, nn.Conv2d):
             weight_quantizer=weight_quantizer,
             input_quantizer=input_quantizer,
         )
-        new.weight = module.weight
-        new.bias = module.bias
-        new.train(module.training)
-        return new
+        return _take_params(new, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(
+            self._quantized_input(x), self.weight_quantizer(self.weight), self.bias
+        )
 
 
 GATES = ("i", "f", "g", "o")  # PyTorch's row order inside weight_ih / weight_hh

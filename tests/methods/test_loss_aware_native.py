@@ -576,6 +576,31 @@ def test_exact_solver_thread_count_and_bad_input() -> None:
         kernels.la_topk_exact(w.double(), d.double(), two_sided=False)
 
 
+def test_extension_checks_its_arrays() -> None:
+    """The C++ entry points check shapes themselves (the Python wrappers allocate matching
+    outputs, so only a direct call can reach these errors)."""
+    ext = kernels._la_ext()
+    w = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="2-D .units, length. of one shape"):
+        ext.la_topk_exact(w, w, False, np.zeros((2, 7), np.int8), np.zeros(2, np.float32), 1)
+    with pytest.raises(ValueError, match="2-D .units, length. of one shape"):
+        ext.la_topk_exact(
+            w.reshape(-1), w.reshape(-1), False, np.zeros(16, np.int8), np.zeros(2, np.float32), 1
+        )
+    with pytest.raises(ValueError, match="two .LAT2_e. scales"):
+        ext.la_topk_exact(w, w, True, np.zeros((2, 8), np.int8), np.zeros(2, np.float32), 1)
+    with pytest.raises(ValueError, match="twn_exact_units .w, codes.: arrays must be 2-D"):
+        ext.twn_exact_units(
+            np.zeros((2, 4)), np.zeros(2, np.int64), np.zeros(2), np.zeros((3, 4), np.int8), 1
+        )
+    with pytest.raises(ValueError, match="sign ops: all arrays must have the same number"):
+        ext.sign_pm1(np.zeros(5, np.float32), np.zeros(4, np.float32), 1)
+    with pytest.raises(ValueError, match="ttq ops: all arrays must have the same number"):
+        ext.ttq_forward(
+            np.zeros(5, np.float32), 1.0, 1.0, 0.1, np.zeros(5, np.int8), np.zeros(6, np.float32), 1
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Dispatch, edge cases, training
 

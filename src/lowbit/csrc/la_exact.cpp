@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "float_bits.h"
+#include "nb_arrays.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -35,12 +36,12 @@ using namespace nb::literals;
 
 namespace {
 
-using FloatIn = nb::ndarray<const float, nb::device::cpu, nb::c_contig>;
-using FloatOut = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
-using CodesOut = nb::ndarray<int8_t, nb::device::cpu, nb::c_contig>;
-using DoubleIn = nb::ndarray<const double, nb::device::cpu, nb::c_contig>;
-using DoubleOut = nb::ndarray<double, nb::device::cpu, nb::c_contig>;
-using CountsIn = nb::ndarray<const int64_t, nb::device::cpu, nb::c_contig>;
+using FloatIn = lowbit::In<float>;
+using FloatOut = lowbit::Out<float>;
+using CodesOut = lowbit::Out<int8_t>;
+using DoubleIn = lowbit::In<double>;
+using DoubleOut = lowbit::Out<double>;
+using CountsIn = lowbit::In<int64_t>;
 
 constexpr int64_t kRadixMin = 2048;       // shorter units: std::sort of the items
 constexpr int64_t kBucketMin = 1 << 16;    // units at least this long: the bucketed search
@@ -314,12 +315,8 @@ void solve_buckets(const float* w, const float* d, int64_t len, bool two_sided, 
 }
 
 void la_topk_exact(FloatIn w, FloatIn d, bool two_sided, CodesOut codes, FloatOut alpha, int n_threads) {
-    if (w.ndim() != 2 || d.ndim() != 2 || codes.ndim() != 2)
-        throw std::invalid_argument("la_topk_exact: w, d and codes must be 2-D (units, length)");
-    const int64_t units = (int64_t)w.shape(0), len = (int64_t)w.shape(1);
-    if ((int64_t)d.shape(0) != units || (int64_t)d.shape(1) != len || (int64_t)codes.shape(0) != units ||
-        (int64_t)codes.shape(1) != len)
-        throw std::invalid_argument("la_topk_exact: w, d and codes must have the same shape");
+    const auto shape = lowbit::require_units("la_topk_exact (w, d, codes)", w, d, codes);
+    const int64_t units = shape.first, len = shape.second;
     if ((int64_t)alpha.size() != units * (two_sided ? 2 : 1))
         throw std::invalid_argument("la_topk_exact: alpha must hold one (LAT_e) or two (LAT2_e) scales per unit");
     if (len >= (int64_t)1 << 32) throw std::invalid_argument("la_topk_exact: units longer than 2^32 entries");
@@ -361,10 +358,8 @@ void la_topk_exact(FloatIn w, FloatIn d, bool two_sided, CodesOut codes, FloatOu
 constexpr int64_t kTwnMaxLen = 256;
 
 void twn_exact_units(DoubleIn w, CountsIn counts, DoubleOut alpha, CodesOut codes, int n_threads) {
-    if (w.ndim() != 2 || codes.ndim() != 2 || (int64_t)codes.shape(0) != (int64_t)w.shape(0) ||
-        (int64_t)codes.shape(1) != (int64_t)w.shape(1))
-        throw std::invalid_argument("twn_exact_units: w and codes must be 2-D (units, length) of one shape");
-    const int64_t units = (int64_t)w.shape(0), len = (int64_t)w.shape(1);
+    const auto shape = lowbit::require_units("twn_exact_units (w, codes)", w, codes);
+    const int64_t units = shape.first, len = shape.second;
     if ((int64_t)counts.size() != units || (int64_t)alpha.size() != units)
         throw std::invalid_argument("twn_exact_units: one count and one alpha per unit");
     if (len > kTwnMaxLen) throw std::invalid_argument("twn_exact_units: units longer than 256");

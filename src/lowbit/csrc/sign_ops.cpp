@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "nb_arrays.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -21,22 +22,18 @@ using namespace nb::literals;
 
 namespace {
 
-using FloatIn = nb::ndarray<const float, nb::device::cpu, nb::c_contig>;
-using FloatOut = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
-using GateIn = nb::ndarray<const uint8_t, nb::device::cpu, nb::c_contig>;
-using GateOut = nb::ndarray<uint8_t, nb::device::cpu, nb::c_contig>;
+using FloatIn = lowbit::In<float>;
+using FloatOut = lowbit::Out<float>;
+using GateIn = lowbit::In<uint8_t>;
+using GateOut = lowbit::Out<uint8_t>;
 
 constexpr int64_t kGrain = 1 << 16;
 
 int threads_for(int64_t n, int n_threads) { return n >= (1 << 18) ? n_threads : 1; }
 
-void same_size(int64_t a, int64_t b) {
-    if (a != b) throw std::invalid_argument("sign ops: arrays must have the same number of elements");
-}
-
 void sign_pm1(FloatIn x, FloatOut out, int n_threads) {
     const int64_t n = (int64_t)x.size();
-    same_size(n, (int64_t)out.size());
+    lowbit::require_sizes("sign ops", n, {(int64_t)out.size()});
     const float* xp = x.data();
     float* op = out.data();
     nb::gil_scoped_release release;
@@ -50,8 +47,7 @@ void sign_pm1(FloatIn x, FloatOut out, int n_threads) {
 
 void sign_gate(FloatIn x, FloatOut out, GateOut gate, int n_threads) {
     const int64_t n = (int64_t)x.size();
-    same_size(n, (int64_t)out.size());
-    same_size(n, (int64_t)gate.size());
+    lowbit::require_sizes("sign ops", n, {(int64_t)out.size(), (int64_t)gate.size()});
     const float* xp = x.data();
     float* op = out.data();
     uint8_t* gp = gate.data();
@@ -68,8 +64,7 @@ void sign_gate(FloatIn x, FloatOut out, GateOut gate, int n_threads) {
 
 void gate_grad(FloatIn g, GateIn gate, FloatOut out, int n_threads) {
     const int64_t n = (int64_t)g.size();
-    same_size(n, (int64_t)gate.size());
-    same_size(n, (int64_t)out.size());
+    lowbit::require_sizes("sign ops", n, {(int64_t)gate.size(), (int64_t)out.size()});
     const float* gp = g.data();
     const uint8_t* mp = gate.data();
     float* op = out.data();
@@ -90,8 +85,7 @@ void gate_grad(FloatIn g, GateIn gate, FloatOut out, int n_threads) {
 void kbit_fake(FloatIn x, float step, float lo, float hi, float lo_x, float hi_x, FloatOut out, GateOut gate,
                int n_threads) {
     const int64_t n = (int64_t)x.size();
-    same_size(n, (int64_t)out.size());
-    same_size(n, (int64_t)gate.size());
+    lowbit::require_sizes("sign ops", n, {(int64_t)out.size(), (int64_t)gate.size()});
     if (!(hi < 4194304.0f) || !(lo > -4194304.0f)) throw std::invalid_argument("k-bit range too large");
     const float* xp = x.data();
     float* op = out.data();

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "float_bits.h"
+#include "nb_arrays.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -24,17 +25,12 @@ using namespace nb::literals;
 
 namespace {
 
-using FloatIn = nb::ndarray<const float, nb::device::cpu, nb::c_contig>;
-using FloatOut = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
-using CodesIn = nb::ndarray<const int8_t, nb::device::cpu, nb::c_contig>;
-using CodesOut = nb::ndarray<int8_t, nb::device::cpu, nb::c_contig>;
+using FloatIn = lowbit::In<float>;
+using FloatOut = lowbit::Out<float>;
+using CodesIn = lowbit::In<int8_t>;
+using CodesOut = lowbit::Out<int8_t>;
 
 constexpr int64_t kChunk = 1 << 16;
-
-void check_sizes(int64_t n, std::initializer_list<int64_t> sizes) {
-    for (int64_t s : sizes)
-        if (s != n) throw std::invalid_argument("ttq ops: all arrays must have the same number of elements");
-}
 
 // Selections by bit masks, not `?:` (which compiles to branches that mispredict on random signs).
 using lowbit::bits_of;
@@ -42,7 +38,7 @@ using lowbit::float_of;
 
 void forward(FloatIn w, float wp, float wn, float delta, CodesOut codes, FloatOut out, int n_threads) {
     const int64_t n = (int64_t)w.size();
-    check_sizes(n, {(int64_t)codes.size(), (int64_t)out.size()});
+    lowbit::require_sizes("ttq ops", n, {(int64_t)codes.size(), (int64_t)out.size()});
     const float* x = w.data();
     int8_t* c = codes.data();
     float* y = out.data();
@@ -68,7 +64,7 @@ void forward(FloatIn w, float wp, float wn, float delta, CodesOut codes, FloatOu
 
 nb::tuple backward(FloatIn grad, CodesIn codes, float wp, float wn, FloatOut gw, int n_threads) {
     const int64_t n = (int64_t)grad.size();
-    check_sizes(n, {(int64_t)codes.size(), (int64_t)gw.size()});
+    lowbit::require_sizes("ttq ops", n, {(int64_t)codes.size(), (int64_t)gw.size()});
     const float* g = grad.data();
     const int8_t* c = codes.data();
     float* o = gw.data();
