@@ -36,6 +36,12 @@ def _qweight(fmt: str, gran: str, seed: int = 0, group: int | None = None) -> Qu
     if fmt == "ternary_asym":
         shape = (*shape, 2)
     scales = torch.rand(shape, generator=g) * 0.5 + 0.05
+    if gran == "fixed8":  # groups whose scales are m * 2^E (FGQ scale_bits=8), E per row
+        gran = "group"
+        m = torch.randint(1, 256, shape, generator=g).to(torch.float64)
+        m[:, 0] = 255  # each row's largest scale sets its exponent
+        e = torch.randint(-12, 3, (N, 1), generator=g).to(torch.float64)
+        scales = (m * torch.exp2(e)).to(torch.float32)
     axis = "in" if gran == "group" else None
     return QuantizedWeight(codes.to(torch.int8), scales, fmt, bits, gran, group, axis)
 
@@ -60,6 +66,12 @@ CASES = [
     ("ternary", "tensor", None, {"tiles": TILES2, "wscale": 4, "bias": 4 * N}),
     ("ternary", "channel", None, {"tiles": TILES2, "wscale": 4 * N, "bias": 4 * N}),
     ("ternary", "group", 4, {"tiles": TILES2, "wscale": 4 * N * 51, "bias": 4 * N}),
+    (
+        "ternary",
+        "fixed8",
+        4,
+        {"tiles": TILES2, "wscale_m": N * 51, "wscale_e": 2 * N, "bias": 4 * N},
+    ),
     ("ternary_asym", "tensor", None, {"tiles": TILES2, "wscale": 8, "bias": 4 * N}),
     ("ternary_asym", "channel", None, {"tiles": TILES2, "wscale": 8 * N, "bias": 4 * N}),
     ("binary", "tensor", None, {"signs": N * 32, "wscale": 4, "bias": 4 * N}),
@@ -85,6 +97,7 @@ def test_pack_save_load_matches_reference_and_byte_counts(
     layer = PackedLinear(qw, bias, activations=act)
     saved = {k: v.numel() * v.element_size() for k, v in layer.state_dict().items()}
     assert saved == sizes
+    assert (layer.config().get("scale_format") == "fixed8") == (gran == "fixed8")
     path = tmp_path / "m.lowbit"
     lowbit.save(nn.Sequential(layer), path)
     assert _data_bytes(path) == sum(sizes.values())
@@ -222,3 +235,62 @@ def test_layout_1_files_still_load(tmp_path: Path, fmt: str) -> None:
     ref = bn(loaded(x))
     loaded[0].fold_batchnorm(bn)
     assert torch.allclose(loaded[0](x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed8_scales_decode_exactly_and_bad_tensors_are_refused(tmp_path: Path) -> None:
+    qw = _qweight("ternary", "fixed8", seed=11, group=4)
+    layer = PackedLinear(qw, None)
+    sd = layer.state_dict()
+    m, e = sd["wscale_m"].double(), sd["wscale_e"].double()
+    assert sd["wscale_m"].dtype == torch.uint8 and sd["wscale_e"].dtype == torch.int16
+    # the stored bytes give back the quantizer's float32 scales exactly: m * 2^E
+    assert torch.equal((m * torch.exp2(e)[:, None]).float(), qw.scales)
+    assert (sd["wscale_m"].amax(1) == 255).all()  # each row's exponent is its largest scale's
+    other = PackedLinear.from_config(layer.config())
+    other.load_state_dict(sd)
+    assert torch.equal(other.wscale, qw.scales) and torch.equal(other.scale, layer.scale)
+    bad = dict(sd, wscale_e=sd["wscale_e"][:-1])
+    with pytest.raises(RuntimeError, match="wscale_e"):
+        PackedLinear.from_config(layer.config()).load_state_dict(bad)
+    bad = dict(sd, wscale_e=torch.full_like(sd["wscale_e"], 300))
+    with pytest.raises(RuntimeError, match=r"exponents must lie in \[-149, 104\]"):
+        PackedLinear.from_config(layer.config()).load_state_dict(bad)
+    with pytest.raises(ValueError, match="unknown scale_format 'fixed4'.*upgrade lowbit"):
+        PackedLinear.from_config(dict(layer.config(), scale_format="fixed4"))
+    # scales off the grid stay float32; editing packed scales off the grid refuses to save
+    plain = PackedLinear(_qweight("ternary", "group", seed=11, group=4), None)
+    assert "scale_format" not in plain.config() and "wscale" in plain.state_dict()
+    with torch.no_grad():
+        layer.wscale[0, 0] = 0.1
+    with pytest.raises(ValueError, match="no longer on its 8-bit fixed-point grid"):
+        layer.state_dict()
+
+
+@pytest.mark.parametrize("weight_bits", [2, 4])
+def test_fgq_fixed8_scales_fold_batchnorm_into_row_scale(tmp_path: Path, weight_bits: int) -> None:
+    sim = lowbit.quantize(
+        _mlp(), "fgq", keep=[], group_size=4, weight_bits=weight_bits, scale_bits=8, act_bits=None
+    ).eval()
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = sim(x).double()
+    packed = lowbit.pack(sim, activations="float")
+    path = tmp_path / "fgq8.lowbit"
+    lowbit.save(packed, path)
+    loaded = lowbit.load(path)
+    layers = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 2
+    for layer in layers:
+        n, k = layer.out_features, layer.in_features
+        sd = layer.state_dict()
+        assert set(sd) == {"tiles", "wscale_m", "wscale_e", "row_scale", "bias"}
+        groups = -(-k // 4)
+        kp = -(-k // 16) * 16  # K padded to whole 16-weight tiles
+        tiles = -(-n // 16) * (kp // 16 if weight_bits == 2 else kp // 8) * 64
+        assert sum(v.numel() * v.element_size() for v in sd.values()) == (
+            tiles + n * groups + 2 * n + 4 * n + 4 * n
+        )
+    with torch.no_grad():
+        got = loaded(x).double()
+    scale = expected.abs().max().item() + 1.0
+    assert (got - expected).abs().max().item() <= 1e-4 * scale

@@ -3,6 +3,7 @@ pipeline against the float simulation, and a PTQ run on a small trained model.""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -388,11 +389,25 @@ def test_cli_ptq_writes_model_and_reports(tmp_path):
     loaded = ptq.load_quantized(out)
     splits = data.load("synthetic")
     net.eval()
+    float_net = copy.deepcopy(net)
     direct = ptq.fgq(net, splits.train.x[:128], group_size=4)
     x = splits.test.x[:64]
     with torch.no_grad():
         assert torch.equal(loaded(x), direct(x))
     assert loaded.net.fc1.input_quantizer.exponent == direct.net.fc1.input_quantizer.exponent
+
+    # --scale-bits 8: the file name says so, the reloaded model keeps its fixed-point scales
+    result = CliRunner().invoke(
+        app, ["ptq", str(run), "--calib-samples", "128", "--scale-bits", "8", "--no-eval"]
+    )
+    assert result.exit_code == 0, result.output
+    loaded8 = ptq.load_quantized(run / "ptq-fgq-n4-in-w2-a8-s8.pt")
+    assert loaded8.net.fc1.weight_quantizer.scale_bits == 8
+    direct8 = ptq.fgq(float_net, splits.train.x[:128], group_size=4, scale_bits=8)
+    with torch.no_grad():
+        assert torch.equal(loaded8(x), direct8(x))
+    packed = lowbit.pack(loaded8)
+    assert packed.net.fc1.config()["scale_format"] == "fixed8"
 
     bad = CliRunner().invoke(app, ["ptq", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output

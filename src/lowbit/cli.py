@@ -694,6 +694,12 @@ def ptq_cmd(
         8, "--act-bits", help="DFP activation bits (8 or 4); 0 keeps activations float."
     ),
     rule: str = typer.Option(None, "--rule", help="exact | 0.7 (ternary), mse | max (k-bit)."),
+    scale_bits: int = typer.Option(
+        0,
+        "--scale-bits",
+        help="Group scales as fixed-point m·2^E (one E per row) with this many bits (2..8): "
+        "a packed file stores each in one byte. 0 keeps float32 scales.",
+    ),
     act_mode: str = typer.Option(
         "calibrated", "--act-mode", help="calibrated | dynamic exponents."
     ),
@@ -772,6 +778,7 @@ def ptq_cmd(
             act_bits=act_bits or None,
             group_axis=group_axis,
             rule=rule,
+            scale_bits=scale_bits or None,
             act_mode=act_mode,
             act_calibration=calibration,
             percentile=percentile,
@@ -784,7 +791,9 @@ def ptq_cmd(
     if evaluate:
         result["fgq_acc"] = ptq.accuracy(net, splits.test, saturation=True)
     rows = ptq.report(net)
-    tag = f"n{gs}-{group_axis}-w{weight_bits}-a{act_bits or 32}"
+    tag = f"n{gs}-{group_axis}-w{weight_bits}-a{act_bits or 32}" + (
+        f"-s{scale_bits}" if scale_bits else ""
+    )
     if out is None:
         src = Path(info["checkpoint"])
         base = src.parent.parent if src.parent.name == "checkpoints" else src.parent

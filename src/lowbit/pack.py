@@ -168,7 +168,12 @@ def _kernel_scales(
     s = wscale.detach().to(torch.float64)
     if row_scale is not None:
         r = row_scale.detach().to(torch.float64)
-        s = s.reshape(1, 2) * r[:, None] if asym else s.reshape(1) * r
+        if asym:
+            s = s.reshape(1, 2) * r[:, None]
+        elif group_size:  # fixed-point group scales keep a folded BatchNorm in row_scale
+            s = s * r[:, None]
+        else:
+            s = s.reshape(1) * r
     return kernels.pack_ternary_scales(s, n, k, group_size=group_size, asym=asym)
 
 
@@ -225,7 +230,11 @@ def _expected_buffers(cfg: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple
             out["signs"] = (torch.uint8, _signs_shape(n, k))
         else:
             out["tiles"] = (torch.uint8, tuple(tiles))
-        out["wscale"] = (torch.float32, tuple(cfg["scale_shape"]))
+        if _fixed8(cfg):
+            out["wscale_m"] = (torch.uint8, tuple(cfg["scale_shape"]))
+            out["wscale_e"] = (torch.int16, (cfg["scale_shape"][0],))
+        else:
+            out["wscale"] = (torch.float32, tuple(cfg["scale_shape"]))
         if cfg["has_row_scale"]:
             out["row_scale"] = (torch.float32, (n,))
         if cfg["has_bias"]:
@@ -254,6 +263,35 @@ def _expected_buffers(cfg: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple
 def _one_bit(cfg: dict[str, Any]) -> bool:
     """Layout 2 stores binary weights as 1-bit signs (expanded to 2-bit tiles for the kernel)."""
     return cfg.get("layout", 1) == 2 and cfg["weight_format"] == "binary" and cfg["bits"] == 2
+
+
+SCALE_FORMATS = ("f32", "fixed8")
+
+
+def _fixed8(cfg: dict[str, Any]) -> bool:
+    """Layout 2 stores grouped scales ``m · 2^E`` (FGQ ``scale_bits``) as one byte each plus
+    one exponent per row (``scale_format = "fixed8"``)."""
+    return cfg.get("scale_format", "f32") == "fixed8"
+
+
+def _fixed8_encoding(wscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(m uint8 (N, groups), E int16 (N,))`` with ``wscale = m · 2^E`` exactly, or ``None``
+    when some row's scales are not on an 8-bit fixed-point grid (then they stay float32)."""
+    from lowbit.methods.fgq import scale_grid_exponents
+
+    s = wscale.detach().to(torch.float64)
+    if s.dim() != 2 or s.numel() == 0 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        return None
+    e = scale_grid_exponents(s, 8)
+    m = s / torch.exp2(e.to(torch.float64))[:, None]
+    if not torch.equal(m, m.round()) or float(m.max()) > 255:
+        return None
+    return m.to(torch.uint8), e.to(torch.int16)
+
+
+def _fixed8_decode(m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """float32 ``m · 2^E`` (exact: at most 8 significant bits, ``E`` in [-149, 104])."""
+    return (m.to(torch.float64) * torch.exp2(e.to(torch.float64))[:, None]).to(torch.float32)
 
 
 def _check_config(cfg: dict[str, Any]) -> None:
@@ -308,8 +346,21 @@ def _check_config(cfg: dict[str, Any]) -> None:
             )
         if not isinstance(cfg.get("has_row_scale"), bool):
             raise ValueError("packed layer config: has_row_scale must be a bool")
-        if cfg["has_row_scale"] and not _is_per_tensor(tuple(shape), cfg["asym"]):
-            raise ValueError("packed layer config: row_scale only goes with per-tensor scales")
+        if cfg.get("scale_format", "f32") not in SCALE_FORMATS:
+            raise ValueError(
+                f"packed layer config: unknown scale_format {cfg.get('scale_format')!r} (this "
+                f"lowbit reads {', '.join(SCALE_FORMATS)}): upgrade lowbit"
+            )
+        if _fixed8(cfg) and not (cfg["group_size"] and not cfg["asym"]):
+            raise ValueError("packed layer config: scale_format 'fixed8' is for groups along K")
+        if (
+            cfg["has_row_scale"]
+            and not _is_per_tensor(tuple(shape), cfg["asym"])
+            and not _fixed8(cfg)
+        ):
+            raise ValueError(
+                "packed layer config: row_scale only goes with per-tensor or 'fixed8' scales"
+            )
 
 
 class PackedLinear(nn.Module):
@@ -363,8 +414,12 @@ class PackedLinear(nn.Module):
             self._set_config(_config)
             saved = _expected_buffers(_config)
             for name, (dtype, shape) in saved.items():
-                if name != "signs":
+                if name not in ("signs", "wscale_m", "wscale_e"):
                     self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+            if _fixed8(_config):  # the float32 scales the kernel arrays are expanded from
+                self.register_buffer(
+                    "wscale", torch.zeros(self.scale_shape, dtype=torch.float32), persistent=False
+                )
             for name in ("scale2", "bias", "kbias", "shift", "wscale", "row_scale"):
                 if name not in self._buffers:
                     self.register_buffer(name, None)
@@ -400,6 +455,8 @@ class PackedLinear(nn.Module):
         asym = qweight.format == "ternary_asym"
         has_shift = hi > 127
         wscale = _compact_scales(qweight, factor, step)
+        # Grouped scales already on an 8-bit fixed-point grid (FGQ scale_bits) are saved as bytes.
+        fixed8 = bool(group_size) and not asym and _fixed8_encoding(wscale) is not None
         self._set_config(
             {
                 "in_features": int(k),
@@ -419,13 +476,14 @@ class PackedLinear(nn.Module):
                 "layout": 2,
                 "scale_shape": list(wscale.shape),
                 "has_row_scale": False,
+                "scale_format": "fixed8" if fixed8 else "f32",
             }
         )
         _check_config(self.config())
         tiles = kernels.pack_ternary(codes) if bits == 2 else kernels.pack_int4(codes)
         # 1-bit layers save signs instead: the 2-bit tiles are then only the kernel's copy.
         self.register_buffer("tiles", tiles, persistent=not _one_bit(self.config()))
-        self.register_buffer("wscale", wscale)
+        self.register_buffer("wscale", wscale, persistent=not fixed8)
         self.register_buffer("row_scale", None)
         self.register_buffer(
             "bias", None if bias is None else bias.detach().reshape(-1).to(torch.float32).clone()
@@ -460,6 +518,15 @@ class PackedLinear(nn.Module):
         if self.layout == 2 and _one_bit(self.config()):
             codes = kernels.unpack_ternary(self.tiles, self.out_features, self.in_features)
             destination[prefix + "signs"] = kernels.pack_signs(codes.to(torch.float32))
+        if self.layout == 2 and self.scale_format == "fixed8":
+            assert self.wscale is not None
+            enc = _fixed8_encoding(self.wscale)
+            if enc is None:
+                raise ValueError(
+                    f"{prefix}wscale is no longer on its 8-bit fixed-point grid (was it edited "
+                    "after packing?); re-pack the model from its quantized form"
+                )
+            destination[prefix + "wscale_m"], destination[prefix + "wscale_e"] = enc
 
     def _load_from_state_dict(
         self,
@@ -472,15 +539,22 @@ class PackedLinear(nn.Module):
         error_msgs: list[str],
     ) -> None:
         one_bit = self.layout == 2 and _one_bit(self.config())
+        fixed8 = self.layout == 2 and self.scale_format == "fixed8"
         signs = state_dict.get(prefix + "signs") if one_bit else None
-        if one_bit:
-            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "signs"}
+        own = ([prefix + "signs"] if one_bit else []) + (
+            [prefix + "wscale_m", prefix + "wscale_e"] if fixed8 else []
+        )
+        fixed = {k: state_dict.get(k) for k in own[-2:]} if fixed8 else {}
+        if own:
+            state_dict = {k: v for k, v in state_dict.items() if k not in own}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if self.layout != 2:
             self._kernel = None
             return
+        if fixed8:
+            self._load_fixed8(fixed, prefix, missing_keys, error_msgs)
         if one_bit:
             n, k = self.out_features, self.in_features
             if signs is None:
@@ -495,6 +569,41 @@ class PackedLinear(nn.Module):
                     self.tiles.copy_(kernels.pack_ternary(_codes_from_signs(signs, n, k)))
         self._expand_kernel_buffers()
 
+    def _load_fixed8(
+        self,
+        fixed: dict[str, Any],
+        prefix: str,
+        missing_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Decode ``wscale_m`` / ``wscale_e`` into the float32 ``wscale`` (scale_format fixed8)."""
+        rows = self.scale_shape[0]
+        want = {
+            prefix + "wscale_m": (torch.uint8, tuple(self.scale_shape)),
+            prefix + "wscale_e": (torch.int16, (rows,)),
+        }
+        ok = True
+        for key, (dtype, shape) in want.items():
+            got = fixed.get(key)
+            if got is None:
+                missing_keys.append(key)
+                ok = False
+            elif got.dtype != dtype or tuple(got.shape) != shape:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying {got.dtype}{tuple(got.shape)}, the layer "
+                    f"needs {dtype}{shape}"
+                )
+                ok = False
+        if not ok:
+            return
+        m, e = fixed[prefix + "wscale_m"], fixed[prefix + "wscale_e"]
+        if bool((e < -149).any()) or bool((e > 104).any()):
+            error_msgs.append(f"{prefix}wscale_e: exponents must lie in [-149, 104]")
+            return
+        assert self.wscale is not None
+        with torch.no_grad():
+            self.wscale.copy_(_fixed8_decode(m, e))
+
     def _set_config(self, cfg: dict[str, Any]) -> None:
         self.in_features, self.out_features = cfg["in_features"], cfg["out_features"]
         self.bits, self.group_size = cfg["bits"], cfg["group_size"]
@@ -507,6 +616,7 @@ class PackedLinear(nn.Module):
         self.layout = int(cfg.get("layout", 1))
         self.scale_shape = list(cfg.get("scale_shape", []))
         self.has_row_scale = bool(cfg.get("has_row_scale", False))
+        self.scale_format = str(cfg.get("scale_format", "f32"))
 
     def config(self) -> dict[str, Any]:
         """Everything but the buffers, as JSON-serialisable values."""
@@ -534,6 +644,8 @@ class PackedLinear(nn.Module):
                 if self.layout == 2
                 else {}
             ),
+            # Only written when not the default, so f32 configs read by older lowbit unchanged.
+            **({"scale_format": self.scale_format} if self.scale_format != "f32" else {}),
         }
 
     @staticmethod
@@ -724,7 +836,7 @@ class PackedLinear(nn.Module):
         """Layout 2 of fold_batchnorm: per-tensor scales keep their size and gain a per-row
         ``row_scale``; per-row and grouped scales absorb ``g`` themselves."""
         assert self.wscale is not None
-        if _is_per_tensor(tuple(self.wscale.shape), self.asym):
+        if _is_per_tensor(tuple(self.wscale.shape), self.asym) or self.scale_format == "fixed8":
             old = self.row_scale.double() if self.row_scale is not None else 1.0
             self.register_buffer("row_scale", (old * g).float())
             self.has_row_scale = True
@@ -750,6 +862,7 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = {2: "ternary", 4: "int4"}[self.bits]
         extra = f", group_size={self.group_size}" if self.group_size else ""
+        extra += ", 8-bit fixed-point scales" if self.scale_format == "fixed8" else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weight_format} "
             f"({kind} kernel{extra}), activations={self.act_label()}, bias={self.has_bias}"

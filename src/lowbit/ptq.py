@@ -87,6 +87,7 @@ log = logging.getLogger("lowbit.ptq")
 FGQ_DEFAULTS: dict[str, Any] = {
     "group_axis": "in",
     "rule": None,
+    "scale_bits": None,
     "act_mode": "calibrated",
     "act_calibration": "max",
     "percentile": 99.99,
@@ -422,6 +423,8 @@ def fgq(
         weight_bits: 2 = ternary; 3..8 = symmetric k-bit (the DFP 4-bit variant).
         act_bits: DFP bits of the quantized layers' inputs (8 or 4); ``None`` keeps them float.
         **options: ``group_axis`` ("in"/"out"), ``rule`` ("exact"/"0.7"; k-bit "mse"/"max"),
+            ``scale_bits`` (None = float32 group scales; 2..8 = fixed-point ``m · 2^E`` scales,
+            one ``E`` per row, stored in one byte each by ``lowbit.pack``),
             ``act_mode`` ("calibrated"/"dynamic"), ``act_calibration`` ("max"/"percentile"),
             ``percentile`` (99.99), ``act_signed`` ("auto"/True/False), ``keep``, ``include``,
             ``exclude``, ``overrides`` (as in ``lowbit.quantize``), ``fold_bn`` (True),
@@ -457,6 +460,7 @@ def fgq(
         group_axis=opts["group_axis"],
         weight_bits=weight_bits,
         rule=opts["rule"],
+        scale_bits=opts["scale_bits"],
         act_bits=act_bits,
         act_mode=opts["act_mode"],
         act_calibration=opts["act_calibration"],
@@ -946,6 +950,7 @@ def load_quantized(path: str | Path) -> nn.Module:
         group_axis=p.get("group_axis", "in"),
         weight_bits=p["weight_bits"],
         rule=p.get("rule"),
+        scale_bits=p.get("scale_bits"),
         act_bits=p["act_bits"],
         act_mode=p.get("act_mode", "calibrated"),
         act_calibration=p.get("act_calibration", "max"),

@@ -263,6 +263,7 @@ def _packed_row(name: str, m: nn.Module) -> LayerSummary | None:
         act_kind = "float" if act == "float" else ("binary" if act == "sign" else "kbit_linear")
         act_bits = {"float": 32, "binary": 1}.get(act_kind, gemm.act_bits or 8)
         weight = f"packed {fmt}" + (f"/N={gemm.group_size}" if gemm.group_size else "")
+        weight += " s8" if gemm.scale_format == "fixed8" else ""  # 8-bit fixed-point scales
     else:  # the binary XNOR layers: 1-bit weights; bits or bit planes in
         fmt, bits, act = "binary", 1, str(getattr(m, "input", "bits"))
         act_kind, act_bits, weight = "binary", 1, "packed binary"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -374,3 +375,106 @@ def test_fgq_fine_tuning_runs_in_the_trainer(tmp_path):
     assert net.net.fc1.quantized_weight().scales.shape == (64, 1)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert "method/net.fc1.sparsity" in lines[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-point group scales (scale_bits)
+
+
+def test_scale_grid_exponent_is_the_smallest_that_holds_each_row():
+    from fractions import Fraction
+
+    torch.manual_seed(3)
+    rows = torch.rand(40, 7) * torch.exp2(torch.randint(-30, 10, (40, 1)).float())
+    rows[0] = 0.0  # all-zero row: exponent 0
+    rows[1:3] = 1.0
+    rows[1, 0] = 255 * 2.0**-4  # exactly on a bound: E = -4, not -3
+    rows[2, 0] = float(
+        np.nextafter(np.float32(255 * 2.0**-4), np.float32(np.inf))
+    )  # just above: -3
+    rows[3] = 1e-44  # subnormal: clamped so m * 2^E stays an exact float32
+    exps = fgq.scale_grid_exponents(rows, 8)
+    assert exps.dtype == torch.int64 and exps.shape == (40,)
+    assert exps[0] == 0 and exps[1] == -4 and exps[2] == -3 and exps[3] == -149
+    for r, e in zip(rows.tolist()[4:], exps.tolist()[4:], strict=True):
+        top = Fraction(max(r))
+        # independent: walk E until 255 * 2^E holds the row's largest scale and 2^(E-1) does not
+        ref = 0
+        while Fraction(255) * Fraction(2) ** ref < top:
+            ref += 1
+        while Fraction(255) * Fraction(2) ** (ref - 1) >= top:
+            ref -= 1
+        assert e == ref
+    assert fgq.scale_grid_exponents(torch.tensor([0.5, 3.0]), 8).tolist() == [-6]  # 1-D: one E
+    with pytest.raises(ValueError, match="2..8 bits"):
+        fgq.scale_grid_exponents(rows, 9)
+
+
+@pytest.mark.parametrize("levels", [None, 7])
+def test_scales_on_grid_against_a_search_over_every_grid_value(levels):
+    """For groups of 4, search all 256 mantissas and, for each, all 3^4 (or the rounded k-bit)
+    codes by brute force. Ternary: the 5-candidate window must find the best grid scale in
+    nearly every group and lose almost nothing overall. k-bit: never below the brute force, and
+    within 1 % of the float32-scale error."""
+    torch.manual_seed(5)
+    w = torch.randn(12, 16, dtype=torch.float64) * torch.linspace(0.01, 1, 16, dtype=torch.float64)
+    gran = fgq.fgq_granularity(4, "in")
+    if levels is None:
+        codes0, scales0 = group_ternarize(w, 4, "in")
+    else:
+        codes0, scales0 = group_kbit(w, 4, "in", bits=4)
+    codes, scales, exps = fgq.scales_on_grid(w, gran, scales0, 8, levels)
+    m = scales / torch.exp2(exps.double())[:, None]
+    assert torch.equal(m, m.round()) and m.max() <= 255 and m.min() >= 0
+    assert torch.equal(scales, scales.float().double())
+    all_codes = torch.tensor(list(itertools.product((-1, 0, 1), repeat=4)), dtype=torch.float64)
+    grid = torch.arange(256, dtype=torch.float64)
+    found = 0
+    ours_total = best_total = 0.0
+    for o in range(12):
+        step = 2.0 ** exps[o].item()
+        for g in range(4):
+            v = w[o, 4 * g : 4 * g + 4]
+            c = codes[o, 4 * g : 4 * g + 4].double()
+            a = scales[o, g].item()
+            ours = float(((v - a * c) ** 2).sum())
+            alphas = grid * step
+            if levels is None:  # every code vector for every grid scale
+                errs = ((v[None, None] - alphas[:, None, None] * all_codes[None]) ** 2).sum(-1)
+                best = float(errs.min())
+                # and the codes are the best ones for the chosen scale
+                assert ours <= float(((v - a * all_codes) ** 2).sum(-1).min()) + 1e-15
+            else:
+                cs = torch.round(v[None] / alphas[1:, None]).clamp(-levels, levels)
+                errs = ((v[None] - alphas[1:, None] * cs) ** 2).sum(-1)
+                best = min(float(errs.min()), float((v**2).sum()))
+            found += ours <= best * (1 + 1e-12) + 1e-300
+            ours_total += ours
+            best_total += best
+    if levels is None:  # the exact float32 ternary optimum is global, so the grid's is nearby
+        assert found >= 0.98 * 48
+        assert ours_total <= best_total * 1.001
+    else:  # group_kbit's step is a local optimum: compare with the float32-scale error instead
+        float_err = float(((w - codes0.double() * scales0.repeat_interleave(4, 1)) ** 2).sum())
+        assert best_total <= ours_total <= float_err * 1.01
+    # and never worse than rounding the float32 scale to the grid without re-fitting the codes
+    rounded = (scales0 / torch.exp2(exps.double())[:, None]).round() * torch.exp2(exps.double())[
+        :, None
+    ]
+    naive = ((w - codes0.double() * rounded.repeat_interleave(4, 1)) ** 2).sum()
+    assert ours_total <= float(naive) + 1e-12
+
+
+def test_fgq_scale_bits_quantizer_and_option():
+    torch.manual_seed(0)
+    w = torch.randn(8, 20)
+    q = fgq.FGQTernaryWeight(4, scale_bits=8)
+    qw = q.export(w)
+    e = fgq.scale_grid_exponents(qw.scales, 8).double()
+    m = qw.scales.double() / torch.exp2(e)[:, None]
+    assert torch.equal(m, m.round())
+    assert "scale_bits=8" in repr(q)
+    model = lowbit.quantize(nn.Sequential(nn.Linear(20, 8)), "fgq", keep=[], scale_bits=6)
+    assert model[0].weight_quantizer.scale_bits == 6
+    with pytest.raises(ValueError, match="scale_bits must be 2..8"):
+        fgq.FGQTernaryWeight(4, scale_bits=12)

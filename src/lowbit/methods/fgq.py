@@ -50,6 +50,8 @@ __all__ = [
     "group_kbit",
     "group_ternarize",
     "make_fgq_weight",
+    "scale_grid_exponents",
+    "scales_on_grid",
 ]
 
 GroupSize = int | str | Granularity | None
@@ -180,6 +182,91 @@ def _kbit_err(units: torch.Tensor, step: torch.Tensor, q: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Fixed-point group scales (DFP §4.2: "alpha_g can itself be a DFP or fixed-point value")
+
+
+def scale_grid_exponents(scales: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """The exponent ``E`` of the fixed-point grid ``m · 2^E``, ``m`` in ``0 .. 2^bits − 1``, that
+    holds a scale tensor: one per row of a 2-D ``(out, groups)`` tensor (groups along K), one for
+    the whole tensor otherwise. ``E`` is the smallest with ``max(row) <= (2^bits − 1) · 2^E``
+    (so the largest scale keeps ``bits`` significant bits), clamped to ``[-149, 104]`` so every
+    ``m · 2^E`` is an exact float32; 0 for an all-zero row. Returns int64 ``(rows,)``.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"fixed-point scales take 2..8 bits, got {bits}")
+    s = scales.detach().to(torch.float64)
+    rows = s.reshape(s.shape[0], -1) if s.dim() == 2 else s.reshape(1, -1)
+    top = rows.amax(1) if rows.numel() else torch.zeros(rows.shape[0], dtype=torch.float64)
+    mmax = float(2**bits - 1)
+    pos = top > 0
+    e = torch.ceil(torch.log2(torch.where(pos, top, torch.ones_like(top)) / mmax))
+    # log2 is not exact: step E by one where the bound does not (yet) hold or holds one lower.
+    e = torch.where(top > mmax * torch.exp2(e), e + 1, e)
+    e = torch.where(top <= mmax * torch.exp2(e - 1), e - 1, e)
+    return torch.where(pos, e, torch.zeros_like(e)).clamp(-149, 104).to(torch.int64)
+
+
+def _unit_steps(exps: torch.Tensor, n_units: int) -> torch.Tensor:
+    """``2^E`` per unit (units run row by row, as the flattened scale tensor)."""
+    return torch.exp2(exps.to(torch.float64)).repeat_interleave(n_units // exps.numel())
+
+
+def _ternary_codes_for(units: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The L2-optimal ternary codes for a fixed ``alpha``: keep ``|w| > alpha / 2``."""
+    keep = (units.abs() > alpha[:, None] / 2) & (alpha[:, None] > 0)
+    return torch.sign(units) * keep
+
+
+def _kbit_codes_for(units: torch.Tensor, step: torch.Tensor, q: int) -> torch.Tensor:
+    """The L2-optimal k-bit codes for a fixed ``step``: ``clamp(round(w / step), -q, q)``."""
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(units / safe[:, None]).clamp(-q, q) * (step[:, None] > 0)
+
+
+def scales_on_grid(
+    w: torch.Tensor,
+    granularity: Granularity,
+    scales: torch.Tensor,
+    scale_bits: int = 8,
+    levels: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move every group scale onto its row's ``scale_bits``-bit fixed-point grid
+    (:func:`scale_grid_exponents`) and re-fit the codes to it.
+
+    For each group the candidates are the grid values ``m · 2^E`` with ``m`` = round, floor, ceil,
+    floor − 1 and ceil + 1 of ``alpha / 2^E`` (clamped to ``0 .. 2^bits − 1``); for each, the codes
+    are the L2-optimal ones for that fixed scale (ternary: ``|w| > alpha/2``; k-bit: rounding),
+    and the candidate with the smallest ``||W_g − alpha What_g||²`` wins (ties: the earlier).
+    ``levels=None`` means ternary, else the k-bit code bound ``q``. Returns ``(codes int8,
+    scales in w's dtype — exact float32 values m · 2^E — and the int64 exponents)``.
+    """
+    w64 = w.detach().to(torch.float64)
+    units, _ = F.to_units(w64, granularity)  # zero padding: no error, no kept code
+    exps = scale_grid_exponents(scales, scale_bits)
+    step = _unit_steps(exps, units.shape[0])
+    ratio = scales.detach().to(torch.float64).reshape(-1) / step
+    mmax = float(2**scale_bits - 1)
+    best_err = torch.full((units.shape[0],), math.inf, dtype=torch.float64)
+    best_alpha = torch.zeros_like(best_err)
+    best_codes = torch.zeros_like(units)
+    base = torch.floor(ratio)
+    for m in (torch.round(ratio), base, base + 1, base - 1, base + 2):
+        alpha = m.clamp(0, mmax) * step
+        if levels is None:
+            codes = _ternary_codes_for(units, alpha)
+        else:
+            codes = _kbit_codes_for(units, alpha, levels)
+        err = ((units - codes * alpha[:, None]) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_alpha = torch.where(better, alpha, best_alpha)
+        best_codes = torch.where(better[:, None], codes, best_codes)
+    codes_w = F.from_units(best_codes, tuple(w.shape), granularity).to(torch.int8)
+    out = best_alpha.reshape(granularity.scale_shape(tuple(w.shape))).to(w.dtype)
+    return codes_w, out, exps
+
+
+# ----------------------------------------------------------------------------------------------
 # Weight quantizers
 
 
@@ -188,27 +275,55 @@ class _FGQWeight(WeightQuantizer):
     codes while the latent weight is unchanged), identity straight-through gradient (§4.3)."""
 
     def __init__(
-        self, *, bits: int, group_size: GroupSize = 4, group_axis: str | None = "in", rule: str
+        self,
+        *,
+        bits: int,
+        group_size: GroupSize = 4,
+        group_axis: str | None = "in",
+        rule: str,
+        scale_bits: int | None = None,
     ) -> None:
         super().__init__(bits=bits, granularity=fgq_granularity(group_size, group_axis))
+        if scale_bits is not None:
+            scale_bits = int(scale_bits)
+            if not 2 <= scale_bits <= 8:
+                raise ValueError(
+                    f"scale_bits must be 2..8 (fixed-point group scales, one byte each in a packed "
+                    f"file) or None (float32 scales); got {scale_bits}"
+                )
         self.group_size = group_size
         self.rule = rule
+        self.scale_bits = scale_bits
         self._cache: tuple[Any, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _solve(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _levels(self) -> int | None:
+        """``None`` for ternary codes, else the k-bit code bound ``q``."""
+        return None
+
+    def _solve_on_grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, scales = self._solve(w)
+        if self.scale_bits is None:
+            return codes, scales
+        codes, scales, _ = scales_on_grid(
+            w, self.granularity, scales, self.scale_bits, self._levels()
+        )
+        return codes, scales
+
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             self._cache = None
-            return self._solve(w)
+            return self._solve_on_grid(w)
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._solve(w))
+            self._cache = (key, self._solve_on_grid(w))
         return self._cache[1]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rule={self.rule}"
+        grid = f", scale_bits={self.scale_bits}" if self.scale_bits is not None else ""
+        return f"{super().extra_repr()}, rule={self.rule}{grid}"
 
 
 class FGQTernaryWeight(_FGQWeight):
@@ -217,9 +332,15 @@ class FGQTernaryWeight(_FGQWeight):
     format = "ternary"
 
     def __init__(
-        self, group_size: GroupSize = 4, group_axis: str | None = "in", rule: str = "exact"
+        self,
+        group_size: GroupSize = 4,
+        group_axis: str | None = "in",
+        rule: str = "exact",
+        scale_bits: int | None = None,
     ) -> None:
-        super().__init__(bits=2, group_size=group_size, group_axis=group_axis, rule=rule)
+        super().__init__(
+            bits=2, group_size=group_size, group_axis=group_axis, rule=rule, scale_bits=scale_bits
+        )
 
     def _solve(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.granularity
@@ -238,12 +359,22 @@ class FGQKBitWeight(_FGQWeight):
         group_size: GroupSize = 4,
         group_axis: str | None = "in",
         rule: str = "mse",
+        scale_bits: int | None = None,
     ) -> None:
-        super().__init__(bits=bits, group_size=group_size, group_axis=group_axis, rule=rule)
+        super().__init__(
+            bits=bits,
+            group_size=group_size,
+            group_axis=group_axis,
+            rule=rule,
+            scale_bits=scale_bits,
+        )
 
     def _solve(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.granularity
         return group_kbit(w, g, g.axis or "in", self.bits, self.rule)  # type: ignore[arg-type]
+
+    def _levels(self) -> int | None:
+        return 2 ** (self.bits - 1) - 1
 
 
 def make_fgq_weight(
@@ -251,12 +382,14 @@ def make_fgq_weight(
     group_size: GroupSize = 4,
     group_axis: str | None = "in",
     rule: str | None = None,
+    scale_bits: int | None = None,
 ) -> _FGQWeight:
     """``weight_bits=2``: ternary (:class:`FGQTernaryWeight`, rule ``exact``/``0.7``);
-    3..8: :class:`FGQKBitWeight` (rule ``mse``/``max``)."""
+    3..8: :class:`FGQKBitWeight` (rule ``mse``/``max``). ``scale_bits``: fixed-point group scales
+    (:func:`scales_on_grid`; ``None`` keeps float32 scales)."""
     if int(weight_bits) == 2:
-        return FGQTernaryWeight(group_size, group_axis, rule or "exact")
-    return FGQKBitWeight(int(weight_bits), group_size, group_axis, rule or "mse")
+        return FGQTernaryWeight(group_size, group_axis, rule or "exact", scale_bits)
+    return FGQKBitWeight(int(weight_bits), group_size, group_axis, rule or "mse", scale_bits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,7 +633,9 @@ class FGQMethod(Method):
 
     Options (beyond the common ones): ``weight_bits`` (2 = ternary, 3..8 = k-bit linear),
     ``group_size`` (int, ``"layer"`` or ``"channel"``), ``group_axis`` (``"in"``/``"out"``),
-    ``rule`` (``exact``/``0.7`` for ternary, ``mse``/``max`` for k-bit), ``act_bits`` (DFP input
+    ``rule`` (``exact``/``0.7`` for ternary, ``mse``/``max`` for k-bit), ``scale_bits`` (``None``:
+    float32 group scales; 8: 8-bit fixed-point scales ``m · 2^E`` with one ``E`` per row, which
+    ``lowbit.pack`` stores in one byte each), ``act_bits`` (DFP input
     bits, ``None`` for float inputs), ``act_mode`` (``dynamic`` — per-batch exponent, the default
     for training — or ``calibrated``), ``act_calibration``, ``percentile``, ``act_signed``.
     Training re-solves every group's threshold and alpha from the latent weights at each step
@@ -511,7 +646,7 @@ class FGQMethod(Method):
         super().__init__(
             "fgq",
             weight=lambda layer, **o: make_fgq_weight(
-                o["weight_bits"], _group_size(o), o["group_axis"], o["rule"]
+                o["weight_bits"], _group_size(o), o["group_axis"], o["rule"], o["scale_bits"]
             ),
             inputs=lambda layer, **o: _act_quantizer(o["act_bits"], o),
             options={
@@ -520,6 +655,7 @@ class FGQMethod(Method):
                 "group_axis": "in",
                 "weight_bits": 2,
                 "rule": None,
+                "scale_bits": None,
                 "act_bits": 8,
                 "act_mode": "dynamic",
                 "act_calibration": "max",
