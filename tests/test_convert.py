@@ -169,8 +169,15 @@ def test_errors_are_explicit() -> None:
         lowbit.quantize(conv1d, "twn", include=["0"])
     # A wildcard that also covers the Conv1d just skips it.
     assert sorted(quantized_layers(lowbit.quantize(conv1d, "twn", keep=(), include=["*"]))) == ["1"]
-    with pytest.raises(ValueError, match="matches no module"):
+    with pytest.raises(ValueError, match="include pattern 'encoder.\\*' matches no module"):
         lowbit.quantize(mlp(), "twn", include=["encoder.*"])
+    # a typo in keep/exclude/overrides would quantize the layer it meant to protect: refused too
+    for option in ({"keep": ["first", "fc_1"]}, {"exclude": ["fc_1"]}, {"overrides": {"fc_1": {}}}):
+        name = next(iter(option))
+        with pytest.raises(
+            ValueError, match=f"{name} pattern 'fc_1' matches no module; module names: "
+        ):
+            lowbit.quantize(mlp(), "twn", **option)
     with pytest.raises(TypeError, match="bare Linear"):
         lowbit.quantize(nn.Linear(3, 3), "twn")
     with pytest.raises(ValueError, match="granularity"):

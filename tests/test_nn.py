@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+import lowbit
 from lowbit import nn as lnn
 from lowbit.methods.twn import BWNWeight, TWNWeight
 from lowbit.qtypes import ActSpec
@@ -237,6 +238,47 @@ def test_quant_lstm_refuses_proj_size_and_packed_sequences() -> None:
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
     with pytest.raises(TypeError, match="PackedSequence"):
         q(packed)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lstm_shapes_are_checked_like_nn_lstm(batch_first: bool) -> None:
+    """The fused kernel reads out of bounds when the input size or the states do not fit, so the
+    quantized and the packed LSTM check them first; nn.LSTM refuses the same calls."""
+    torch.manual_seed(0)
+    float_lstm = nn.LSTM(6, 8, num_layers=2, batch_first=batch_first)
+    q = lowbit.quantize(nn.Sequential(copy.deepcopy(float_lstm)), "lat", keep=())[0]
+    packed = lowbit.pack(nn.Sequential(copy.deepcopy(q)).eval())[0]
+    x = torch.randn(3, 5, 6)
+    states = (2, 3 if batch_first else 5, 8)
+    bad_inputs = [
+        torch.randn(3, 5, 7),
+        torch.randn(3, 5, 1),
+        torch.randn(6),
+        torch.randn(2, 3, 5, 6),
+    ]
+    bad_states = [(2, states[1], 9), (2, states[1] + 1, 8), (1, states[1], 8), (2, 8)]
+    for lstm, kind in ((q, "QuantLSTM"), (packed, "PackedLSTM")):
+        for bad in bad_inputs:
+            with pytest.raises((RuntimeError, ValueError)):
+                float_lstm(bad)
+            with pytest.raises(ValueError, match=f"{kind} expects .*input_size=6"):
+                lstm(bad)
+        for shape in bad_states:
+            h = torch.zeros(shape)
+            with pytest.raises((RuntimeError, ValueError)):
+                float_lstm(x, (h, h))
+            with pytest.raises(
+                ValueError, match=rf"{kind}: h0 and c0 must be \(2, {states[1]}, 8\)"
+            ):
+                lstm(x, (h, h))
+        # right shapes, batched and unbatched, still run and agree with the states given
+        h = torch.randn(states)
+        out, (hn, cn) = lstm(x, (h, h.clone()))
+        assert out.shape == (3, 5, 8) and hn.shape == states and cn.shape == states
+        out1, (h1, _) = lstm(x[0], (h[:, 0], h[:, 0].clone()))
+        assert out1.shape == (5, 8) and h1.shape == (2, 8)
+    with pytest.raises(ValueError, match=r"h0 and c0 must be \(2, 8\)"):
+        q(x[0], (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)))
 
 
 class LearnedScaleTernary(lnn.WeightQuantizer):

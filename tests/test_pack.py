@@ -306,6 +306,17 @@ def test_unpackable_layers_are_reported_or_refused_by_name() -> None:
         assert torch.allclose(packed(x), quant(x), rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="layer '0' kept as QuantConv2d: grouped"):
         pack_model(quant, strict=True)
+    # the report says why a format has no kernel, not only that it has none
+    ttq = lowbit.quantize(
+        torch.nn.Sequential(torch.nn.Linear(16, 4)),
+        "ttq",
+        keep=(),
+        granularity="group",
+        group_size=8,
+    )
+    report = pack_model(ttq).packing_report["0"]
+    assert "ternary_asym" in report
+    assert report.endswith("asymmetric ternary with groups along K has no packed kernel")
 
 
 @pytest.mark.parametrize("method", ["twn", "fgq"])
@@ -392,3 +403,95 @@ def test_pack_of_custom_models_reports_refuses_and_freezes() -> None:
         pack_model(twn, xnor=True)
     with pytest.raises(ValueError, match=r"float64 parameters: call model.float\(\)"):
         pack_model(copy.deepcopy(twn).double())
+
+
+def test_casting_a_packed_model_keeps_its_float32_scales(tmp_path) -> None:
+    """.double()/.half()/.to(bfloat16) cast the float layers; packed layers keep their float32
+    buffers bit for bit, compute in float32 and answer in the input's dtype. Saving a model that
+    is not float32 is refused with the fix."""
+    lowbit = pytest.importorskip("lowbit")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 36, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+        torch.nn.Unflatten(1, (1, 4)),
+        torch.nn.LSTM(4, 6, batch_first=True),
+    ).eval()
+    quant = lowbit.quantize(net, "lat2", keep=["first"]).eval()
+    x = torch.randn(2, 3, 6, 6)
+    packed = pack_model(quant, activations="float", strict=True)
+    before = {k: v.clone() for k, v in packed.state_dict().items() if not k.startswith("0.")}
+    y, (h, _) = packed(x)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        cast = copy.deepcopy(packed).to(dtype)
+        assert cast[0].weight.dtype == dtype  # the float first layer is cast
+        for key, value in cast.state_dict().items():
+            if key in before:
+                assert torch.equal(value, before[key]), key  # packed buffers untouched
+        yc, (hc, _) = cast(x.to(dtype))
+        assert yc.dtype == dtype and hc.dtype == dtype
+        if dtype == torch.float64:  # only the first layer's rounding differs
+            torch.testing.assert_close(yc.float(), y, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=f"'0.weight' is {dtype}: call model.float"):
+            lowbit.save(cast, tmp_path / "m.lowbit")
+    back = copy.deepcopy(packed).half().float()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", ["ttq", "lat2", "ptq-fgq"])
+def test_layers_pack_keeps_replay_their_weights_and_export(method: str) -> None:
+    """A depthwise conv has no packed kernel: pack keeps it as a QuantConv2d whose quantizer now
+    replays the weight it had (no solver, no float() of a scale), so the copy exports."""
+    lowbit = pytest.importorskip("lowbit")
+    from lowbit import ptq
+    from lowbit.saveload import StoredWeight
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 36, 10),
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    if method == "ptq-fgq":
+        quant = ptq.fgq(net, torch.randn(32, 3, 6, 6), group_size=4)
+    else:
+        quant = lowbit.quantize(net, method).eval()
+    with torch.no_grad():
+        simulated = quant(x)
+        kept_weight = quant[2].weight_quantizer(quant[2].weight).clone()
+    packed = pack_model(quant, activations="float")
+    assert packed.packing_report["2"].startswith("kept as QuantConv2d: grouped")
+    assert isinstance(packed[2].weight_quantizer, StoredWeight)
+    with torch.no_grad():
+        assert torch.equal(packed[2].weight_quantizer(packed[2].weight), kept_weight)
+        eager = packed(x)
+    torch.testing.assert_close(eager, simulated, rtol=1e-4, atol=1e-5)
+    program = torch.export.export(packed, (x,))
+    assert torch.equal(program.module()(x), eager)
+
+
+def test_packed_conv_takes_unbatched_input_and_refuses_integer_input() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    quant = lowbit.quantize(_conv_net(), "twn", keep=())
+    packed = pack_model(quant, activations="float", strict=True)
+    x = torch.randn(3, 13, 11)
+    with torch.no_grad():
+        expected = quant(x.unsqueeze(0)).squeeze(0)
+        assert quant(x).shape == expected.shape  # nn.Conv2d takes (C, H, W) too
+    torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="PackedConv2d takes floating-point inputs.*torch.int64"):
+        packed(torch.zeros(1, 3, 13, 11, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"PackedConv2d expects \(B, 3, H, W\) or \(3, H, W\)"):
+        packed(torch.randn(4, 13, 11))

@@ -118,12 +118,31 @@ def test_custom_module_needs_and_uses_a_skeleton(tmp_path: Path) -> None:
     packed = lowbit.pack(quant)
     path = tmp_path / "c.lowbit"
     lowbit.save(packed, path)
-    with pytest.raises(LowbitFileError, match="model=MyNet"):
+    with pytest.raises(
+        LowbitFileError, match=r"Custom: the model is a Custom, not an nn.Sequential.*model=MyNet"
+    ):
         lowbit.load(path)
     loaded = lowbit.load(path, model=Custom())  # a fresh float skeleton
     x = _x()
     assert isinstance(loaded.body, PackedLinear)
     assert torch.equal(_outputs(loaded, x), _outputs(packed, x))
+
+
+def test_sequential_with_an_unknown_module_names_it_and_save_checks_the_path(
+    tmp_path: Path,
+) -> None:
+    seq = nn.Sequential(
+        nn.Linear(20, 8), nn.Sequential(nn.ReLU(), nn.LayerNorm(8)), nn.Linear(8, 10)
+    )
+    quant = lowbit.quantize(seq, "twn", keep=())
+    lowbit.save(quant, tmp_path / "s.lowbit")
+    with pytest.raises(LowbitFileError, match="module '1.1' is a LayerNorm, which a .lowbit file"):
+        lowbit.load(tmp_path / "s.lowbit")
+    with pytest.raises(
+        IsADirectoryError, match=r"is a directory: give a file path, e.g. .*model.lowbit"
+    ):
+        lowbit.save(quant, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lowbit"]  # no temp file left
 
 
 def test_mismatched_skeleton_is_refused_and_left_untouched(tmp_path: Path) -> None:
@@ -320,3 +339,44 @@ def test_load_refuses_a_skeleton_whose_float_layers_differ(tmp_path: Path) -> No
     # a replayed quantized layer's latent weight no longer sets its forward weight: frozen
     loaded = lowbit.load(tmp_path / "q.lowbit", model=net(10))
     assert not loaded[2].weight.requires_grad and loaded[0].weight.requires_grad
+
+
+class _BiasFreeCNN(nn.Module):
+    """Conv(bias=False) + BatchNorm: lowbit.ptq.fgq folds each BN into its conv, giving it a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.conv0(x)))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
+
+
+def test_folded_batchnorm_bias_loads_into_a_fresh_bias_free_skeleton(tmp_path: Path) -> None:
+    import lowbit.ptq
+
+    torch.manual_seed(0)
+    net = _BiasFreeCNN()
+    with torch.no_grad():
+        for bn in (net.bn0, net.bn1):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    quant = lowbit.ptq.fgq(net.eval(), torch.randn(64, 3, 8, 8), group_size=4)
+    assert quant.conv0.bias is not None  # the kept float first conv got the folded BN's bias
+    x = torch.randn(4, 3, 8, 8)
+    for name, model in (("quant", quant), ("packed", lowbit.pack(quant))):
+        lowbit.save(model, tmp_path / f"{name}.lowbit")
+        loaded = lowbit.load(tmp_path / f"{name}.lowbit", model=_BiasFreeCNN())
+        assert loaded.conv0.bias is not None and isinstance(loaded.bn0, nn.Identity)
+        assert torch.equal(_outputs(loaded, x), _outputs(model, x))
+    # any other difference is still refused: a wider first conv is another model
+    other = _BiasFreeCNN()
+    other.conv0 = nn.Conv2d(3, 8, 5, padding=2, bias=False)
+    with pytest.raises(LowbitFileError, match="does not fit the model at 'conv0'"):
+        lowbit.load(tmp_path / "quant.lowbit", model=other)

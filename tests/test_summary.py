@@ -87,6 +87,25 @@ def test_conv_bn_and_lstm_macs_and_buffers() -> None:
     assert s.layers[0].bytes == 44 + 32 + 160 and s.layers[0].params == 160 + 40
 
 
+def test_float_layers_of_other_kinds_count_their_macs() -> None:
+    """Conv1d/Conv3d/ConvTranspose2d/GRU/RNN MACs by hand, so the 'need no multiplication' share
+    is taken over all of them."""
+    m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 8, 6))
+    s = lowbit.summary(lowbit.quantize(m, "twn", keep=()), (1, 2, 10))
+    assert s.layers[0].macs == {"float": 4 * 8 * 2 * 3}  # 32 outputs x (2 in x 3 taps)
+    assert s.macs == {"xnor": 0, "addsub": 32 * 6, "int": 0, "float": 192}
+    assert s.mult_free == pytest.approx(0.5)
+    t = lowbit.summary(nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2)), (1, 3, 5, 5))
+    assert t.total_macs == 3 * 5 * 5 * 4 * 2 * 2  # every input element meets 4 x 2x2 weights
+    c3 = lowbit.summary(nn.Sequential(nn.Conv3d(2, 3, 3, padding=1, groups=1)), (1, 2, 4, 4, 4))
+    assert c3.total_macs == 3 * 64 * 2 * 27
+    gru = lowbit.summary(nn.Sequential(nn.GRU(5, 7, num_layers=2, bidirectional=True)), (3, 2, 5))
+    # 6 tokens; layer 0: 2 dirs x 3 gates x 7 x (5 + 7); layer 1: input 14
+    assert gru.total_macs == 6 * (2 * 3 * 7 * (5 + 7) + 2 * 3 * 7 * (14 + 7))
+    rnn = lowbit.summary(nn.Sequential(nn.RNN(4, 6, batch_first=True)), (2, 5, 4))
+    assert rnn.total_macs == 10 * 6 * (4 + 6)
+
+
 def test_embedding_model_uses_long_input_and_training_mode_is_restored() -> None:
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2))
     model.train()

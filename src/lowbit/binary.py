@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional as TF
 
 from lowbit import kernels
+from lowbit.pack import Float32Buffers
 
 __all__ = [
     "OUT_KINDS",
@@ -616,7 +617,7 @@ def _check_bits(x: torch.Tensor) -> torch.Tensor:
 _PLAN_BUFFERS = frozenset(("w_bits", "scale", "bias", "thr", "flip", "tap_sums"))
 
 
-class _PackedBinaryBase(nn.Module):
+class _PackedBinaryBase(Float32Buffers, nn.Module):
     """Shared epilogue state: ``bias``/``scale`` (float outputs) or ``thr``/``flip`` (bit outputs).
 
     Eager calls run one C++ call per layer (``BinaryLinearPlan.forward``): the constant operands
@@ -972,7 +973,7 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         )
 
 
-class BinaryMaxPool2d(nn.Module):
+class BinaryMaxPool2d(Float32Buffers, nn.Module):
     """``nn.MaxPool2d`` on packed NHWC bits (see :func:`binary_maxpool2d`)."""
 
     or_mask: torch.Tensor
@@ -1006,7 +1007,7 @@ class BinaryMaxPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, packed bits"
 
 
-class PackedBitplaneLinear(nn.Module):
+class PackedBitplaneLinear(Float32Buffers, nn.Module):
     """A first layer with ±1 weights and k-bit uniform inputs on the XNOR kernel (QNN §2.5).
 
     The layer this replaces (a ``QuantLinear`` with binary weights whose input quantizer is

@@ -15,6 +15,9 @@ Rules, in order:
 5. ``overrides``: ``{glob: {option: value}}`` merged into the options of matching layers
    (later globs win), e.g. ``{"features.0": {"granularity": "channel"}}``.
 
+A glob in ``include``, ``keep``, ``exclude`` or ``overrides`` that matches no module name raises
+``ValueError`` (a typo would otherwise quantize the layer it was meant to protect).
+
 The new layers reuse the original Parameter objects (weights, device, dtype and any optimizer
 holding them are preserved); quantizer state is created on the weight's device and dtype.
 """
@@ -166,15 +169,27 @@ def quantize(
         )
     names = [n for n, _ in cands]
 
+    all_named = dict(model.named_modules())
     include_p = _as_patterns(include)
+    keep_p = _as_patterns(keep)
+    exclude_p = _as_patterns(exclude)
+    # A pattern that names nothing is a typo: in keep/exclude it would quantize the very layer
+    # it was meant to protect, so every option refuses it, not only include.
+    for option, patterns in (
+        ("include", include_p),
+        ("keep", [p for p in keep_p if p not in ("first", "last")]),
+        ("exclude", exclude_p),
+        ("overrides", list(overrides or {})),
+    ):
+        for pattern in patterns:
+            if not any(n and fnmatch.fnmatchcase(n, pattern) for n in all_named):
+                raise ValueError(
+                    f"{option} pattern {pattern!r} matches no module; module names: "
+                    f"{', '.join(list(all_named)[1:20])}{' ...' if len(all_named) > 20 else ''}"
+                )
     if include_p:
-        all_named = dict(model.named_modules())
         for pattern in include_p:
             hits = [n for n in all_named if n and fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise ValueError(
-                    f"include pattern {pattern!r} matches no module; module names: {', '.join(list(all_named)[1:20])} ..."
-                )
             for n in hits:
                 mod = all_named[n]
                 # A layer named exactly (not through a wildcard) must be quantizable.
@@ -187,7 +202,6 @@ def quantize(
     else:
         selected = list(names)
 
-    keep_p = _as_patterns(keep)
     kept: set[str] = set()
     for entry in keep_p:
         if entry == "first" and names:
@@ -196,7 +210,6 @@ def quantize(
             kept.add(names[-1])
         else:
             kept.update(n for n in names if fnmatch.fnmatchcase(n, entry))
-    exclude_p = _as_patterns(exclude)
     selected = [n for n in selected if n not in kept and not _matches(n, exclude_p)]
 
     modules = dict(cands)

@@ -79,6 +79,7 @@ class DemoConfig:
     test_samples: int | None = None
     fgq_group_size: int = 4
     fgq_act_bits: int = 8
+    fgq_scale_bits: int | None = 8  # one byte per group scale (docs/methods/fgq.md)
     methods: tuple[str, ...] = ("fp", "fgq", "ttq", "bnn", "lat2", "laq")
     timing: bool = True
     reps: int = 20
@@ -229,8 +230,9 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
         if stage.key == "fp" and "fgq" in cfg.methods:
             step += 1
             say(
-                f"[{step}/{n_steps}] FGQ post-training: ternary groups of N={cfg.fgq_group_size}, "
-                f"{cfg.fgq_act_bits}-bit DFP activations, calibrated on 2048 training images"
+                f"[{step}/{n_steps}] FGQ post-training: ternary groups of N={cfg.fgq_group_size}"
+                + (f" with {cfg.fgq_scale_bits}-bit scales" if cfg.fgq_scale_bits else "")
+                + f", {cfg.fgq_act_bits}-bit DFP activations, calibrated on 2048 training images"
             )
             fspec = copy.deepcopy(spec)
             fspec["method"] = {
@@ -238,6 +240,7 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
                 "group_size": cfg.fgq_group_size,
                 "weight_bits": 2,
                 "act_bits": cfg.fgq_act_bits,
+                "scale_bits": cfg.fgq_scale_bits,
             }
             f = ptq_from(result.model, fspec, splits, out / "runs" / "fgq")
             trained["fgq"] = f

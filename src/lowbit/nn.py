@@ -596,6 +596,45 @@ class QuantConv2d(_OneWeightQuant, nn.Conv2d):
         )
 
 
+def lstm_inputs(
+    kind: str, lstm: Any, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Checked LSTM arguments, as :class:`QuantLSTM` and ``PackedLSTM`` use them: the input
+    time-major ``(T, B, input_size)``, ``h0`` and ``c0`` ``(layers * dirs, B, hidden_size)``
+    (zeros when ``hx`` is None) and whether the input was unbatched ``(T, input_size)``.
+    Shapes are checked the way ``nn.LSTM`` checks them (the fused kernel does not)."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        raise TypeError(
+            f"{kind} does not take PackedSequence inputs; pad the batch "
+            "(nn.utils.rnn.pad_packed_sequence)"
+        )
+    if input.dim() not in (2, 3) or input.shape[-1] != lstm.input_size:
+        order = "(B, T" if lstm.batch_first else "(T, B"
+        raise ValueError(
+            f"{kind} expects (T, {lstm.input_size}) or {order}, {lstm.input_size}) inputs "
+            f"(input_size={lstm.input_size}); got {tuple(input.shape)}"
+        )
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if lstm.batch_first else input)
+    states = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    want = (states, x.shape[1], lstm.hidden_size)
+    if hx is None:
+        zeros = x.new_zeros(want)
+        return x, zeros, zeros, unbatched
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"{kind}: hx must be a pair (h0, c0)")
+    h0, c0 = hx
+    shown = (states, lstm.hidden_size) if unbatched else want
+    if tuple(h0.shape) != shown or tuple(c0.shape) != shown:
+        raise ValueError(
+            f"{kind}: h0 and c0 must be {shown} (layers x directions, "
+            f"{'' if unbatched else 'batch, '}hidden_size); got {tuple(h0.shape)}, {tuple(c0.shape)}"
+        )
+    if unbatched:
+        h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+    return x, h0, c0, unbatched
+
+
 GATES = ("i", "f", "g", "o")  # PyTorch's row order inside weight_ih / weight_hh
 
 
@@ -725,27 +764,9 @@ class QuantLSTM(nn.LSTM, QuantModule):
     def forward(  # type: ignore[override]
         self, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise TypeError(
-                "QuantLSTM does not take PackedSequence inputs; pad the batch (nn.utils.rnn.pad_packed_sequence)"
-            )
-        unbatched = input.dim() == 2
-        x = (
-            input.unsqueeze(1)
-            if unbatched
-            else (input.transpose(0, 1) if self.batch_first else input)
-        )
+        x, h0, c0, unbatched = lstm_inputs("QuantLSTM", self, input, hx)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        batch = x.shape[1]
-        dirs = 2 if self.bidirectional else 1
-        if hx is None:
-            zeros = x.new_zeros(self.num_layers * dirs, batch, self.hidden_size)
-            h0, c0 = zeros, zeros
-        else:
-            h0, c0 = hx
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         # PyTorch's fused LSTM with the quantized gate matrices in place of the latent ones: the
         # same math as the cell loop in `reference_forward` (hidden states stay float), ~6x faster;
         # gradients reach the latent weights through each gate quantizer's straight-through path.
@@ -774,24 +795,12 @@ class QuantLSTM(nn.LSTM, QuantModule):
         self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The LSTM written out step by step (tests check :meth:`forward` against it)."""
-        unbatched = input.dim() == 2
-        x = (
-            input.unsqueeze(1)
-            if unbatched
-            else (input.transpose(0, 1) if self.batch_first else input)
-        )
+        x, h0, c0, unbatched = lstm_inputs("QuantLSTM", self, input, hx)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         steps, batch = x.shape[0], x.shape[1]
         dirs = 2 if self.bidirectional else 1
         h_size = self.hidden_size
-        if hx is None:
-            zeros = x.new_zeros(self.num_layers * dirs, batch, h_size)
-            h0, c0 = zeros, zeros
-        else:
-            h0, c0 = hx
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):

@@ -37,6 +37,7 @@ the integer accumulation stays exact.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -88,12 +89,17 @@ def _kernel_codes(qw: QuantizedWeight) -> tuple[torch.Tensor, int, float]:
 
 def packable(qw: QuantizedWeight) -> bool:
     """Whether :class:`PackedLinear` can run ``qw`` on an integer kernel."""
+    return unpackable_reason(qw) is None
+
+
+def unpackable_reason(qw: QuantizedWeight) -> str | None:
+    """Why :class:`PackedLinear` cannot run ``qw`` (``None`` when it can)."""
     try:
         _kernel_codes(qw)
         _row_or_group_scales(qw)
-    except ValueError:
-        return False
-    return len(qw.shape) == 2
+    except ValueError as exc:
+        return f"no packed kernel for {qw!r}: {exc}"
+    return None if len(qw.shape) == 2 else f"no packed kernel for {qw!r}: not a 2-D weight"
 
 
 def _row_or_group_scales(qw: QuantizedWeight) -> tuple[torch.Tensor, int]:
@@ -363,7 +369,51 @@ def _check_config(cfg: dict[str, Any]) -> None:
             )
 
 
-class PackedLinear(nn.Module):
+class Float32Buffers:
+    """Mixin for packed modules: their buffers are the file's float32 scales, bias and tables,
+    which the kernels read as float32. ``.half()``, ``.double()`` and ``.to(dtype)`` therefore
+    leave them as they are (device moves still apply), so casting a model that holds packed
+    layers neither breaks them nor rounds their scales; the forward casts instead."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device)  # the original values, not a round trip
+            return out
+
+        return super()._apply(keep_dtype, recurse)  # type: ignore[misc]
+
+
+def float32_forward(forward: Any) -> Any:
+    """Run a packed module's forward in float32 and give the output the input's dtype (the float
+    layers around a packed one keep whatever dtype the model was cast to)."""
+
+    @functools.wraps(forward)
+    def wrapped(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
+        if dtype is torch.float32:
+            return forward(self, x, *args, **kwargs)
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} takes floating-point inputs (like the layer it replaces); "
+                f"got {x.dtype}"
+            )
+        out = forward(self, x.to(torch.float32), *args, **kwargs)
+        return _to_dtype(out, dtype)
+
+    return wrapped
+
+
+def _to_dtype(out: Any, dtype: torch.dtype) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype)
+    if isinstance(out, tuple):
+        return tuple(_to_dtype(o, dtype) for o in out)
+    return out
+
+
+class PackedLinear(Float32Buffers, nn.Module):
     """Inference-only ``nn.Linear`` replacement on packed low-bit weights (C++ kernels).
 
     Saved (``state_dict``, buffer layout 2 of docs/format.md): ``tiles`` (uint8; 1-bit
@@ -773,6 +823,7 @@ class PackedLinear(nn.Module):
                 y = torch.relu(y)
         return y
 
+    @float32_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -878,7 +929,7 @@ def _tracing(x: torch.Tensor) -> bool:
     )
 
 
-class PackedConv2d(nn.Module):
+class PackedConv2d(Float32Buffers, nn.Module):
     """Inference-only ``nn.Conv2d`` (groups=1, zero padding) on a :class:`PackedLinear` GEMM.
 
     ``unfold`` (im2col) turns the input into one row of ``K = in * kh * kw`` values per output
@@ -978,10 +1029,14 @@ class PackedConv2d(nn.Module):
             "dilation": dl,
         }
 
+    @float32_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:  # unbatched, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"PackedConv2d expects (B, {self.in_channels}, H, W); got {tuple(x.shape)}"
+                f"PackedConv2d expects (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W); "
+                f"got {tuple(x.shape)}"
             )
         b, _, h, w = x.shape
         kh, kw = self.kernel_size
@@ -1041,8 +1096,9 @@ def _stack_gates(gates: list[QuantizedWeight]) -> tuple[QuantizedWeight, bool]:
                 f"its gate blocks differ in format or shape ({first!r} vs {qw!r}): one packed "
                 "GEMM needs one weight format"
             )
-        if not packable(qw):
-            raise ValueError(f"no packed kernel for its gate blocks' {qw!r}")
+        why = unpackable_reason(qw)
+        if why is not None:
+            raise ValueError(f"{why} (its gate blocks)")
     h, k = first.shape
     codes = torch.cat([qw.codes for qw in gates])
     asym = first.format == "ternary_asym"
@@ -1202,7 +1258,7 @@ def _check_lstm_config(cfg: Any) -> dict[str, Any]:
     return out
 
 
-class PackedLSTM(nn.Module):
+class PackedLSTM(Float32Buffers, nn.Module):
     """Inference-only ``nn.LSTM`` on packed low-bit gate matrices (from a ``QuantLSTM``).
 
     Per layer and direction, ``W_ih`` (4H x In) and ``W_hh`` (4H x H) are each one
@@ -1344,37 +1400,17 @@ class PackedLSTM(nn.Module):
         blocks = [(t0, min(steps, t0 + n)) for t0 in range(0, steps, n)]
         return blocks[::-1] if reverse else blocks
 
+    @float32_forward
     def forward(
         self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise TypeError("PackedLSTM does not take PackedSequence inputs; pad the batch")
-        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"PackedLSTM expects (T, {self.input_size}) or a batch of them; got "
-                f"{tuple(input.shape)}"
-            )
-        unbatched = input.dim() == 2
-        x = (
-            input.unsqueeze(1)
-            if unbatched
-            else (input.transpose(0, 1) if self.batch_first else input)
-        )
-        x = x.detach().to(torch.float32)
+        from lowbit.nn import lstm_inputs
+
+        x, h0, c0, unbatched = lstm_inputs("PackedLSTM", self, input, hx)
+        x, h0, c0 = (t.detach().to(torch.float32) for t in (x, h0, c0))
         steps, batch = x.shape[0], x.shape[1]
         dirs = 2 if self.bidirectional else 1
         hs = self.hidden_size
-        if hx is None:
-            h0 = c0 = x.new_zeros(self.num_layers * dirs, batch, hs)
-        else:
-            h0, c0 = (t.detach().to(torch.float32) for t in hx)
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            want = (self.num_layers * dirs, batch, hs)
-            if tuple(h0.shape) != want or tuple(c0.shape) != want:
-                raise ValueError(
-                    f"PackedLSTM: h0 and c0 must be {want}; got {tuple(h0.shape)}, {tuple(c0.shape)}"
-                )
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -1480,8 +1516,9 @@ def _packed_from(layer: nn.Module, activations: str) -> tuple[nn.Module | None, 
         if isinstance(layer.padding, str):
             return None, f"padding={layer.padding!r} is not supported (give explicit sizes)"
         qw = _conv_scale_rows(qw)
-    if not packable(qw):
-        return None, f"no packed kernel for {qw!r}"
+    why = unpackable_reason(qw)
+    if why is not None:
+        return None, why
     mode, why = _input_mode(layer, activations)
     if mode is None:
         return None, why
@@ -1604,6 +1641,11 @@ def pack(
                 visit(child, f"{path}.")
 
     visit(target, "")
+    from lowbit.saveload import freeze_quantizers
+
+    for path, why in report.items():
+        if not why.startswith("packed"):  # a kept Quant layer: replay its weights from now on
+            freeze_quantizers(target.get_submodule(path))
     if fuse:
         _fuse(target, report)
     if strict:

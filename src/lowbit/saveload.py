@@ -44,6 +44,7 @@ existing file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit import functional as F
 from lowbit import kernels
 from lowbit.binary import (
     OUT_KINDS,
@@ -141,7 +143,12 @@ class StoredWeight(WeightQuantizer):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.format == "float":
             return self.scales.to(w.dtype)
-        return super().forward(w)
+        if w.requires_grad and torch.is_grad_enabled():
+            return super().forward(w)  # straight through to a latent someone chose to train
+        # Frozen (a loaded or kept-by-pack layer): the stored weight, nothing recorded or traced.
+        return F.dequantize(
+            self.codes, self.scales, self.format, self.bits, self.granularity, w.shape
+        ).to(w.dtype)
 
     def export(self, w: torch.Tensor | None = None) -> QuantizedWeight:
         if self.format == "float":
@@ -407,6 +414,29 @@ def _input_quantizer(spec: dict[str, Any], where: str) -> nn.Module | None:
         return make_act_quantizer(ActSpec(**spec["input"]))
     except (TypeError, ValueError) as exc:
         raise LowbitFileError(f"{where}: bad input spec: {exc}") from None
+
+
+def freeze_quantizers(layer: nn.Module) -> None:
+    """Swap a ``QuantLinear`` / ``QuantConv2d`` / ``QuantLSTM``'s weight quantizer(s) for
+    :class:`StoredWeight` replays of what they give now: what a ``.lowbit`` file reloads, and what
+    ``lowbit.pack`` leaves in the layers it cannot pack (no solver or data-dependent scale runs
+    per forward, so the inference copy exports and runs faster; outputs are unchanged)."""
+    with torch.no_grad():
+        qws = {
+            k: dataclasses.replace(
+                qw, codes=qw.codes.detach().clone(), scales=qw.scales.detach().clone()
+            )
+            for k, qw in layer.quantized_weights().items()  # type: ignore[operator]
+        }
+    if isinstance(layer, QuantLSTM):
+        layer.weight_quantizer = nn.ModuleDict(
+            {
+                key: nn.ModuleList(StoredWeight(qws[f"weight_{key}.{g}"]) for g in LSTM_GATES)
+                for key in layer.matrix_keys()
+            }
+        )
+    else:
+        layer.weight_quantizer = StoredWeight(qws["weight"])
 
 
 def _build_quant(spec: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
@@ -833,6 +863,20 @@ def _tree(m: nn.Module) -> dict[str, Any] | None:
     return _plain_encoding(m)
 
 
+def _why_skeleton(m: nn.Module, prefix: str = "") -> str:
+    """Why ``m`` cannot be rebuilt from the file alone (the first module that stops it)."""
+    if type(m) is not nn.Sequential:
+        if not prefix:
+            return f"the model is a {type(m).__name__}, not an nn.Sequential or a lowbit model"
+        return f"module {prefix[:-1]!r} is a {type(m).__name__}, which a .lowbit file does not describe"
+    for name, child in m.named_children():
+        if type(child) is nn.Sequential or _tree(child) is None:
+            why = _why_skeleton(child, f"{prefix}{name}.")
+            if why:
+                return why
+    return ""
+
+
 def _tree_build(enc: Any, where: str, depth: int = 0) -> nn.Module:
     if depth > 64:
         raise LowbitFileError(f"{where}: module tree too deep")
@@ -877,6 +921,18 @@ def _walk_special(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _check_float32(model: nn.Module) -> None:
+    """``.lowbit`` files hold float32 models: quantized layers are rebuilt in float32 and packed
+    layers compute in float32, so a float16/bfloat16/float64 tensor would come back as a model
+    that does not run (or, cast, silently different)."""
+    for name, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+            raise ValueError(
+                f"lowbit.save writes float32 models, but {name!r} is {t.dtype}: call "
+                "model.float() first (packed layers always compute in float32)"
+            )
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -894,6 +950,11 @@ def save(
     """
     from safetensors.torch import save as st_save
 
+    if Path(path).is_dir():
+        raise IsADirectoryError(
+            f"{path} is a directory: give a file path, e.g. {Path(path) / 'model.lowbit'}"
+        )
+    _check_float32(model)
     layers: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     float_bytes = 0
@@ -978,6 +1039,7 @@ def save(
             architecture_json = {
                 "kind": "skeleton",
                 "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "why": _why_skeleton(model),
             }
     manifest = {
         "format": FORMAT,
@@ -1289,7 +1351,9 @@ def _skeleton(path: Path, manifest: dict[str, Any], model: nn.Module | None) -> 
     if kind == "skeleton":
         raise _fail(
             path,
-            f"holds a custom model ({arch.get('class')}); build it and pass it: lowbit.load(path, model=MyNet())",
+            f"holds a custom model ({arch.get('class')}"
+            + (f": {arch['why']}" if isinstance(arch.get("why"), str) and arch["why"] else "")
+            + "); build it and pass it: lowbit.load(path, model=MyNet())",
         )
     raise _fail(path, f"corrupt manifest: unknown architecture {arch!r}")
 
@@ -1374,6 +1438,11 @@ def _plan(
                     for k, v in leaf["args"].items()
                     if enc.get("args", {}).get(k) != v
                 }
+                if diff == {"bias": (True, False)}:
+                    # a BatchNorm folded into a bias-free conv/linear (lowbit.ptq.fgq) gave it a
+                    # bias: the file's layer, with its bias, is the saved model's
+                    replace[lpath] = _plain_build(enc, f"{path}: {lpath}")
+                    continue
                 raise _fail(
                     path,
                     f"does not fit the model at {lpath!r}: the file's {leaf['type']} has "

@@ -24,6 +24,7 @@ with hooks that read the real shapes. They are split by what the hardware needs:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -370,10 +371,16 @@ def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
         return output.numel() * module.gemm.in_features
     if isinstance(module, nn.Linear):
         return output.numel() // module.out_features * module.in_features * module.out_features
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return output.numel() * (module.in_channels // module.groups) * kh * kw
-    if isinstance(module, nn.LSTM):
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        # every input element meets (out / groups) * kernel weights
+        per_input = module.out_channels // module.groups * math.prod(module.kernel_size)
+        return inputs[0].numel() * per_input
+    if isinstance(module, nn.modules.conv._ConvNd):  # Conv1d / Conv2d / Conv3d
+        return (
+            output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        )
+    if isinstance(module, nn.RNNBase):  # LSTM (4 gate blocks), GRU (3), RNN (1)
+        gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
         x = inputs[0]
         if isinstance(x, nn.utils.rnn.PackedSequence):
             tokens = int(x.data.shape[0])
@@ -381,11 +388,10 @@ def _macs_of(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
             tokens = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
         dirs = 2 if module.bidirectional else 1
         h = module.hidden_size
-        total = 0
-        for layer in range(module.num_layers):
-            in_size = module.input_size if layer == 0 else h * dirs
-            total += dirs * 4 * h * (in_size + h)
-        return tokens * total
+        return tokens * sum(
+            dirs * gates * h * ((module.input_size if layer == 0 else h * dirs) + h)
+            for layer in range(module.num_layers)
+        )
     return 0
 
 
@@ -411,7 +417,9 @@ def _trace_macs(
             continue
         if isinstance(module, nn.MultiheadAttention | QuantModule) or _is_packed(module):
             skip.append(name + ".")
-        if isinstance(module, nn.Linear | nn.Conv2d | nn.LSTM) or _is_packed(module):
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd | nn.RNNBase) or _is_packed(
+            module
+        ):
 
             def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
                 out = output[0] if isinstance(output, tuple) else output

@@ -303,6 +303,31 @@ def test_dynamic_mode_picks_exponent_per_batch():
     assert a.spec().exponent is None and a.spec().kind == "dfp"
 
 
+def test_auto_signedness_from_a_batch_turns_signed_when_negatives_come():
+    a = DFPCalibratedAct(8, signed="auto", mode="dynamic")
+    x = torch.tensor([0.25, 0.5])
+    assert torch.equal(a(x), x) and a.signed is False  # first batch all >= 0: unsigned
+    neg = torch.tensor([-0.5, 0.25])
+    with pytest.warns(UserWarning, match="now sees negative inputs: switched to signed"):
+        y = a(neg)
+    assert a.signed is True and torch.equal(y, neg)  # not clamped to 0 (E = -7 holds both)
+    state = a.get_extra_state()
+    b = DFPCalibratedAct(8, signed="auto", mode="dynamic")
+    b.set_extra_state(state)
+    assert b.signed is True
+    # an unsigned choice made on one batch survives a checkpoint and is still revisable
+    c = DFPCalibratedAct(8, signed="auto", mode="dynamic")
+    c(x)
+    d = DFPCalibratedAct(8, signed="auto", mode="dynamic")
+    d.set_extra_state(c.get_extra_state())
+    with pytest.warns(UserWarning, match="switched to signed"):
+        d(neg)
+    # calibrated layers keep their choice: clamping is what calibration asked for
+    e = calibrated([torch.tensor([0.5])], bits=8, mode="dynamic")
+    assert e.signed is False
+    assert torch.equal(e(neg), torch.tensor([0.0, 0.25]))
+
+
 def test_dfp_values_are_ints_times_power_of_two():
     torch.manual_seed(6)
     x = torch.randn(1000)

@@ -32,6 +32,7 @@ tensor and ``"channel"`` one per output row.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -396,6 +397,12 @@ def make_fgq_weight(
 # DFP activations with calibration and saturation statistics
 
 
+def _tracing(x: torch.Tensor) -> bool:
+    from lowbit.pack import _tracing as tracing
+
+    return tracing(x)
+
+
 class DFPCalibratedAct(ActQuantizer):
     """k-bit dynamic fixed-point input activations (DFP §4.2): ``x ≈ ints * 2^E``, one E per tensor.
 
@@ -405,8 +412,9 @@ class DFPCalibratedAct(ActQuantizer):
     Args:
         bits: k (8 or 4 in the papers; 2..16).
         signed: ``True``/``False``, or ``"auto"``: unsigned when every value seen while
-            calibrating (or, without calibration, in the first batch) is >= 0 — the inputs of a
-            layer after ReLU — which buys one bit of resolution.
+            calibrating is >= 0 — the inputs of a layer after ReLU — which buys one bit of
+            resolution. Without calibration (training) the first batch decides, and a later
+            batch with negative values switches the layer to signed (with a warning).
         mode: ``"calibrated"`` — E fixed from calibration batches; ``"dynamic"`` — E chosen per
             batch from ``max|x|`` (:func:`~lowbit.functional.dfp_exponent`).
         calibration: ``"max"`` (E from the largest value seen: nothing saturates on the
@@ -448,6 +456,7 @@ class DFPCalibratedAct(ActQuantizer):
         self.percentile = float(percentile)
         self.exponent: int | None = None
         self.last_exponent: int | None = None
+        self._signed_from_batch = False  # "auto" decided unsigned on one batch, not calibrated
         self.track = False
         self._observing = False
         self.reset_stats()
@@ -517,6 +526,7 @@ class DFPCalibratedAct(ActQuantizer):
             )
         if self.signed_option == "auto":
             self.signed = bool(self.seen_min < 0)
+        self._signed_from_batch = False
         signed = self._resolved_signed()
         if self.mode == "calibrated":
             m = self.calibrated_threshold()
@@ -551,8 +561,20 @@ class DFPCalibratedAct(ActQuantizer):
     # -- forward -----------------------------------------------------------------------------
     def current_exponent(self, x: torch.Tensor) -> tuple[int, bool]:
         """``(E, signed)`` this forward uses for ``x`` (calibrated, or dynamic from ``max|x|``)."""
-        if self.signed is None:  # auto, never calibrated: decided once, on the first batch
+        if self.signed is None:  # auto, never calibrated: decided on the first batch ...
             self.signed = bool((x.detach() < 0).any())
+            self._signed_from_batch = not self.signed
+        elif self._signed_from_batch and not _tracing(x) and bool((x.detach() < 0).any()):
+            # ... and revised (once, to signed) when a later batch has negative inputs, which
+            # unsigned codes would clamp to 0; calibration (lowbit.ptq) fixes it for good.
+            self.signed = True
+            self._signed_from_batch = False
+            warnings.warn(
+                "a DFP input quantizer chose unsigned codes from its first batch (all >= 0) and "
+                "now sees negative inputs: switched to signed. Calibrate (lowbit.ptq.calibrate) "
+                "or pass act_signed=True/False to fix the choice.",
+                stacklevel=2,
+            )
         signed = self.signed
         if self.mode == "calibrated" and self.exponent is not None:
             return self.exponent, signed
@@ -593,6 +615,7 @@ class DFPCalibratedAct(ActQuantizer):
             "signed": self.signed,
             "exponent": self.exponent,
             "mode": self.mode,
+            "signed_from_batch": self._signed_from_batch,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -600,6 +623,7 @@ class DFPCalibratedAct(ActQuantizer):
         self.signed = state["signed"]
         self.exponent = state["exponent"]
         self.mode = state["mode"]
+        self._signed_from_batch = bool(state.get("signed_from_batch", False))
 
 
 # ----------------------------------------------------------------------------------------------

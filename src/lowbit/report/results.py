@@ -117,6 +117,8 @@ def describe_weights(model: nn.Module) -> tuple[str, str]:
         name = _WEIGHT_NAMES.get(qw.format, qw.format).format(bits=qw.bits)
         if qw.granularity == "group":
             name += f" N={qw.group_size}"
+            bits = getattr(layer.weight_quantizer, "scale_bits", None)
+            name += f" s{bits}" if bits else ""  # fixed-point group scales (FGQ scale_bits)
         if name not in kinds:
             kinds.append(name)
     floats = [
