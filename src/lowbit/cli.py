@@ -932,11 +932,15 @@ def pack_cmd(
         return
     for layer, line in (result["packing_report"] or {}).items():
         typer.echo(f"  {layer:<14} {line}")
+    alone = (
+        f"quantized layers alone: {saved['layer_bytes'] / 1024:.1f} KiB vs "
+        f"{saved['layer_float32_bytes'] / 1024:.1f} KiB, {saved['layer_compression']:.1f}x"
+        if saved["layer_bytes"]
+        else "no quantized layer: every layer was kept float (see --keep)"
+    )
     typer.echo(
         f"wrote {out}: {saved['bytes'] / 1024:.1f} KiB; float32 {saved['float32_bytes'] / 1024:.1f} KiB; "
-        f"compression {saved['compression']:.1f}x (quantized layers alone: "
-        f"{saved['layer_bytes'] / 1024:.1f} KiB vs {saved['layer_float32_bytes'] / 1024:.1f} KiB, "
-        f"{saved['layer_compression']:.1f}x)"
+        f"compression {saved['compression']:.1f}x ({alone})"
     )
     if "packed_loss" in result:
         typer.echo(
@@ -957,6 +961,12 @@ def run_cmd(
         None, "--dataset", help="Dataset to evaluate on (default: the one stored in the file)."
     ),
     split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    data_opt: list[str] = typer.Option(
+        [],
+        "--data-opt",
+        "-D",
+        help="Dataset option key=value (repeatable), e.g. -D path=other.npz (with --dataset arrays).",
+    ),
     batch_size: int = typer.Option(
         256, "--batch-size", help="Batch size (throughput is measured at this size)."
     ),
@@ -991,7 +1001,12 @@ def run_cmd(
         table = {"name": dataset}
     if not table.get("name"):
         fail("no dataset stored in the file: pass --dataset NAME (see `lowbit datasets`)")
-    from lowbit.train.runs import build_data
+    from lowbit.train.runs import build_data, parse_options
+
+    try:
+        table.update(parse_options(data_opt, "--data-opt"))
+    except ValueError as exc:
+        fail(str(exc))
 
     try:
         splits = build_data(table, data_dir)

@@ -14,10 +14,19 @@ from torch import nn
 
 __all__ = ["accuracy", "evaluate", "quantized_from_source", "speed"]
 
-# The run's data table entries that rebuild the same dataset (not "source": a resolved path, nor
-# "augment"): the corpus options matter for character corpora, whose vocabulary (the model's
-# num_classes) and sequences depend on them.
-_DATA_KEYS = ("name", "split", "preprocess", "seq_len", "max_chars", "fractions", "path")
+_NOT_DATA_OPTIONS = ("augment", "data_dir", "download")
+
+
+def _data_table(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The run's data table entries that rebuild the same dataset: every loader option (corpus
+    options set a character model's vocabulary; an arrays file's layout and validation cut
+    matter), not train-time augmentation or where the files were, nor an old "source" entry
+    that recorded a resolved path (MNIST's own ``source`` option is "embedded" or "idx")."""
+    return {
+        k: v
+        for k, v in recorded.items()
+        if k not in _NOT_DATA_OPTIONS and not (k == "source" and v not in ("embedded", "idx"))
+    }
 
 
 def quantized_from_source(
@@ -69,7 +78,7 @@ def quantized_from_source(
     run_dir, ckpt = _locate(source, "best")
     spec = read_run_spec(run_dir)
     # config.json records where the data came from ("source": a resolved path); load by name.
-    data_table = {k: v for k, v in spec["data"].items() if k in _DATA_KEYS}
+    data_table = _data_table(spec["data"])
     splits = build_data(data_table, data_dir)
     # Model tables come as {"name", **options} (lowbit train) or {"name", "options": {...}}.
     name, opts = ptq._model_spec(spec)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.data import cifar, imagenet, mnist, svhn, synthetic, text
+from lowbit.data import arrays, cifar, imagenet, mnist, svhn, synthetic, text
 from lowbit.data.core import ArrayDataset, BatchTransform, DataSplits
 from lowbit.data.files import DataNotFoundError, default_data_dir
 from lowbit.data.imagenet import FolderDataset
@@ -108,6 +108,11 @@ def _synthetic(data_dir: Path, split: str, download: bool, **options: Any) -> Da
     return synthetic.load(**options)
 
 
+def _arrays(data_dir: Path, split: str, download: bool, **options: Any) -> DataSplits:
+    return arrays.load(data_dir=data_dir, split=split, download=download, **options)
+
+
+_arrays.forwards_to = arrays.load  # type: ignore[attr-defined]
 _imagenet.forwards_to = imagenet.load  # type: ignore[attr-defined]
 _synthetic.forwards_to = synthetic.load  # type: ignore[attr-defined]
 
@@ -233,6 +238,22 @@ DATASETS: dict[str, DatasetSpec] = {
             streamed=True,
         ),
         DatasetSpec(
+            "arrays",
+            "image",
+            "your own arrays: an .npz (or .pt) with x_train, y_train, x_test, y_test (path=FILE)",
+            ("paper", "full"),
+            "paper",
+            "unit",
+            lambda d: [],
+            _arrays,
+            options={
+                "path": "FILE",
+                "valid_fraction": "0.1",
+                "layout": "nchw|nhwc",
+                "classes": "N",
+            },
+        ),
+        DatasetSpec(
             "synthetic",
             "image",
             "learnable random images for smoke tests (in memory)",
@@ -274,7 +295,8 @@ def load(
     ``split`` and ``preprocess`` default per dataset (``lowbit datasets`` shows them); preprocessing
     statistics are fitted on the training split only (see :mod:`lowbit.data.transforms`).
     Extra ``options`` go to the dataset's loader (``source=`` for MNIST, ``seq_len=``/``path=`` for
-    text, sizes for ``synthetic``, ``path=``/``max_per_class=``/... for ``imagenet``).
+    text, ``path=``/``valid_fraction=``/``layout=``/``classes=`` for your own ``arrays``, sizes
+    for ``synthetic``, ``path=``/``max_per_class=``/... for ``imagenet``).
     ``augment`` defaults to ``none`` (``rrcflip`` for ImageNet, which streams from disk and
     preprocesses/augments while decoding: see :mod:`lowbit.data.imagenet`).
     """
@@ -340,7 +362,7 @@ def status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     for spec in DATASETS.values():
         files = spec.files(d)
         present = spec.embedded or (bool(files) and all(p.exists() for p in files))
-        if spec.name == "text":
+        if spec.name in ("text", "arrays"):
             where = "path=FILE"
         elif spec.name == "synthetic":
             where = "generated in memory"
