@@ -267,8 +267,9 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                mod.running_mean.uniform_(-20, 20, generator=gen)
-                mod.running_var.uniform_(1, 50, generator=gen)
+                if mod.running_mean is not None:  # (not for batch-statistics norms)
+                    mod.running_mean.uniform_(-20, 20, generator=gen)
+                    mod.running_var.uniform_(1, 50, generator=gen)
                 mod.weight.uniform_(-1, 1, generator=gen)
                 mod.bias.uniform_(-1, 1, generator=gen)
             elif isinstance(getattr(mod, "bias", None), torch.Tensor):
@@ -396,6 +397,112 @@ def test_packed_model_exports_through_the_custom_ops() -> None:
     with torch.no_grad():
         exported = torch.export.export(packed, (x,))
         assert torch.equal(exported.module()(x), packed(x))
+
+
+def test_fresh_packed_conv_with_padding_exports_before_any_eager_call() -> None:
+    """The zero-padding correction is cached by the first eager call; a fresh (or just loaded)
+    model under export must compute it from the traced buffers instead of NumPy."""
+    import lowbit
+    from lowbit.models.convnet import ConvNet
+
+    torch.manual_seed(1)
+    model = lowbit.quantize(ConvNet(input_shape=(3, 8, 8), width=8, fc=16, act="hardtanh"), "bnn")
+    _randomize_bn(model, 4)
+    model.eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = B.pack_bnn(model)(x)
+        fresh = B.pack_bnn(model)
+        assert any(isinstance(m, B.PackedBinaryConv2d) and m.padding != (0, 0) for m in fresh)
+        assert torch.equal(torch.export.export(fresh, (x,)).module()(x), expected)
+
+
+def test_batch_statistics_norms_are_not_folded_and_inputs_of_any_batch_shape() -> None:
+    import lowbit
+
+    torch.manual_seed(2)
+    hard = torch.nn.Hardtanh
+    model = torch.nn.Sequential(
+        torch.nn.Linear(31, 64),
+        torch.nn.BatchNorm1d(64, track_running_stats=False),  # batch statistics at inference
+        hard(),
+        torch.nn.Linear(64, 65),
+        torch.nn.BatchNorm1d(65),
+        hard(),
+        torch.nn.Linear(65, 10),
+    )
+    lowbit.quantize(model, "bnn", keep=("last",))
+    _randomize_bn(model, 6)
+    model.eval()
+    packed = lowbit.pack(model, xnor=True)
+    assert packed[0].out_kind == "float"  # the BN cannot become a threshold: it runs as is
+    assert isinstance(packed[1], torch.nn.BatchNorm1d)
+    x = torch.randn(500, 31) * 3 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), rtol=0, atol=1e-4)
+    # leading batch dimensions and empty batches behave as in the simulated model
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), hard(),
+        torch.nn.Linear(32, 24), torch.nn.BatchNorm1d(24), hard(), torch.nn.Linear(24, 10),
+    )  # fmt: skip
+    lowbit.quantize(mlp, "bnn", keep=())
+    _randomize_bn(mlp, 7)
+    mlp.eval()
+    pm = lowbit.pack(mlp, xnor=True)
+    assert [m.out_kind for m in pm] == ["bits", "bits", "float"]
+    x3 = torch.randn(5, 3, 16)
+    with torch.no_grad():
+        expected = mlp(x3.reshape(15, 16)).reshape(5, 3, 10)
+    torch.testing.assert_close(pm(x3), expected, rtol=0, atol=1e-4)
+    assert pm(torch.randn(0, 16)).shape == (0, 10)
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), hard(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), hard(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 16, 10),
+    )  # fmt: skip
+    lowbit.quantize(conv, "bnn", keep=())
+    conv.eval()
+    with pytest.raises(ValueError, match=r"set model.input_shape = \(C, H, W\)"):
+        lowbit.pack(conv, xnor=True)
+    conv.input_shape = (3, 4, 4)
+    assert lowbit.pack(conv, xnor=True)(torch.randn(0, 3, 4, 4)).shape == (0, 10)
+
+
+def test_shift_batchnorm_folds_into_thresholds() -> None:
+    import lowbit
+    from lowbit.methods import bnn
+
+    torch.manual_seed(3)
+    hard = torch.nn.Hardtanh
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), hard(),
+        torch.nn.Linear(32, 24), torch.nn.BatchNorm1d(24), hard(), torch.nn.Linear(24, 10),
+    )  # fmt: skip
+    lowbit.quantize(model, "bnn", keep=())
+    bnn.use_shift_batchnorm(model)
+    model.train()
+    for _ in range(5):
+        model(torch.randn(64, 16) * 2)  # running statistics of their own
+    model.eval()
+    packed = lowbit.pack(model, xnor=True)
+    assert [m.out_kind for m in packed] == ["bits", "bits", "float"]  # both norms folded
+    x = torch.randn(300, 16) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), rtol=0, atol=1e-4)
+
+
+def test_kept_layers_say_why_they_are_not_binary() -> None:
+    import lowbit
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Hardtanh(),
+        torch.nn.Linear(16, 4),
+    )  # fmt: skip
+    lowbit.quantize(model, "bnn", keep=(), overrides={"0": {"activations": "float"}})
+    report = lowbit.pack(model.eval(), xnor=True, strict=False).packing_report
+    assert report["0"] == (
+        "kept as QuantLinear: its inputs are float, not binarized (XNOR needs ±1 inputs and weights)"
+    )
 
 
 def test_lowbit_pack_xnor_gives_the_fully_binary_chain() -> None:

@@ -198,6 +198,25 @@ def test_cli_summary_of_a_run_directory_and_model_options(tmp_path) -> None:
     assert len(res.output.strip().splitlines()) <= 3
     res = runner.invoke(app, ["summary", "mlp", "-M", "width=3"])
     assert res.exit_code == 2 and "cannot build model 'mlp'" in res.output
+    # the run directory itself as MODEL; a .lowbit file (packed): its stored bytes
+    res = runner.invoke(app, ["summary", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["total_bytes"] == data["total_bytes"]
+    packed = lowbit.pack(net.eval())
+    lowbit.save(
+        packed,
+        tmp_path / "m.lowbit",
+        architecture={"name": "mlp", "options": {"input_shape": [1, 6, 6], "widths": [24, 24]}},
+    )
+    res = runner.invoke(app, ["summary", str(tmp_path / "m.lowbit"), "--json"])
+    assert res.exit_code == 0, res.output
+    from_file = json.loads(res.output)
+    expected = lowbit.summary(lowbit.load(tmp_path / "m.lowbit"), (1, 1, 6, 6))
+    assert from_file["total_bytes"] == expected.total_bytes == lowbit.summary(packed).total_bytes
+    assert from_file["macs"] == expected.macs
+    (tmp_path / "bad.lowbit").write_bytes(b"nonsense")
+    res = runner.invoke(app, ["summary", str(tmp_path / "bad.lowbit")])
+    assert res.exit_code == 2 and "bad.lowbit" in res.output
 
 
 def test_summary_of_packed_models_counts_their_packed_bytes_and_macs() -> None:

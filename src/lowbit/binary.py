@@ -798,8 +798,8 @@ class PackedBinaryLinear(_PackedBinaryBase):
                         x.numpy(), None, _num_threads()
                     )
                 )
-            except (TypeError, RuntimeError):
-                pass  # another dtype, a tensor that requires grad, not contiguous: general path
+            except (TypeError, RuntimeError, ValueError):
+                pass  # another dtype, requires grad, not contiguous, (..., bytes) bits: general path
         if self.input_kind == "float":
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"expected inputs (..., {self.in_features}); got {tuple(x.shape)}")
@@ -807,8 +807,12 @@ class PackedBinaryLinear(_PackedBinaryBase):
             a = self._pack(x.reshape(-1, self.in_features))
         else:
             _check_bits(x)
-            lead = x.shape[:1]
-            a = x.reshape(x.shape[0], -1)
+            if self.input_layout is None:  # bits of a linear layer: (..., packed bytes)
+                lead = x.shape[:-1]
+                a = x.reshape(-1, x.shape[-1])
+            else:  # a conv's NHWC bits, flattened per sample
+                lead = x.shape[:1]
+                a = x.flatten(1)
         y = self._gemm(a, self.in_features, None)
         return y.reshape(*lead, y.shape[-1])
 
@@ -897,8 +901,12 @@ class PackedBinaryConv2d(_PackedBinaryBase):
             self._corr[key] = None if c is None else (c, c.numpy())
         return self._corr[key]
 
-    def correction(self, h: int, w: int) -> torch.Tensor | None:
-        """The zero-padding correction for an ``h x w`` input (cached)."""
+    def correction(self, h: int, w: int, tracing: bool = False) -> torch.Tensor | None:
+        """The zero-padding correction for an ``h x w`` input (cached; computed afresh from the
+        traced buffers under torch.compile / export, where NumPy cannot see them)."""
+        if tracing:
+            s = self.tap_sums.to(torch.float64)[:, None]
+            return zero_padding_correction(s, h, w, self.stride, self.padding, self.dilation)
         c = self._correction(h, w)
         return None if c is None else c[0]
 
@@ -920,12 +928,13 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         b, h, w, _ = xb.shape
         oh, ow = conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
-        if _tracing(xb):
+        tracing = _tracing(xb)
+        if tracing:
             cols = torch.ops.lowbit.binary_im2col(xb, geometry)
         else:
             cols = _im2col(xb, self.kernel_size, self.stride, self.padding, self.dilation)
         k = self._reduction()
-        y = self._gemm(cols, k, self.correction(h, w)).reshape(b, oh, ow, -1)
+        y = self._gemm(cols, k, self.correction(h, w, tracing)).reshape(b, oh, ow, -1)
         return y if self.out_kind == "bits" else y.permute(0, 3, 1, 2)
 
     def config(self) -> dict[str, Any]:
@@ -1176,7 +1185,7 @@ class FlattenBits(nn.Module):
     """``nn.Flatten`` for packed NHWC bits: a view (the next layer's weights are permuted instead)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
+        return x.flatten(1)  # also for an empty batch, where reshape(0, -1) is ambiguous
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1185,25 +1194,30 @@ class FlattenBits(nn.Module):
 
 def is_binary_layer(module: nn.Module) -> bool:
     """A ``QuantLinear`` / ``QuantConv2d`` with binary weights and a binarizing input quantizer."""
+    return not_binary_reason(module) is None
+
+
+def not_binary_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot run on the XNOR kernels (``None`` when it can)."""
     from lowbit.nn import QuantConv2d, QuantLinear
 
     if not isinstance(module, (QuantLinear, QuantConv2d)):
-        return False
+        return f"a {type(module).__name__}, not a QuantLinear / QuantConv2d"
     iq = getattr(module, "input_quantizer", None)
     if iq is None or not hasattr(iq, "spec") or iq.spec().kind != "binary":
-        return False
+        kind = "float" if iq is None or not hasattr(iq, "spec") else iq.spec().kind
+        return f"its inputs are {kind}, not binarized (XNOR needs ±1 inputs and weights)"
     if getattr(iq, "stochastic", False) and iq.training:
-        return False
+        return "stochastic input binarization in training mode (call model.eval())"
     qw = module.quantized_weight()
     if qw.format != "binary":
-        return False
+        return f"its weights are {qw.format}, not binary"
     if isinstance(module, QuantConv2d):
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-    return True
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups})"
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "padding other than explicit zero padding"
+    return None
 
 
 _ELEMENTWISE = (
@@ -1214,6 +1228,24 @@ _ELEMENTWISE = (
     nn.Identity,
     nn.Dropout,
 )
+
+
+def _batch_statistics(m: nn.Module) -> bool:
+    """A batch norm that normalises with the batch's own statistics at inference (no running
+    statistics, or left in training mode): not a fixed per-channel map, so not foldable."""
+    from lowbit.methods.bnn import ShiftBatchNorm
+
+    return isinstance(m, (nn.modules.batchnorm._BatchNorm, ShiftBatchNorm)) and (
+        m.training or m.running_mean is None or m.running_var is None
+    )
+
+
+def _elementwise() -> tuple[type[nn.Module], ...]:
+    """Per-channel maps a threshold can absorb: :data:`_ELEMENTWISE` and QNN's shift-based batch
+    norm (its eval mode is a fixed per-channel affine map with power-of-two factors)."""
+    from lowbit.methods.bnn import ShiftBatchNorm
+
+    return (*_ELEMENTWISE, ShiftBatchNorm)
 
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
@@ -1280,7 +1312,8 @@ def pack_bnn(
     ``lowbit.quantize(model, "bnn")``. Every binary layer (:func:`is_binary_layer`) becomes a
     :class:`PackedBinaryLinear` / :class:`PackedBinaryConv2d`:
 
-    * if the next binary layer follows through only batch norms, Hardtanh/Tanh, dropout
+    * if the next binary layer follows through only batch norms with running statistics
+      (nn.BatchNorm, ShiftBatchNorm), Hardtanh/Tanh, dropout
       (eval), max-pools and a flatten, those are folded into a per-channel threshold
       (:func:`fold_threshold`: evaluated with the model's own modules, so exact) and the layer
       writes packed bits; max-pools become :class:`BinaryMaxPool2d` on bits, a flatten after a
@@ -1317,6 +1350,7 @@ def pack_bnn(
     from lowbit.nn import QuantConv2d
 
     stages: list[nn.Module] = []
+    elementwise = _elementwise()
     bits_in = False  # does the current activation arrive as packed bits?
     layout: tuple[int, int, int] | None = None  # NHWC layout of flattened packed bits
     i = 0
@@ -1345,7 +1379,7 @@ def pack_bnn(
         is_conv = isinstance(layer, QuantConv2d)
         # Look ahead for a foldable chain ending at the next binary layer.
         j, chain = i + 1, []
-        while j < len(leaves) and isinstance(leaves[j], (*_ELEMENTWISE, nn.MaxPool2d, nn.Flatten)):
+        while j < len(leaves) and isinstance(leaves[j], (*elementwise, nn.MaxPool2d, nn.Flatten)):
             chain.append(leaves[j])
             j += 1
         fold = j < len(leaves) and is_binary_layer(leaves[j])
@@ -1357,14 +1391,16 @@ def pack_bnn(
             or any(p.ceil_mode or p.dilation not in (1, (1, 1)) or p.return_indices for p in pools)
         ):  # type: ignore[attr-defined]
             fold = False
+        if fold and any(_batch_statistics(m) for m in chain):
+            fold = False  # its output depends on the batch: no fixed threshold reproduces it
         n = weight.shape[0]
         common: dict[str, Any] = {"input": "bits" if bits_in else "float"}
         threshold = None
         or_mask = None
         if fold:
-            funcs = [m for m in chain if isinstance(m, _ELEMENTWISE)]
+            funcs = [m for m in chain if isinstance(m, elementwise)]
             before_pool = (
-                [m for m in chain[: chain.index(pools[0])] if isinstance(m, _ELEMENTWISE)]
+                [m for m in chain[: chain.index(pools[0])] if isinstance(m, elementwise)]
                 if pools
                 else []
             )
@@ -1424,7 +1460,9 @@ def pack_bnn(
                     if is_conv:
                         if s is None:
                             raise ValueError(
-                                "pack_bnn needs input_shape to flatten a binary conv's bits"
+                                "packing a binary conv followed by a flatten needs the model's "
+                                "input shape: set model.input_shape = (C, H, W) (lowbit.models "
+                                "do) or call lowbit.binary.pack_bnn(model, input_shape=(C, H, W))"
                             )
                         c, h, w = s
                         layout = (h, w, c)
@@ -1459,5 +1497,6 @@ def _stage_report(packed: nn.Sequential) -> dict[str, str]:
         elif isinstance(stage, (BinaryMaxPool2d, FlattenBits)):
             report[name] = f"on bits: {kind}"
         elif any(True for _ in stage.parameters()):
-            report[name] = f"kept as {kind}"
+            why = not_binary_reason(stage) if hasattr(stage, "quantized_weight") else None
+            report[name] = f"kept as {kind}" + (f": {why}" if why else "")
     return report

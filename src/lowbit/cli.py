@@ -521,6 +521,38 @@ def models_cmd(
     Console(width=max(120, Console().width)).print(table)
 
 
+def _summary_of_file(path: Any, input_shape: str | None, no_macs: bool, as_json: bool) -> None:
+    """``lowbit summary m.lowbit``: the loaded model's rows (packed bytes as stored)."""
+    from lowbit.saveload import LowbitFileError, load, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+        net = load(path)
+    except (FileNotFoundError, LowbitFileError) as exc:
+        fail(str(exc))
+    meta = manifest.get("metadata") or {}
+    shape = _shape_option(input_shape)
+    if shape is None and not no_macs:
+        stored = meta.get("input_shape") or getattr(net, "input_shape", None)
+        shape = (1, *(int(d) for d in stored)) if stored else None
+    result = lowbit.summary(net, None if no_macs else shape)
+    if as_json:
+        typer.echo(json.dumps({"model": str(path), **result.to_dict()}, indent=2))
+    else:
+        typer.echo(f"{path}")
+        typer.echo(str(result))
+
+
+def _shape_option(input_shape: str | None) -> tuple[int, ...] | None:
+    if not input_shape:
+        return None
+    try:
+        return tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        fail(f"--input-shape expects integers like 1,3,32,32, got {input_shape!r}")
+    return None
+
+
 def _summary_model_of_run(run_dir: str, model: str, method: str, options: bool) -> tuple[Any, str]:
     """The model of a ``lowbit train`` run directory, quantized as stored, with its best weights."""
     from lowbit.data import DataNotFoundError
@@ -552,7 +584,11 @@ def _summary_model_of_run(run_dir: str, model: str, method: str, options: bool) 
 
 @app.command("summary")
 def summary_cmd(
-    model: str = typer.Argument(..., help="Reference model name (see `lowbit models`)."),
+    model: str = typer.Argument(
+        ...,
+        help="Reference model name (see `lowbit models`), a `lowbit train` run directory, or a "
+        ".lowbit file (packed or quantized).",
+    ),
     method: str = typer.Option(
         "fp", "--method", "-m", help="Quantization method (lowbit.methods.available())."
     ),
@@ -600,6 +636,16 @@ def summary_cmd(
     except ImportError:  # pragma: no cover - the models package is part of lowbit
         _models = None  # type: ignore[assignment]
     names = _models.available() if _models is not None else []
+    source = Path(model)
+    if model not in names and source.is_dir() and (source / "config.json").is_file():
+        if state:
+            fail("give the run directory once: as MODEL or as --state, not both")
+        from lowbit.train.runs import read_run_spec
+
+        state, model = model, str(read_run_spec(model)["model"]["name"])
+    if model not in names and source.is_file() and source.suffix == ".lowbit":
+        _summary_of_file(source, input_shape, no_macs, as_json)
+        return
     if model not in names:
         hint = (
             " A state file holds no architecture: pass the model name and --state FILE."
@@ -645,13 +691,12 @@ def summary_cmd(
                 f"({first[-1].strip() if first else type(exc).__name__}): pass the model options it "
                 "was trained with (-M key=value), or the run directory itself as --state"
             )
-    shape: tuple[int, ...] | None = None
-    if input_shape:
-        try:
-            shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
-        except ValueError:
-            fail(f"--input-shape expects integers like 1,3,32,32, got {input_shape!r}")
-    elif not no_macs and (net_shape := getattr(net, "input_shape", None)) is not None:
+    shape = _shape_option(input_shape)
+    if (
+        shape is None
+        and not no_macs
+        and (net_shape := getattr(net, "input_shape", None)) is not None
+    ):
         shape = (1, *tuple(net_shape))
     try:
         result = lowbit.summary(net, None if no_macs else shape)

@@ -675,9 +675,10 @@ def dfp_fake_quantize(
 def ap2(x: torch.Tensor) -> torch.Tensor:
     """Approximate power of two ``AP2(x) = sign(x) * 2^round(log2|x|)`` (QNN shift-based BN/AdaMax, §2.4).
 
-    ``AP2(0) = 0``; rounding in the log domain is half-to-even (ties cannot occur for finite
-    floats since ``2^(k+1/2)`` is irrational). No gradient (used on statistics, not on paths
-    that need one).
+    ``AP2(0) = 0``; ``round`` of the float32 ``log2|x|`` (half-to-even). ``2^(k+1/2)`` is
+    irrational, but ``log2`` rounds, so an ``|x|`` within a float32 ulp or so of ``2^(k+1/2)`` may
+    go either way (``AP2(2.8284271) = 4``). No gradient (used on statistics, not on paths that
+    need one).
     """
     xd = x.detach()
     e = torch.round(torch.log2(xd.abs()))

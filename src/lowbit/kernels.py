@@ -176,8 +176,10 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 2:
         raise ValueError(f"pack_signs expects a 2-D tensor (rows, K); got shape {tuple(x.shape)}")
-    src = _as_numpy(x.to(torch.float32))
     out = torch.empty((x.shape[0], packed_row_bytes(x.shape[1])), dtype=torch.uint8)
+    if x.shape[0] == 0:  # an empty batch (its NumPy view may carry odd strides)
+        return out
+    src = _as_numpy(x.to(torch.float32))
     _ext.pack_signs_f32(src, out.numpy(), _num_threads())
     return out
 
