@@ -265,9 +265,16 @@ def _packed_row(name: str, m: nn.Module) -> LayerSummary | None:
         act_bits = {"float": 32, "binary": 1}.get(act_kind, gemm.act_bits or 8)
         weight = f"packed {fmt}" + (f"/N={gemm.group_size}" if gemm.group_size else "")
         weight += " s8" if gemm.scale_format == "fixed8" else ""  # 8-bit fixed-point scales
-    else:  # the binary XNOR layers: 1-bit weights; bits or bit planes in
-        fmt, bits, act = "binary", 1, str(getattr(m, "input", "bits"))
-        act_kind, act_bits, weight = "binary", 1, "packed binary"
+    else:  # the binary XNOR layers: 1-bit weights; packed bits, floats signed here, bit planes
+        from lowbit.binary import PackedBitplaneLinear
+
+        fmt, bits, weight = "binary", 1, "packed binary"
+        if isinstance(m, PackedBitplaneLinear):  # k-bit codes: binary weights x integers
+            act = f"{'' if m.act_signed else 'u'}int{m.act_bits} planes"
+            act_kind, act_bits = "kbit_linear", int(m.act_bits)
+        else:
+            act = "bits" if getattr(m, "input_kind", "bits") == "bits" else "sign"
+            act_kind, act_bits = "binary", 1
     return LayerSummary(
         name=name,
         type=type(m).__name__,
