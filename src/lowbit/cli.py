@@ -164,6 +164,12 @@ def demo_cmd(
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
 
 
+def _data_registry() -> dict[str, Any]:
+    from lowbit.data import DATASETS
+
+    return DATASETS
+
+
 def _check_resume_flags(run_dir: str, stored: dict, **given: object) -> None:
     """``--resume --run-dir R`` continues R's stored model, data and method: a flag that says
     otherwise is an error, not silently ignored (train flags like --epochs may change)."""
@@ -171,6 +177,11 @@ def _check_resume_flags(run_dir: str, stored: dict, **given: object) -> None:
     method = given.pop("method")
     if method is not None and method != stored["method"].get("name"):
         clashes.append(f"--method {method} (the run's is {stored['method'].get('name')})")
+    defaults: dict[str, Any] = {}
+    spec = _data_registry().get(str(stored["data"].get("name")))
+    if spec is not None:  # what an unstored data key meant: the dataset's default
+        defaults = {"split": spec.default_split, "preprocess": spec.default_preprocess}
+        defaults["augment"] = "none"
     for table, flag in (
         ("model", "-M"),
         ("data", "-D/--split/--preprocess/--augment"),
@@ -180,7 +191,7 @@ def _check_resume_flags(run_dir: str, stored: dict, **given: object) -> None:
         have = stored["method" if table == "method_opts" else table]
         assert isinstance(opts, dict)
         for key, value in opts.items():
-            if have.get(key) != value:
+            if have.get(key, defaults.get(key) if table == "data" else None) != value:
                 clashes.append(f"{flag} {key}={value!r} (the run's is {have.get(key)!r})")
     if clashes:
         raise ValueError(
@@ -320,6 +331,8 @@ def train_cmd(
                 ) from None
         train.update({k: v for k, v in flags.items() if v is not None})
         data_options = parse_options(data_opt, "--data-opt")
+        if isinstance(data_options.get("path"), str):  # stored in config.json: make it absolute
+            data_options["path"] = str(Path(data_options["path"]).expanduser().resolve())
         data_options.update(
             {
                 k: v
@@ -579,6 +592,8 @@ def _summary_model_of_run(run_dir: str, model: str, method: str, options: bool) 
         net.load_state_dict(load_checkpoint(path)["model"])
     except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataNotFoundError) as exc:
         fail(f"cannot rebuild the model of {run_dir}: {str(exc).splitlines()[0]}")
+    except KeyError as exc:
+        fail(f"cannot rebuild the model of {run_dir}: its config.json has no {exc} table")
     return net, stored
 
 
@@ -642,7 +657,14 @@ def summary_cmd(
             fail("give the run directory once: as MODEL or as --state, not both")
         from lowbit.train.runs import read_run_spec
 
-        state, model = model, str(read_run_spec(model)["model"]["name"])
+        stored = read_run_spec(model).get("model")
+        if not isinstance(stored, dict) or not stored.get("name"):
+            fail(
+                f"{model}/config.json names no model (a Trainer run without run_info): pass the "
+                "model name and the run as --state, e.g. lowbit summary mlp --state RUN"
+            )
+        assert isinstance(stored, dict)  # fail() exits
+        state, model = model, str(stored["name"])
     if model not in names and source.is_file() and source.suffix == ".lowbit":
         _summary_of_file(source, input_shape, no_macs, as_json)
         return

@@ -130,10 +130,13 @@ def test_resume_refuses_flags_that_change_the_stored_run(run_dir: Path, tmp_path
     res = _invoke("train", "--run-dir", str(copy), "--resume", "-M", "widths=[32]", "--epochs", "3")
     assert res.exit_code == 2 and "-M widths=[32]" in res.output, res.output
     assert (copy / "metrics.jsonl").read_text() == before  # nothing trained, nothing lost
-    # the stored values themselves are fine
+    res = _invoke("train", "--run-dir", str(copy), "--resume", "--split", "full", "--epochs", "3")
+    assert res.exit_code == 2 and "--split" in res.output and "'full'" in res.output, res.output
+    # the stored values themselves are fine, and so is a data flag equal to the dataset's default
+    # that the run never stored (its split is synthetic's default, "paper")
     res = _invoke(
         "train", "--run-dir", str(copy), "--resume", "--method", "fp", "-M", "widths=[16]",
-        "--epochs", "3", "--no-progress",
+        "--split", "paper", "--epochs", "3", "--no-progress",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     # --resume without a run to continue says so
@@ -278,3 +281,10 @@ def test_datasets_and_models_listings() -> None:
     assert [r["name"] for r in json.loads(res.output)][:2] == ["mlp", "mlp_laq"]
     table = _invoke("models")
     assert table.exit_code == 0 and "resnet_cifar" in table.output
+
+
+def test_a_post_training_recipe_is_not_a_training_run() -> None:
+    res = _invoke("train", "--recipe", "fgq-mnist-mlp-n4", "--epochs", "1")
+    assert res.exit_code == 2
+    assert "is post-training quantization" in res.output
+    assert "lowbit reproduce fgq-mnist-mlp-n4" in res.output

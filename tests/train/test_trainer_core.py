@@ -471,3 +471,54 @@ def test_adam_is_fused_by_default_and_matches_the_per_tensor_adam() -> None:
             t.base_optimizer.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_python_trainer_run_is_a_run_the_cli_can_use(tmp_path) -> None:
+    """Without run_info the Trainer still records what rebuilds the run: the data.load call
+    (not the resolved file paths in the splits' info), the lowbit.models architecture and the
+    method table in the CLI's flat form, so lowbit eval / pack / summary work on it."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.train.runs import _method_parts
+
+    splits = data.load("synthetic", n_train=96, n_valid=32, n_test=32, shape=(1, 6, 6))
+    net = models.create(
+        "mlp", input_shape=splits.input_shape, num_classes=splits.num_classes, widths=[16, 16]
+    )
+    run = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    Trainer(
+        net,
+        splits,
+        cfg,
+        method="twn",
+        method_options={"rule": "exact"},
+        run_dir=run,
+        progress=False,
+    ).fit()
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["model"] == {
+        "name": "mlp",
+        "input_shape": [1, 6, 6],
+        "num_classes": 10,
+        "widths": [16, 16],
+    }
+    assert stored["data"] == {
+        "name": "synthetic", "split": "paper", "preprocess": "unit",
+        "n_train": 96, "n_valid": 32, "n_test": 32, "shape": [1, 6, 6],
+    }  # fmt: skip
+    assert stored["method"] == {"name": "twn", "rule": "exact"}
+    runner = CliRunner()
+    for args in (
+        ["eval", str(run)],
+        ["pack", str(run), "-o", str(tmp_path / "m.lowbit")],
+        ["summary", str(run)],
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, (args, res.output)
+    # the nested form older Trainer runs wrote still reads
+    assert _method_parts({"name": "twn", "options": {"rule": "exact"}}) == (
+        "twn",
+        {"rule": "exact"},
+    )

@@ -310,8 +310,12 @@ def load(
         raise ValueError(f"unknown preprocessing {preprocess!r}; valid: {', '.join(PREPROCESSING)}")
     d = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     _check_options(name, spec.loader, options)
+    # What rebuilds these splits (a run's config.json stores it; lowbit eval / pack reload it).
+    call = {"name": name, "split": split, "preprocess": preprocess or spec.default_preprocess}
+    call.update({"augment": augment} if augment is not None else {})
+    call.update(options)
     if spec.streamed:
-        return spec.loader(
+        splits = spec.loader(
             d,
             split=split,
             download=download,
@@ -319,11 +323,14 @@ def load(
             augment=augment,
             **options,
         )
+        splits.info["load"] = call
+        return splits
     augment = augment if augment is not None else "none"
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     splits = spec.loader(d, split=split, download=download, **options)
     splits.info.setdefault("split", split)
+    splits.info["load"] = call
     if spec.kind == "image":
         apply_preprocessing(splits, preprocess or spec.default_preprocess)
         splits.augment = augmentation(augment)

@@ -9,7 +9,7 @@
 * ``text``: any UTF-8 file by path (``path=...``), split 90/5/5 unless told otherwise.
 * ``warpeace``: ``warpeace_input.txt`` (Karpathy's char-rnn file) in ``<data_dir>/text/``, split
   80/10/10; downloaded when missing and online (no checksum is published: the first download's
-  sha256 is recorded next to the file and checked afterwards).
+  sha256 is recorded next to the file, as a record; later reads do not check it).
 * ``linux``: ``linux_input.txt``, same source, split 90/5/5.
 * ``ptb_char``: ``ptb.char.{train,valid,test}.txt`` (Mikolov's character-level PTB: characters
   separated by spaces, ``_`` between words) in ``<data_dir>/text/ptb/``; the standard splits.

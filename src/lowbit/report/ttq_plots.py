@@ -215,8 +215,10 @@ def _method_options(run_dir: Path) -> dict[str, Any]:
     cfg = run_dir / "config.json"
     if not cfg.exists():
         return {}
+    from lowbit.train.runs import _method_parts
+
     method = json.loads(cfg.read_text()).get("method", {})
-    return dict(method.get("options", {})) if isinstance(method, dict) else {}
+    return _method_parts(method)[1] if isinstance(method, dict) else {}
 
 
 def _final_state(run_dir: Path) -> Mapping[str, torch.Tensor] | None:

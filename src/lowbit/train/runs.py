@@ -68,6 +68,12 @@ def make_spec(
         spec["train"].setdefault("schedule", "cosine")
     spec["method"].setdefault("name", "fp")
     missing = [t for t in ("model", "data") if "name" not in spec[t]]
+    if recipe and spec["recipe"].get("kind") == "ptq":
+        raise ValueError(
+            f"recipe {recipe!r} is post-training quantization of another recipe's float run "
+            f"(init_from = {spec['recipe'].get('init_from')!r}), not a training run: "
+            f"run `lowbit reproduce {Path(str(recipe)).stem}`"
+        )
     if missing:
         raise ValueError(
             f"no {' and no '.join(missing)} given: pass --{missing[0] if missing[0] == 'model' else 'dataset'} or a --recipe"
@@ -105,8 +111,12 @@ def build_model(table: dict[str, Any], data: DataSplits) -> nn.Module:
 
 
 def _method_parts(table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(name, options)`` of a method table: ``{"name", **options}`` (what runs store), or the
+    ``{"name", "options": {...}}`` form Trainer runs wrote before session 6."""
     t = dict(table)
-    return t.pop("name", "fp"), t
+    name = t.pop("name", "fp")
+    nested = t.pop("options", None)
+    return name, {**(nested if isinstance(nested, dict) else {}), **t}
 
 
 def read_run_spec(run_dir: str | Path) -> dict[str, Any]:

@@ -620,18 +620,28 @@ class Trainer:
             **self.run_info,
             "train": self.config.to_dict(),
             "method": self.run_info.get(
-                "method", {"name": self.method_name, "options": self.method_options}
+                "method", {"name": self.method_name, **self.method_options}
             ),
-            "data": self.run_info.get(
-                "data",
-                {
-                    "name": self.data.name,
-                    **{k: v for k, v in self.data.info.items() if k != "vocab"},
-                },
-            ),
+            "data": self.run_info.get("data", self._data_table()),
             "world_size": self.dist.world_size,
         }
+        arch = getattr(self.model, "lowbit_architecture", None)
+        if "model" not in info and isinstance(arch, dict) and arch.get("name"):
+            # a lowbit.models model: enough for lowbit eval / pack / summary to rebuild it
+            opts = {k: v for k, v in (arch.get("options") or {}).items() if v is not None}
+            info["model"] = {"name": arch["name"], **opts}
         path.write_text(json.dumps(json_safe(info), indent=2) + "\n")
+
+    def _data_table(self) -> dict[str, Any]:
+        """The ``data.load`` call that built the splits (recorded by ``data.load``), else the
+        name and the splits' info (hand-made splits)."""
+        call = self.data.info.get("load")
+        if isinstance(call, dict) and call.get("name") == self.data.name:
+            return dict(call)
+        return {
+            "name": self.data.name,
+            **{k: v for k, v in self.data.info.items() if k not in ("vocab", "load")},
+        }
 
 
 def _floats(record: dict[str, Any]) -> dict[str, float]:
