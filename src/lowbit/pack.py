@@ -295,6 +295,29 @@ def _fixed8_encoding(wscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     return m.to(torch.uint8), e.to(torch.int16)
 
 
+def _checked_saved(
+    key: str,
+    got: torch.Tensor | None,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    missing_keys: list[str],
+    error_msgs: list[str],
+) -> torch.Tensor | None:
+    """A tensor saved in place of a buffer, reported the way ``load_state_dict`` reports buffers
+    (missing, or another dtype/shape); ``None`` unless it fits."""
+    if got is None:
+        missing_keys.append(key)
+        return None
+    if got.dtype != dtype or tuple(got.shape) != shape:
+        name = str(dtype).removeprefix("torch.")
+        error_msgs.append(
+            f"size mismatch for {key}: copying {str(got.dtype).removeprefix('torch.')}"
+            f"{tuple(got.shape)}, the layer needs {name}{shape}"
+        )
+        return None
+    return got
+
+
 def _fixed8_decode(m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """float32 ``m · 2^E`` (exact: at most 8 significant bits, ``E`` in [-149, 104])."""
     return (m.to(torch.float64) * torch.exp2(e.to(torch.float64))[:, None]).to(torch.float32)
@@ -590,69 +613,40 @@ class PackedLinear(Float32Buffers, nn.Module):
     ) -> None:
         one_bit = self.layout == 2 and _one_bit(self.config())
         fixed8 = self.layout == 2 and self.scale_format == "fixed8"
-        signs = state_dict.get(prefix + "signs") if one_bit else None
-        own = ([prefix + "signs"] if one_bit else []) + (
-            [prefix + "wscale_m", prefix + "wscale_e"] if fixed8 else []
-        )
-        fixed = {k: state_dict.get(k) for k in own[-2:]} if fixed8 else {}
+        n, k = self.out_features, self.in_features
+        # Tensors layout 2 saves in place of buffers: 1-bit signs, fixed-point scales.
+        saved: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        if one_bit:
+            saved["signs"] = (torch.uint8, _signs_shape(n, k))
+        if fixed8:
+            saved["wscale_m"] = (torch.uint8, tuple(self.scale_shape))
+            saved["wscale_e"] = (torch.int16, (self.scale_shape[0],))
+        own = {prefix + name: state_dict.get(prefix + name) for name in saved}
         if own:
-            state_dict = {k: v for k, v in state_dict.items() if k not in own}
+            state_dict = {key: v for key, v in state_dict.items() if key not in own}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if self.layout != 2:
             self._kernel = None
             return
-        if fixed8:
-            self._load_fixed8(fixed, prefix, missing_keys, error_msgs)
-        if one_bit:
-            n, k = self.out_features, self.in_features
-            if signs is None:
-                missing_keys.append(prefix + "signs")
-            elif tuple(signs.shape) != _signs_shape(n, k) or signs.dtype != torch.uint8:
-                error_msgs.append(
-                    f"size mismatch for {prefix}signs: copying uint8{tuple(signs.shape)}, the "
-                    f"layer needs uint8{_signs_shape(n, k)}"
-                )
-            else:
-                with torch.no_grad():
-                    self.tiles.copy_(kernels.pack_ternary(_codes_from_signs(signs, n, k)))
-        self._expand_kernel_buffers()
-
-    def _load_fixed8(
-        self,
-        fixed: dict[str, Any],
-        prefix: str,
-        missing_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Decode ``wscale_m`` / ``wscale_e`` into the float32 ``wscale`` (scale_format fixed8)."""
-        rows = self.scale_shape[0]
-        want = {
-            prefix + "wscale_m": (torch.uint8, tuple(self.scale_shape)),
-            prefix + "wscale_e": (torch.int16, (rows,)),
+        got = {
+            name: _checked_saved(prefix + name, own[prefix + name], *spec, missing_keys, error_msgs)
+            for name, spec in saved.items()
         }
-        ok = True
-        for key, (dtype, shape) in want.items():
-            got = fixed.get(key)
-            if got is None:
-                missing_keys.append(key)
-                ok = False
-            elif got.dtype != dtype or tuple(got.shape) != shape:
-                error_msgs.append(
-                    f"size mismatch for {key}: copying {got.dtype}{tuple(got.shape)}, the layer "
-                    f"needs {dtype}{shape}"
-                )
-                ok = False
-        if not ok:
-            return
-        m, e = fixed[prefix + "wscale_m"], fixed[prefix + "wscale_e"]
-        if bool((e < -149).any()) or bool((e > 104).any()):
-            error_msgs.append(f"{prefix}wscale_e: exponents must lie in [-149, 104]")
-            return
-        assert self.wscale is not None
-        with torch.no_grad():
-            self.wscale.copy_(_fixed8_decode(m, e))
+        m, e = got.get("wscale_m"), got.get("wscale_e")
+        if m is not None and e is not None:
+            if bool((e < -149).any()) or bool((e > 104).any()):
+                error_msgs.append(f"{prefix}wscale_e: exponents must lie in [-149, 104]")
+            else:
+                assert self.wscale is not None
+                with torch.no_grad():
+                    self.wscale.copy_(_fixed8_decode(m, e))
+        signs = got.get("signs")
+        if signs is not None:
+            with torch.no_grad():
+                self.tiles.copy_(kernels.pack_ternary(_codes_from_signs(signs, n, k)))
+        self._expand_kernel_buffers()
 
     def _set_config(self, cfg: dict[str, Any]) -> None:
         self.in_features, self.out_features = cfg["in_features"], cfg["out_features"]
