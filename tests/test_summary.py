@@ -77,8 +77,8 @@ def test_conv_bn_and_lstm_macs_and_buffers() -> None:
     s = lowbit.summary(conv, (1, 2, 8, 8))
     # output 1x4x4x4 = 64 elements, each (2/2)*3*3 = 9 MACs
     assert s.layers[0].macs == {"float": 576}
-    # BatchNorm2d: 8 parameters + 8 running stats (num_batches_tracked is not float)
-    assert (s.layers[1].params, s.layers[1].bytes) == (8, 64)
+    # BatchNorm2d: 8 parameters + 8 running stats at 4 bytes, num_batches_tracked as int64
+    assert (s.layers[1].params, s.layers[1].bytes) == (8, 8 * 4 + 8 * 4 + 8)
     lstm = nn.Sequential(nn.LSTM(3, 5))
     s = lowbit.summary(lowbit.quantize(lstm, "twn", keep=()), (4, 2, 3))
     # T*B = 8 tokens, 4 gates * 5 hidden * (3 + 5) = 160 MACs each
@@ -230,11 +230,7 @@ def test_summary_of_packed_models_counts_their_packed_bytes_and_macs() -> None:
         assert s_p.total_macs == s_q.total_macs
         assert s_p.macs["addsub"] == s_q.macs["addsub"]
         # bytes: exactly the tensors the packed model holds (BN folded away) and nothing else
-        assert s_p.total_bytes == sum(
-            t.numel() * t.element_size()
-            for t in packed.state_dict().values()
-            if t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int32)
-        )
+        assert s_p.total_bytes == state_bytes(packed)
         assert s_p.compression > 1.0
     # the XNOR chain of a BNN: its linear layers are xnor MACs
     bnn = lowbit.quantize(models.create("mlp_bnn", widths=[64, 64, 64]), "bnn", keep=()).eval()
@@ -243,7 +239,20 @@ def test_summary_of_packed_models_counts_their_packed_bytes_and_macs() -> None:
     assert s.macs["xnor"] >= 2 * 64 * 64 and s.compression > 10
     # a binary ConvNet on the XNOR chain (convolutions with packed-bit outputs included): every
     # MAC of the quantized model, each of the same kind
-    conv = lowbit.quantize(models.create("convnet"), "bnn").eval()
+    conv = lowbit.quantize(models.create("convnet", act="hardtanh"), "bnn").eval()
     shape = (1, *conv.input_shape)
-    s_q, s_p = lowbit.summary(conv, shape), lowbit.summary(lowbit.pack(conv, xnor=True), shape)
+    packed = lowbit.pack(conv, xnor=True)
+    s_q, s_p = lowbit.summary(conv, shape), lowbit.summary(packed, shape)
     assert s_p.macs == s_q.macs and s_p.macs["xnor"] > 0
+    # its packed max-pools' uint8 padding masks are counted too: every byte the model holds but
+    # the convolutions' tap sums, which loading derives from the weight bits
+    assert any(isinstance(m, lowbit.binary.BinaryMaxPool2d) for m in packed.modules())
+    assert s_p.total_bytes == state_bytes(packed, skip=".tap_sums")
+
+
+def state_bytes(model: nn.Module, skip: str = "") -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for name, t in model.state_dict().items()
+        if not (skip and name.endswith(skip))
+    )

@@ -2,7 +2,8 @@
 
 Rows: every quantized layer (its exported :class:`~lowbit.qtypes.QuantizedWeight` objects give
 the bits, packed bytes and ternary sparsity) and every other module that directly owns
-parameters or floating-point buffers (counted as float32). Sizes:
+parameters or persistent buffers (floating-point ones counted as float32, others at their own
+size). Sizes:
 
 * ``bytes``: the ideal deployed size: ``ceil(numel * bits / 8)`` per quantized weight, plus its
   float32 scales, plus float32 for everything else (biases, BatchNorm, float layers). The
@@ -186,12 +187,15 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _float_buffers(module: nn.Module) -> int:
+def _buffer_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own persistent buffers: 4 per floating-point element (deployed as
+    float32), the real element size for the others (BatchNorm's int64 ``num_batches_tracked``,
+    a packed max-pool's uint8 padding mask)."""
     names = set(module._non_persistent_buffers_set)
     return sum(
-        b.numel()
+        b.numel() * (4 if b.is_floating_point() else b.element_size())
         for name, b in module.named_buffers(recurse=False)
-        if name not in names and b.is_floating_point()
+        if name not in names
     )
 
 
@@ -312,7 +316,7 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
                 for n, p in layer.named_parameters(recurse=False)
                 if not n.startswith("weight")
             )
-            others += _float_buffers(layer)
+            others_bytes = 4 * others + _buffer_bytes(layer)
             first = next(iter(exported.values()))
             act_kind, act_bits = _act_kind(layer.input_quantizer)
             ternary = [qw for qw in exported.values() if qw.format in ("ternary", "ternary_asym")]
@@ -333,8 +337,8 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
                     for n, p in layer.named_parameters(recurse=False)
                     if not n.startswith("weight")
                 ),
-                bytes=sum(qw.packed_bytes() for qw in exported.values()) + 4 * others,
-                float32_bytes=4 * (latent + others),
+                bytes=sum(qw.packed_bytes() for qw in exported.values()) + others_bytes,
+                float32_bytes=4 * latent + others_bytes,
                 weight_bits=first.bits,
                 act_bits=act_bits,
                 kind=mac_kind(first.format, act_kind),
@@ -342,8 +346,8 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
             )
         else:
             params = sum(p.numel() for p in module.parameters(recurse=False))
-            buffers = _float_buffers(module)
-            if params + buffers == 0:
+            buffers = _buffer_bytes(module)
+            if params == 0 and buffers == 0:
                 continue
             row = LayerSummary(
                 name=name or "<root>",
@@ -351,8 +355,8 @@ def _layer_rows(model: nn.Module) -> tuple[list[LayerSummary], dict[str, LayerSu
                 weight="fp32",
                 act="fp32",
                 params=params,
-                bytes=4 * (params + buffers),
-                float32_bytes=4 * (params + buffers),
+                bytes=4 * params + buffers,
+                float32_bytes=4 * params + buffers,
             )
         rows.append(row)
         by_name[name] = row
