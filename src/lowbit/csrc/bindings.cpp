@@ -253,9 +253,12 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     std::vector<int8_t> q((size_t)(m * q_stride));
     std::vector<int32_t> sums((size_t)(m * ng));
     std::vector<float> a_inv((size_t)m);
-    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kp, group_k, q.data(), q_stride, sums.data(), ng,
-                                 a_inv.data(), n_threads);
-    args.a_unsigned = mode == lowbit::kActUdfpFixed ? 1 : 0;
+    // Unsigned inputs need no per-group sums (the grouped kernel multiplies them directly by the
+    // signed weights): quantize them as one group.
+    const bool unsigned_act = mode == lowbit::kActUdfpFixed;
+    lowbit::quantize_activations(t, xp, m, k, xs, mode, exponent, kp, unsigned_act ? 0 : group_k, q.data(), q_stride,
+                                 sums.data(), ng, a_inv.data(), n_threads);
+    args.a_unsigned = unsigned_act ? 1 : 0;
     args.a = q.data();
     args.a_stride = q_stride;
     args.a_sums = sums.data();

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "group_sums.h"
 #include "kernels.h"
 
 namespace {
@@ -145,10 +146,7 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         if (group <= 0) {
             sr[0] = sum;
         } else {
-            for (int64_t i = 0; i < kq; ++i) {
-                if (i % group == 0) sr[i / group] = 0;
-                sr[i / group] += u8 ? (int32_t)(uint8_t)qr[i] : (int32_t)qr[i];
-            }
+            row_group_sums(qr, kq, group, u8, sr);
         }
     }
 }

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "group_sums.h"
 #include "kernels.h"
 
 namespace {
@@ -124,10 +125,7 @@ void quantize_i8(const float* x, int64_t rows, int64_t k, int64_t x_stride, cons
         if (group <= 0) {
             sr[0] = _mm512_reduce_add_epi32(total);
         } else {
-            for (int64_t j = 0; j < kq; ++j) {
-                if (j % group == 0) sr[j / group] = 0;
-                sr[j / group] += u8 ? (int32_t)(uint8_t)qr[j] : (int32_t)qr[j];
-            }
+            row_group_sums(qr, kq, group, u8, sr);
         }
     }
 }
