@@ -294,3 +294,35 @@ def test_fgq_fixed8_scales_fold_batchnorm_into_row_scale(tmp_path: Path, weight_
         got = loaded(x).double()
     scale = expected.abs().max().item() + 1.0
     assert (got - expected).abs().max().item() <= 1e-4 * scale
+
+
+def test_fgq_fixed8_unsigned_inputs_run_the_integer_path(tmp_path: Path) -> None:
+    # The second layer sees ReLU outputs (unsigned 8-bit DFP) and has 8-bit group scales and a
+    # BatchNorm folded into row_scale: its kernel gets the mantissas (int32 sums on AVX2) and
+    # still matches the simulation, before and after a save/load.
+    from lowbit import ptq
+
+    sim = lowbit.quantize(_mlp(), "fgq", keep=[], group_size=4, scale_bits=8, act_mode="calibrated")
+    calib = torch.randn(64, K, generator=torch.Generator().manual_seed(3))
+    ptq.calibrate(sim, calib)
+    sim.eval()
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = sim(x).double()
+    packed = lowbit.pack(sim)
+    path = tmp_path / "fgq8u.lowbit"
+    lowbit.save(packed, path)
+    for model in (packed, lowbit.load(path)):
+        second = [m for m in model.modules() if isinstance(m, PackedLinear)][1]
+        assert second._unsigned_fused() and second.row_scale is not None
+        gscale_i, row_mult = second._group_mantissas()  # type: ignore[misc]
+        m, e = second.state_dict()["wscale_m"], second.state_dict()["wscale_e"]
+        # the mantissas are the saved bytes; the row multiplier is 2^E times the folded BN scale
+        n, k = second.out_features, second.in_features
+        layout, _ = kernels.pack_ternary_scales(m.double(), n, k, group_size=4)
+        assert torch.equal((gscale_i & 0xFFFF).double(), layout.double())
+        want = (torch.exp2(e.double()) * second.row_scale.double()).float()
+        assert torch.equal(row_mult[: second.out_features], want)
+        with torch.no_grad():
+            got = model(x).double()
+        assert (got - expected).abs().max().item() <= 1e-4 * (expected.abs().max().item() + 1.0)

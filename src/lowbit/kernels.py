@@ -330,12 +330,7 @@ def pack_ternary_scales(
             raise ValueError(
                 f"grouped scales must have shape ({n}, {groups}) for group_size={group_size}; got {tuple(scales.shape)}"
             )
-        kp = _padded(k)
-        groups_p = (kp + group_size - 1) // group_size
-        out = torch.zeros((np_, groups_p), dtype=torch.float32)
-        out[:n, :groups] = s.float()
-        # (rows, groups) -> (row blocks, groups, 16 rows): one vector load per (row block, group).
-        return out.reshape(np_ // 16, 16, groups_p).transpose(1, 2).contiguous().reshape(-1), None
+        return _group_layout(s.float(), k, group_size), None
     s = s.reshape(-1)
     if s.numel() not in (1, n):
         raise ValueError(
@@ -344,6 +339,53 @@ def pack_ternary_scales(
     scale = torch.zeros(np_, dtype=torch.float32)
     scale[:n] = s.expand(n).float()
     return scale, None
+
+
+def pack_group_mantissas(
+    mantissas: torch.Tensor,
+    row_mult: torch.Tensor,
+    n: int,
+    k: int,
+    *,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel-ready 8-bit fixed-point group scales ``(gscale_i, row_mult)`` (once, at pack time).
+
+    The scale of row ``n``'s group ``g`` is ``mantissas[n, g] * row_mult[n]`` with integer
+    mantissas in 0..255 (FGQ ``scale_bits=8``: ``m · 2^E`` with one ``E`` per row, times a folded
+    BatchNorm's row scale). ``gscale_i`` holds each mantissa twice, ``(m << 16) | m`` (an int16
+    pair for ``vpmaddwd``), in the layout :func:`pack_ternary_scales` gives the float scales;
+    ``row_mult`` is fp32, padded like :func:`pad_bias`. :class:`LinearKernel` takes both as
+    ``group_mantissas`` next to the float scales ``mantissas * row_mult``: the AVX2 kernel for
+    groups of 4 with unsigned inputs then sums ``m_g · D_g`` exactly in int32 and multiplies by
+    ``row_mult`` once per output; every other path uses the float scales.
+    """
+    groups = (k + group_size - 1) // group_size if group_size > 0 else 0
+    if group_size <= 0 or group_size % 4 or tuple(mantissas.shape) != (n, groups):
+        raise ValueError(
+            f"group mantissas must have shape ({n}, {groups}) for a group_size that is a positive "
+            f"multiple of 4; got {tuple(mantissas.shape)} with group_size={group_size}"
+        )
+    m = mantissas.detach().to(torch.float64)
+    if m.numel() and (not torch.equal(m, m.round()) or float(m.min()) < 0 or float(m.max()) > 255):
+        raise ValueError("group mantissas must be integers in 0..255")
+    r = row_mult.detach().reshape(-1)
+    if r.numel() != n:
+        raise ValueError(f"row_mult must have {n} entries; got {tuple(row_mult.shape)}")
+    padded = pad_bias(r, n)
+    assert padded is not None
+    return _group_layout(m.to(torch.int32) * 65537, k, group_size), padded
+
+
+def _group_layout(values: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """``(n, groups)`` per-group values in the grouped kernels' layout: rows padded to
+    ``16*ceil(n/16)`` and groups to ``ceil(kp/group_size)`` with zeros, then (row blocks, groups,
+    16 rows), so that one vector load reads 16 rows of one group."""
+    n, groups = values.shape
+    np_, groups_p = _padded(n), (_padded(k) + group_size - 1) // group_size
+    out = torch.zeros((np_, groups_p), dtype=values.dtype)
+    out[:n, :groups] = values
+    return out.reshape(np_ // 16, 16, groups_p).transpose(1, 2).contiguous().reshape(-1)
 
 
 def pad_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -501,6 +543,7 @@ def _run_linear(
     exponent: int,
     relu: bool,
     bits: int,
+    mantissas: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> torch.Tensor:
     if x.dtype != torch.float32:
         x = x.float()
@@ -535,6 +578,7 @@ def _run_linear(
             out.numpy(),
             bits,
             _num_threads(),
+            *(mantissas or (None, None)),
         )
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
@@ -543,7 +587,9 @@ class LinearKernel:
     """One packed linear layer's kernel call with its constant arguments converted once.
 
     ``tiles`` from :func:`pack_ternary` (``bits=2``) or :func:`pack_int4` (``bits=4``), ``scale`` /
-    ``scale2`` from :func:`pack_ternary_scales`, ``bias`` from :func:`pad_bias`. Calling it runs
+    ``scale2`` from :func:`pack_ternary_scales`, ``bias`` from :func:`pad_bias`, optionally
+    ``group_mantissas`` from :func:`pack_group_mantissas` (8-bit fixed-point group scales, equal to
+    ``scale``: the AVX2 kernel for groups of 4 then accumulates in int32). Calling it runs
     the fused C++ path directly (a few microseconds of Python overhead); :meth:`op` goes through
     the ``torch.ops.lowbit`` custom op instead, which torch.compile / torch.export can trace.
     The tensors are held (not copied), so in-place updates (``load_state_dict``) are seen.
@@ -562,9 +608,12 @@ class LinearKernel:
         act: str = "absmax",
         exponent: int | None = None,
         relu: bool = False,
+        group_mantissas: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if bits not in (2, 4):
             raise ValueError(f"bits must be 2 (ternary) or 4 (int4); got {bits}")
+        if group_mantissas is not None and (not group_size or scale2 is not None):
+            raise ValueError("group_mantissas are fixed-point scales of symmetric groups along K")
         if bits == 4 and scale2 is not None:
             raise ValueError("asymmetric scales (scale2) exist for ternary weights only")
         self.tensors = (tiles, scale, scale2, bias)
@@ -576,6 +625,16 @@ class LinearKernel:
         )
         self.act_mode, self.exponent = _act_mode(act, exponent)
         self._np = tuple(None if t is None else _as_numpy(t) for t in self.tensors)
+        self.group_mantissas = group_mantissas
+        self._mantissas = (
+            None
+            if group_mantissas is None
+            else (_as_numpy(group_mantissas[0]), _as_numpy(group_mantissas[1]))
+        )
+
+    def all_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Every tensor the kernel holds (to tell whether a module replaced one of them)."""
+        return self.tensors + (self.group_mantissas or ())
 
     def __call__(self, x: torch.Tensor, exponent: int | None = None) -> torch.Tensor:
         """Run the layer; ``exponent=E`` overrides the activation mode with a fixed DFP exponent
@@ -600,6 +659,7 @@ class LinearKernel:
             e,
             self.relu,
             self.bits,
+            self._mantissas,
         )
 
     def op(self, x: torch.Tensor) -> torch.Tensor:

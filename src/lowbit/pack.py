@@ -581,6 +581,19 @@ class PackedLinear(Float32Buffers, nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("scale2", scale2, persistent=False)
         self.register_buffer("kbias", kernels.pad_bias(self.bias, n), persistent=False)
+        gscale_i = row_mult = None
+        enc = _fixed8_encoding(self.wscale) if self.scale_format == "fixed8" else None
+        if enc is not None:
+            # The same scales as 8-bit mantissas and one multiplier per row (2^E times a folded
+            # BatchNorm's scale): the AVX2 kernel for groups of 4 accumulates them in int32.
+            mult = torch.exp2(enc[1].to(torch.float64))
+            if self.row_scale is not None:
+                mult = mult * self.row_scale.detach().to(torch.float64)
+            gscale_i, row_mult = kernels.pack_group_mantissas(
+                enc[0], mult.to(torch.float32), n, k, group_size=self.group_size
+            )
+        self.register_buffer("kgscale_i", gscale_i, persistent=False)
+        self.register_buffer("krow_mult", row_mult, persistent=False)
         self._kernel = None
 
     def _kernel_bias(self) -> torch.Tensor | None:
@@ -742,12 +755,28 @@ class PackedLinear(Float32Buffers, nn.Module):
 
     def _get_kernel(self) -> kernels.LinearKernel:
         # Rebuilt when a buffer object is replaced (e.g. .float()); in-place loads keep it valid.
-        current = (self.tiles, self.scale, self.scale2, self._kernel_bias())
+        mantissas = self._group_mantissas()
+        current = (self.tiles, self.scale, self.scale2, self._kernel_bias(), *(mantissas or ()))
         kernel = self._kernel
-        if kernel is None or any(a is not b for a, b in zip(kernel.tensors, current, strict=True)):
-            kernel = kernels.LinearKernel(*current, **self._kernel_options())
+        held = () if kernel is None else kernel.all_tensors()
+        if (
+            kernel is None
+            or len(held) != len(current)
+            or any(a is not b for a, b in zip(held, current, strict=True))
+        ):
+            kernel = kernels.LinearKernel(
+                *current[:4], **self._kernel_options(), group_mantissas=mantissas
+            )
             self._kernel = kernel
         return kernel
+
+    def _group_mantissas(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(kgscale_i, krow_mult)`` for the eager kernel: 8-bit fixed-point group scales on the
+        fused unsigned path (traced graphs use the equal float ``scale``)."""
+        gscale_i, row_mult = getattr(self, "kgscale_i", None), getattr(self, "krow_mult", None)
+        if gscale_i is None or row_mult is None or not self._unsigned_fused():
+            return None
+        return gscale_i, row_mult
 
     def _kernel_options(self) -> dict[str, Any]:
         """The fused kernel's settings (shared by the cached kernel and the traced custom op)."""

@@ -210,7 +210,8 @@ void ternary_gemm_i32(Matrix<const int8_t> a, Tiles w, int64_t n, Matrix<int32_t
 void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const float> scale,
                     std::optional<Vector<const float>> scale2, std::optional<Vector<const float>> bias,
                     int64_t group_k, int mode, int exponent, bool relu, Matrix<float> out, int bits,
-                    int n_threads) {
+                    int n_threads, std::optional<Vector<const int32_t>> gscale_i,
+                    std::optional<Vector<const float>> row_mult) {
     require_row_contiguous(x, "x");
     require_row_contiguous(out, "out");
     check_group(group_k);
@@ -228,6 +229,11 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     if (scale2 && (group_k > 0 || (int64_t)scale2->shape(0) != np))
         throw std::invalid_argument("scale2 (asymmetric ternary) needs per-row scales of 16 * ceil(N/16) floats");
     if (bias && (int64_t)bias->shape(0) != np) throw std::invalid_argument("bias must be padded to 16 * ceil(N/16)");
+    if (gscale_i.has_value() != row_mult.has_value() || (gscale_i && (group_k == 0 || scale2)))
+        throw std::invalid_argument("gscale_i and row_mult (fixed-point group scales) go together, with groups along K");
+    if (gscale_i && ((int64_t)gscale_i->shape(0) != np * ng || (int64_t)row_mult->shape(0) != np))
+        throw std::invalid_argument("gscale_i must hold " + std::to_string(np * ng) + " and row_mult " +
+                                    std::to_string(np) + " entries; use lowbit.kernels.pack_group_mantissas");
     if ((int64_t)out.shape(0) != m || (int64_t)out.shape(1) != n) throw std::invalid_argument("out must be (M, N)");
     if (m == 0) return;
     lowbit_t2_args args{};
@@ -235,6 +241,8 @@ void ternary_linear(Matrix<const float> x, Tiles w, int64_t n, Vector<const floa
     args.kp = kp;
     args.n_valid = n;
     args.group_k = group_k;
+    args.gscale_i = gscale_i ? gscale_i->data() : nullptr;
+    args.row_mult = row_mult ? row_mult->data() : nullptr;
     args.asym = scale2 ? 1 : 0;
     args.bits = bits;
     args.scale = scale.data();
@@ -339,7 +347,8 @@ NB_MODULE(_kernels, mod) {
     mod.def("ternary_gemm_i32", &ternary_gemm_i32, "a"_a, "w"_a, "n"_a, "out"_a, "out_p"_a.none(), "bits"_a = 2,
             "n_threads"_a = 1);
     mod.def("ternary_linear", &ternary_linear, "x"_a, "w"_a, "n"_a, "scale"_a, "scale2"_a.none(), "bias"_a.none(),
-            "group_k"_a, "mode"_a, "exponent"_a, "relu"_a, "out"_a, "bits"_a = 2, "n_threads"_a = 1);
+            "group_k"_a, "mode"_a, "exponent"_a, "relu"_a, "out"_a, "bits"_a = 2, "n_threads"_a = 1,
+            "gscale_i"_a.none() = nb::none(), "row_mult"_a.none() = nb::none());
     mod.def("ternary_linear_float", &ternary_linear_float, "x"_a, "w"_a, "n"_a, "scale"_a, "scale2"_a.none(),
             "bias"_a.none(), "group_k"_a, "relu"_a, "out"_a, "bits"_a = 2, "n_threads"_a = 1);
     mod.def("act_multiplier", [](float amax, int mode, int exponent) {

@@ -414,7 +414,11 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
 // one group, so each product is widened, converted and scaled at once (vpmaddubsw, vpmaddwd,
 // vcvtdq2ps, FMA into fp32 accumulators): no int32 group totals, no per-group loop. Activations
 // are the unsigned operand, the decoded weights (code - zero) the signed one: |pair| <= 2 * 255 * 8.
-template <int HB, int NR, int BITS>
+// INT (8-bit fixed-point group scales, see lowbit_t2_args.gscale_i): vpmaddwd multiplies the
+// pairs by the group's mantissa m_g instead of 1 and the int32 products are summed as they are;
+// the conversion and the row multiplier come once per output. Ternary only: |m_g * D_g| <=
+// 255 * 4 * 255, so the int32 sum holds for kp <= 32768 (gemm_bits checks).
+template <int HB, int NR, int BITS, bool INT>
 void group4u_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     using F = Fmt<BITS>;
     const int64_t kt = p->kp / F::tile_k, rbs = kt * 64;
@@ -424,10 +428,14 @@ void group4u_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
     const __m256i mcode = _mm256_set1_epi8((char)F::mask), zero8 = _mm256_set1_epi8((char)F::zero);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 f[HB][NR];
+    __m256i acc[HB][NR];
 #pragma GCC unroll 16
     for (int r = 0; r < HB; ++r)
 #pragma GCC unroll 16
-        for (int n = 0; n < NR; ++n) f[r][n] = _mm256_setzero_ps();
+        for (int n = 0; n < NR; ++n) {
+            f[r][n] = _mm256_setzero_ps();
+            acc[r][n] = _mm256_setzero_si256();
+        }
     for (int64_t t = 0; t < kt; ++t) {
 #pragma GCC unroll 16
         for (int r = 0; r < HB; ++r) {
@@ -438,21 +446,29 @@ void group4u_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
         for (int pl = 0; pl < F::planes; ++pl) {
             const int64_t g = t * F::planes + pl;
             __m256i code[HB];
+            const __m256i* mg[HB];  // read as vpmaddwd's memory operand: no register held
             __m256 sc[HB];
 #pragma GCC unroll 16
             for (int r = 0; r < HB; ++r) {
                 const int64_t hr = hb + r;
                 const __m256i v = _mm256_loadu_si256((const __m256i*)(p->w + (hr >> 1) * rbs + t * 64 + (hr & 1) * 32));
                 code[r] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, BITS * pl), mcode), zero8);
-                sc[r] = _mm256_loadu_ps(p->scale + ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8);
+                const int64_t at = ((hr >> 1) * n_groups + g) * 16 + (hr & 1) * 8;
+                if (INT) mg[r] = (const __m256i*)(p->gscale_i + at);
+                else sc[r] = _mm256_loadu_ps(p->scale + at);
             }
 #pragma GCC unroll 16
             for (int n = 0; n < NR; ++n) {
                 const __m256i b = bcast4(a + n * as + 4 * g);
 #pragma GCC unroll 16
                 for (int r = 0; r < HB; ++r) {
-                    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(b, code[r]), ones);
-                    f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc[r], f[r][n]);
+                    const __m256i pr = _mm256_maddubs_epi16(b, code[r]);
+                    if (INT) {
+                        acc[r][n] = _mm256_add_epi32(acc[r][n], _mm256_madd_epi16(pr, _mm256_loadu_si256(mg[r])));
+                    } else {
+                        const __m256i d = _mm256_madd_epi16(pr, ones);
+                        f[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc[r], f[r][n]);
+                    }
                 }
             }
         }
@@ -465,14 +481,15 @@ void group4u_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             const int64_t n0 = (hb + r) * 8;
             if (n0 >= p->n_valid) continue;
             const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
-            __m256 y = _mm256_fmadd_ps(f[r][n], ai, b);
+            const __m256 yd = INT ? _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][n]), _mm256_loadu_ps(p->row_mult + n0)) : f[r][n];
+            __m256 y = _mm256_fmadd_ps(yd, ai, b);
             if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
             store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
         }
     }
 }
 
-enum Mode { kBlock, kBlockAsym, kGroup, kGroupU, kGroup4U, kGemv, kGemvAsym };
+enum Mode { kBlock, kBlockAsym, kGroup, kGroupU, kGroup4U, kGroup4UInt, kGemv, kGemvAsym };
 
 template <int HB, int NR, int MODE, int BITS>
 void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int64_t mn) {
@@ -486,7 +503,8 @@ void run_block(const lowbit_t2_args* p, int64_t hb, int64_t m, int64_t hbn, int6
     if constexpr (MODE == kBlockAsym) block_kernel<HB, NR, true, BITS>(p, hb, m);
     if constexpr (MODE == kGroup) group_kernel<HB, NR, BITS, false>(p, hb, m);
     if constexpr (MODE == kGroupU) group_kernel<HB, NR, BITS, true>(p, hb, m);
-    if constexpr (MODE == kGroup4U) group4u_kernel<HB, NR, BITS>(p, hb, m);
+    if constexpr (MODE == kGroup4U) group4u_kernel<HB, NR, BITS, false>(p, hb, m);
+    if constexpr (MODE == kGroup4UInt) group4u_kernel<HB, NR, BITS, true>(p, hb, m);
     if constexpr (MODE == kGemv) gemv_kernel<HB, NR, false, BITS>(p, hb, m);
     if constexpr (MODE == kGemvAsym) gemv_kernel<HB, NR, true, BITS>(p, hb, m);
 }
@@ -506,7 +524,12 @@ void drive(const lowbit_t2_args* p) {
 template <int BITS>
 void gemm_bits(const lowbit_t2_args* p) {
     const bool gemv = p->m1 - p->m0 == 1;
-    if (p->group_k == 4 && p->a_unsigned) {
+    if (p->group_k == 4 && p->a_unsigned && BITS == 2 && p->gscale_i && p->kp <= 32768) {
+        // 1 half block x 4 tokens: 2 x 4 spills the int32 accumulators (1.33 vs 1.48 ms for
+        // 256 x 512 -> 512 on Zen 2; 2 x 3: 1.42, 2 x 2: 1.38).
+        if (gemv) drive<4, 1, kGroup4UInt, BITS>(p);
+        else drive<1, 4, kGroup4UInt, BITS>(p);
+    } else if (p->group_k == 4 && p->a_unsigned) {
         if (gemv) drive<4, 1, kGroup4U, BITS>(p);
         else drive<2, 4, kGroup4U, BITS>(p);
     } else if (p->group_k > 0 && p->a_unsigned) {

@@ -70,6 +70,15 @@ typedef struct lowbit_t2_args {
     const float* scale;
     const float* scale2;
     const float* a_inv;
+    // Optional, grouped path with 8-bit fixed-point group scales (FGQ scale_bits = 8): the scale of
+    // row n's group g is m_g * row_mult[n], m_g in 0..255; gscale_i holds (m_g << 16) | m_g (an
+    // int16 pair) at the same index as `scale`, and row_mult is padded like bias. The AVX2 kernel
+    // for groups of 4 with unsigned inputs (ternary, kp <= 32768) then sums m_g * D_g exactly in
+    // int32 (|sum| <= kp * 255 * 255 < 2^31) and applies row_mult once per output:
+    //   y = float(sum_g m_g * D_g) * row_mult[n] * a_inv[m] + bias[n].
+    // Every other path reads `scale`, which must hold the same values m_g * row_mult[n].
+    const int32_t* gscale_i;
+    const float* row_mult;
     // Exact float path (ternary_gemm_f32): fp32 activations instead of `a`, row m at
     // x + m * x_stride (k floats, no padding needed); a, a_sums and a_inv are unused.
     const float* x;
