@@ -409,6 +409,9 @@ def test_cli_ptq_writes_model_and_reports(tmp_path):
     packed = lowbit.pack(loaded8)
     assert packed.net.fc1.config()["scale_format"] == "fixed8"
 
+    for n in ("0", "-5"):  # not "all of them" (a negative slice) nor a crash
+        bad = CliRunner().invoke(app, ["ptq", str(run), "--calib-samples", n, "--no-eval"])
+        assert bad.exit_code == 2 and f"--calib-samples must be at least 1, got {n}" in bad.output
     bad = CliRunner().invoke(app, ["ptq", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
     # a run of a quantization method is not a float model: say so (not a state-dict key dump)
@@ -458,3 +461,13 @@ def test_integer_reference_agrees_with_cpp_ternary_kernel(group_size, isa):
         out_features=24, group_size=group_size, act="dfp", exponent=e,
     )  # fmt: skip
     torch.testing.assert_close(y_k, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_calibration_and_one_shot_finetune_data_are_refused(tmp_path) -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="batches of 0 samples"):
+        ptq.fgq(copy.deepcopy(net), torch.empty(0, 4))
+    q = ptq.fgq(copy.deepcopy(net), torch.randn(32, 4))
+    batches = ((torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3))
+    with pytest.raises(ValueError, match="epoch 2 got no samples: pass a re-iterable"):
+        ptq.finetune(q, batches, epochs=2, lr=1e-4)

@@ -174,3 +174,27 @@ def test_smoke_overrides_are_said_and_bad_runs_leave_nothing(tmp_path: Path) -> 
     )
     assert res.exit_code == 2 and "--json goes with --list" in res.output
     assert not (tmp_path / "j").exists()
+
+
+def test_bad_sample_counts_and_used_output_folders_are_refused(tmp_path: Path) -> None:
+    recipe = _write(tmp_path, "tiny-fp", method='name = "fp"')
+    for flag in ("--train-samples", "--threads"):
+        for value in ("0", "-100"):
+            res = CliRunner().invoke(
+                app, ["reproduce", str(recipe), flag, value, "--out", str(tmp_path / "n")]
+            )
+            assert res.exit_code == 2 and f"{flag} must be at least 1, got {value}" in res.output
+    with pytest.raises(ValueError, match="train_samples must be at least 1"):
+        load_splits({"name": "synthetic"}, train_samples=0)
+    # a folder that already holds something: refused before any work, nothing in it touched
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "report.md").write_text("an earlier report")
+    res = CliRunner().invoke(app, ["reproduce", str(recipe), "--epochs", "1", "-o", str(used)])
+    assert res.exit_code == 2 and f"{used} is not empty" in res.output
+    assert [p.name for p in used.iterdir()] == ["report.md"]
+    from lowbit.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="is not empty: choose another output folder"):
+        run_demo(DemoConfig(out=str(used)))
+    assert [p.name for p in used.iterdir()] == ["report.md"]

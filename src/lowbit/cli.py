@@ -44,9 +44,19 @@ def _root(
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one clear error line (no traceback) and exit."""
+    """Print a clear error (no traceback) and exit."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def error_text(exc: BaseException, max_lines: int = 12) -> str:
+    """An exception's message for the terminal: all of it, up to ``max_lines`` lines (PyTorch's
+    ``load_state_dict`` errors, for one, name the mismatched tensors on the lines after the
+    first)."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    if len(lines) > max_lines:
+        lines = [*lines[:max_lines], f"... ({len(lines) - max_lines} more lines)"]
+    return "\n".join(lines)
 
 
 def _not_yet(what: str, issue: int) -> None:
@@ -161,7 +171,7 @@ def demo_cmd(
     try:
         run_demo(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
+        fail(error_text(exc), code=1)
 
 
 def _data_registry() -> dict[str, Any]:
@@ -399,7 +409,7 @@ def train_cmd(
         ShapeMismatchError,
         RuntimeError,
     ) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fail(error_text(exc))
     import os as _os
 
     if _os.environ.get("RANK", "0") != "0":
@@ -452,7 +462,7 @@ def eval_cmd(
         RuntimeError,
         KeyError,
     ) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fail(error_text(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -591,7 +601,7 @@ def _summary_model_of_run(run_dir: str, model: str, method: str, options: bool) 
         _, path = _locate(run_dir, "best")
         net.load_state_dict(load_checkpoint(path)["model"])
     except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataNotFoundError) as exc:
-        fail(f"cannot rebuild the model of {run_dir}: {str(exc).splitlines()[0]}")
+        fail(f"cannot rebuild the model of {run_dir}: {error_text(exc)}")
     except KeyError as exc:
         fail(f"cannot rebuild the model of {run_dir}: its config.json has no {exc} table")
     return net, stored
@@ -758,7 +768,10 @@ def ptq_cmd(
     ),
     weight_bits: int = typer.Option(2, "--weight-bits", help="2 = ternary, 3..8 = k-bit groups."),
     act_bits: int = typer.Option(
-        8, "--act-bits", help="DFP activation bits (8 or 4); 0 keeps activations float."
+        8,
+        "--act-bits",
+        help="DFP activation bits: 8 (the papers'), 4, ...; up to 8 they pack onto the integer "
+        "kernels, wider ones stay simulated (the layer is kept). 0 keeps activations float.",
     ),
     rule: str = typer.Option(None, "--rule", help="exact | 0.7 (ternary), mse | max (k-bit)."),
     scale_bits: int = typer.Option(
@@ -803,6 +816,8 @@ def ptq_cmd(
 
     if method != "fgq":
         fail(f"unknown post-training method {method!r}; available: fgq")
+    if calib_samples < 1:
+        fail(f"--calib-samples must be at least 1, got {calib_samples}")
     gs: int | str = int(group_size) if group_size.isdigit() else group_size
     if isinstance(gs, str) and gs not in ("layer", "channel"):
         fail(f"--group-size must be an int, 'layer' or 'channel', got {group_size!r}")
@@ -972,7 +987,7 @@ def pack_cmd(
         else:
             target = model if quantized else lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fail(error_text(exc))
     result: dict = {"source": info["checkpoint"], "method": info.get("method")}
     sequence = getattr(splits, "task", None) == "sequence"
     if evaluate and splits is not None:
@@ -1096,8 +1111,8 @@ def run_cmd(
         metrics = deploy.evaluate(model, data, batch_size, loss=sequence)
     except (ValueError, TypeError, RuntimeError) as exc:
         fail(
-            f"cannot run {file} on {table['name']!r} {split}: {str(exc).splitlines()[0]} "
-            "(does the file's model take this dataset? pass --dataset)"
+            f"cannot run {file} on {table['name']!r} {split} (does the file's model take this "
+            f"dataset? pass --dataset): {error_text(exc)}"
         )
     result["accuracy"] = metrics["accuracy"]
     if sequence:
@@ -1242,6 +1257,9 @@ def reproduce_cmd(
         fail("give a recipe NAME or .toml file, or --list to see them")
     if as_json:
         fail("--json goes with --list (a run writes its results to results.json in --out)")
+    for flag, value in (("--threads", threads), ("--train-samples", train_samples)):
+        if value is not None and value < 1:
+            fail(f"{flag} must be at least 1, got {value}")
     if threads:
         import torch
 
@@ -1262,7 +1280,7 @@ def reproduce_cmd(
     except TrainingDiverged as exc:
         fail(str(exc), code=1)
     except (ValueError, TypeError, FileNotFoundError, DataNotFoundError, RuntimeError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fail(error_text(exc))
     typer.echo(f"report: {result.report}  ({result.seconds:.1f} s)")
 
 

@@ -166,7 +166,13 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
     from lowbit.report import ttq_plots
     from lowbit.report.markdown import write_report
     from lowbit.report.results import environment, format_table, measure
-    from lowbit.reproduce import TrainedModel, load_splits, ptq_from, train_budgeted
+    from lowbit.reproduce import (
+        TrainedModel,
+        load_splits,
+        ptq_from,
+        refuse_used_output,
+        train_budgeted,
+    )
     from lowbit.train.runs import build_model
 
     cfg = config or DemoConfig()
@@ -175,6 +181,7 @@ def run_demo(config: DemoConfig | None = None, log: Log | None = None) -> DemoRe
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    refuse_used_output(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     feats = kernels.cpu_features()
     load0 = os.getloadavg()

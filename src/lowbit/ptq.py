@@ -223,10 +223,14 @@ def _calibration_batches(
     for i, item in enumerate(items):
         if max_batches is not None and i >= max_batches:
             break
-        out.append(_first(item))
+        batch = _first(item)
+        if isinstance(batch, torch.Tensor) and batch.dim() and batch.shape[0] == 0:
+            continue  # an empty batch calibrates nothing
+        out.append(batch)
     if not out:
         raise ValueError(
-            "calibration data is empty: pass a tensor, a dataset or an iterable of batches"
+            "calibration data is empty (no batches, or batches of 0 samples): pass a tensor, "
+            "a dataset or an iterable of batches with at least one sample"
         )
     return out
 
@@ -721,7 +725,7 @@ def finetune(
     opt = torch.optim.Adam(params, lr=lr)
     device = _device_of(model)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    losses: list[float] = []
     model.train()
     for _ in range(epochs):
         items = (
@@ -738,7 +742,13 @@ def finetune(
             opt.step()
             total += loss.item() * len(y)
             count += len(y)
-        losses.append(total / max(count, 1))
+        if count == 0:
+            raise ValueError(
+                f"fine-tuning epoch {len(losses) + 1} got no samples: pass a re-iterable "
+                "(a list of (x, y) batches or a lowbit.data.ArrayDataset), not a one-shot "
+                "generator, and at least one non-empty batch"
+            )
+        losses.append(total / count)
     model.eval()
     for m in model.modules():
         if isinstance(m, _FGQWeight):

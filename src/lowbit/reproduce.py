@@ -94,6 +94,9 @@ def load_splits(
     cache: dict[str, DataSplits] | None = None,
 ) -> DataSplits:
     """The dataset of a spec's ``data`` table, optionally cut to the first samples of each split."""
+    for what, n in (("train_samples", train_samples), ("test_samples", test_samples)):
+        if n is not None and int(n) < 1:
+            raise ValueError(f"{what} must be at least 1 (or None for the whole split), got {n}")
     from lowbit.train.runs import build_data
 
     key = repr(sorted(table.items())) + repr((train_samples, test_samples, str(data_dir)))
@@ -296,6 +299,17 @@ def _resolve_init(
     return net.state_dict(), net, [], base
 
 
+def refuse_used_output(out: Path, flag: str) -> None:
+    """Reports and runs never go into a folder that already holds something: its training runs
+    would be refused (or mixed) half-way, and its report overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file" if not out.is_dir() else "is not empty"
+        raise ValueError(
+            f"{out} {what}: choose another output folder ({flag} DIR), or delete it first "
+            f"(rm -r {out}) to run again from scratch"
+        )
+
+
 def reproduce(
     recipe: str,
     out_dir: str | Path | None = None,
@@ -328,6 +342,8 @@ def reproduce(
     if epochs is not None and int(epochs) < 1:
         raise ValueError(f"--epochs must be at least 1, got {epochs}")
     recipe_epochs = spec["train"].get("epochs")
+    if _depth == 0:
+        refuse_used_output(out, "-o")
     created = not out.exists()
     try:
         return _reproduce_into(

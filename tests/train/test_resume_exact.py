@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from lowbit import data, models
@@ -203,3 +204,34 @@ def test_runs_from_before_the_fused_option_resume_with_the_per_tensor_adam(tmp_p
     wa = load_checkpoint(latest(tmp_path / "a" / "checkpoints"))["model"]
     wb = load_checkpoint(latest(tmp_path / "b" / "checkpoints"))["model"]
     _assert_same(wa, wb)
+
+
+def test_a_new_run_never_trains_into_another_runs_directory(tmp_path: Path) -> None:
+    s, net, cfg = _setup()
+    cfg.epochs = 1
+    run = tmp_path / "run"
+    Trainer(net, s, cfg, run_dir=run, progress=False).fit()
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    metrics = (run / "metrics.jsonl").read_text()
+    _, net2, cfg2 = _setup()
+    with pytest.raises(ValueError, match=r"already holds a run \(1 epoch\(s\) logged, with checkp"):
+        Trainer(net2, s, cfg2, run_dir=run, progress=False).fit()
+    # nothing of the first run was touched
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    # the same trainer object may go on in the same process (one epoch per call)
+    _, net3, cfg3 = _setup()
+    cfg3.epochs = 2
+    t = Trainer(net3, s, cfg3, run_dir=tmp_path / "steps", progress=False)
+    t.fit(stop_after_epochs=1)
+    assert t.fit(stop_after_epochs=1)["status"] == "finished"
+    # a killed run that logged an epoch before its first checkpoint: resume starts again and
+    # the stale line goes
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "lr": 0.5}) + "\n")
+    _, net4, cfg4 = _setup()
+    cfg4.epochs = 1
+    Trainer(net4, s, cfg4, run_dir=stale, progress=False).fit(resume=True)
+    lines = [json.loads(x) for x in (stale / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1] and lines[0]["lr"] != 0.5

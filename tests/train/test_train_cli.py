@@ -288,3 +288,22 @@ def test_a_post_training_recipe_is_not_a_training_run() -> None:
     assert res.exit_code == 2
     assert "is post-training quantization" in res.output
     assert "lowbit reproduce fgq-mnist-mlp-n4" in res.output
+
+
+def test_a_new_run_is_refused_in_a_used_run_directory(run_dir: Path, tmp_path: Path) -> None:
+    before = (run_dir / "metrics.jsonl").read_text()
+    res = _invoke(
+        "train", "--model", "mlp", "--dataset", "synthetic", *TINY, "--epochs", "1",
+        "--run-dir", str(run_dir), "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 2
+    assert "already holds a run (2 epoch(s) logged, with checkpoints)" in res.output
+    assert "--resume" in res.output and (run_dir / "metrics.jsonl").read_text() == before
+    # errors keep their later lines: a fine-tuning start with another architecture names the
+    # mismatched tensors (PyTorch puts them after the first line)
+    res = _invoke(
+        "train", "--model", "mlp", "--dataset", "synthetic", *TINY[:-1], "widths=[24]",
+        "--method", "ttq", "--set", f"init_from={run_dir}", "--epochs", "1",
+        "--run-dir", str(tmp_path / "ft"), "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 2 and "size mismatch" in res.output, res.output

@@ -167,6 +167,21 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A new run never trains into another run's directory: it would replace that run's
+    checkpoints and config and append a second run to its ``metrics.jsonl``."""
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    has_checkpoints = (run_dir / "checkpoints" / "manifest.json").exists()
+    if records or has_checkpoints:
+        epochs = max((int(r.get("epoch", 0)) for r in records), default=0)
+        raise ValueError(
+            f"{run_dir} already holds a run ({epochs} epoch(s) logged"
+            f"{', with checkpoints' if has_checkpoints else ''}): continue it with --resume "
+            f"(Trainer.fit(resume=True)), train into another run directory, or delete it "
+            f"first (rm -r {run_dir}) to start over"
+        )
+
+
 class Trainer:
     """Train ``model`` on ``data`` with ``method`` (``"fp"``, a registered name, or a Method object).
 
@@ -508,7 +523,12 @@ class Trainer:
         cfg = self.config
         main = self.dist.is_main
         if resume:
-            self.resume()
+            if not self.resume() and main and self.run_dir is not None:
+                # nothing to resume from: the epochs a killed run logged before its first
+                # checkpoint are not this run's
+                MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(0)
+        elif self.run_dir is not None and self.epoch == 0 and self.step == 0:
+            refuse_used_run_dir(self.run_dir)
         if self.run_dir is not None and main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
