@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit import kernels
-from lowbit.pack import PackedLinear, packable
+from lowbit.pack import PackedLinear, PackingWarning, packable
 from lowbit.pack import pack as pack_model
 from lowbit.qtypes import QuantizedWeight
 
@@ -298,7 +298,9 @@ def test_unpackable_layers_are_reported_or_refused_by_name() -> None:
         torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 3)
     )
     quant = lowbit.quantize(net, "twn", keep=())
-    packed = pack_model(quant)
+    # said out loud, not only in the report: the layer stays float-sized and simulated
+    with pytest.warns(PackingWarning, match=r"left 1 quantized layer\(s\) unpacked"):
+        packed = pack_model(quant)
     assert packed.packing_report["0"].startswith("kept as QuantConv2d: grouped convolutions")
     assert packed.packing_report["2"].startswith("packed")
     x = torch.randn(2, 4, 6, 6)
@@ -314,7 +316,8 @@ def test_unpackable_layers_are_reported_or_refused_by_name() -> None:
         granularity="group",
         group_size=8,
     )
-    report = pack_model(ttq).packing_report["0"]
+    with pytest.warns(PackingWarning, match="'0' kept as QuantLinear"):
+        report = pack_model(ttq).packing_report["0"]
     assert "ternary_asym" in report
     assert report.endswith("asymmetric ternary with groups along K has no packed kernel")
 

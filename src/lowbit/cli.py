@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 import typer
@@ -984,8 +985,14 @@ def pack_cmd(
                     f"--xnor packs binary networks (BNN runs) on the XNOR-popcount kernels, but no "
                     f"layer of {source} (method {info.get('method')}) is binary: pack it without --xnor"
                 ) from None
+        elif quantized:
+            target = model
         else:
-            target = model if quantized else lowbit.pack(model, activations=activations)
+            from lowbit.pack import PackingWarning
+
+            with warnings.catch_warnings():  # the report below lists the kept layers
+                warnings.simplefilter("ignore", PackingWarning)
+                target = lowbit.pack(model, activations=activations)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         fail(error_text(exc))
     result: dict = {"source": info["checkpoint"], "method": info.get("method")}

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "PackedLSTM",
     "PackedLinear",
     "PackingError",
+    "PackingWarning",
     "pack",
     "packable",
 ]
@@ -1578,6 +1580,10 @@ def _fuse(model: nn.Module, report: dict[str, str]) -> None:
                 report[path] += f"; fused {names[id(children[j][1])]} (ReLU)"
 
 
+class PackingWarning(UserWarning):
+    """``pack`` kept some quantized layers as they are (no packed kernel for their format)."""
+
+
 class PackingError(ValueError):
     """``pack(..., strict=True)`` found layers it cannot pack (the message lists them and why)."""
 
@@ -1601,10 +1607,13 @@ def pack(
     run the integer kernels on exactly the codes the Quant layer computes. In a PackedLSTM,
     ``activations`` also applies to the hidden states (the recurrent GEMMs and the inputs of
     layers after the first), which the QuantLSTM keeps float.
-    Layers with no packed kernel (k-bit weights above 4 bits, log activations, grouped
-    convolutions, LSTM gate blocks without a common packed format) stay as they are; ``model.packing_report`` maps every quantized layer
-    to ``"packed: ..."`` or ``"kept as ...: why"``. With ``strict=True`` such layers raise
-    :class:`PackingError` naming each one instead.
+    Layers with no packed kernel (k-bit weights above 4 bits, log activations, groups along K
+    that are not a multiple of 4, asymmetric ternary with groups, grouped convolutions,
+    ``padding="same"``, ``padding_mode`` other than ``"zeros"``, LSTM gate blocks without a common
+    packed format) stay as they are, float-sized and simulated, with a :class:`PackingWarning`
+    naming them;
+    ``model.packing_report`` maps every quantized layer to ``"packed: ..."`` or
+    ``"kept as ...: why"``. With ``strict=True`` such layers raise :class:`PackingError` instead.
     ``fuse``: inside ``nn.Sequential`` containers, an eval-mode BatchNorm right after a packed
     layer is folded into its scales and bias and a ReLU after that runs in the kernel epilogue
     (both replaced by ``nn.Identity``; the report says so): two fewer passes over the
@@ -1671,12 +1680,18 @@ def pack(
             freeze_quantizers(target.get_submodule(path))
     if fuse:
         _fuse(target, report)
-    if strict:
-        bad = {p: r for p, r in report.items() if not r.startswith("packed")}
-        if bad:
-            raise PackingError(
-                "cannot pack: " + "; ".join(f"layer {p!r} {r}" for p, r in bad.items())
-            )
+    bad = {p: r for p, r in report.items() if not r.startswith("packed")}
+    if bad and strict:
+        raise PackingError("cannot pack: " + "; ".join(f"layer {p!r} {r}" for p, r in bad.items()))
+    if bad:
+        # Said out loud: these layers stay float-sized and run the simulated (slow) path.
+        warnings.warn(
+            f"lowbit.pack left {len(bad)} quantized layer(s) unpacked (float-sized, simulated): "
+            + "; ".join(f"{p!r} {r}" for p, r in bad.items())
+            + " (model.packing_report lists every layer; strict=True makes this an error)",
+            PackingWarning,
+            stacklevel=2,
+        )
     target.packing_report = report  # type: ignore[assignment]
     # Inference only: no parameter of a packed model wants a gradient (the kept float layers
     # included), so torch.compile / export trace it without autograd (the custom ops have none).
