@@ -373,6 +373,9 @@ def test_after_step_keeps_scales_positive() -> None:
         off[2].weight_quantizer.wp.fill_(-0.3)
     methods.get("ttq").after_step(off)
     assert off[2].weight_quantizer.wp.item() == pytest.approx(-0.3)
+    # a string is not a flag: "no" would otherwise count as true
+    with pytest.raises(TypeError, match="keep_positive must be True or False, got 'no'"):
+        quantize(_mlp(), "ttq", keep=(), keep_positive="no")
 
 
 def test_positivity_clamp_after_a_real_step_that_overshoots() -> None:
@@ -577,6 +580,14 @@ def test_plots_from_a_run_directory(tmp_path) -> None:
     paths = make_report(run)
     assert [p.name for p in paths] == ["ttq_scales.png", "ttq_sparsity.png", "ttq_histograms.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+    # a one-epoch run (a smoke run) still shows its shares: bars, not an empty stack plot
+    import matplotlib.image as mpimg
+
+    from lowbit.report.ttq_plots import plot_sparsity
+
+    one = plot_sparsity(layer_series(records[:1]), tmp_path / "one.png")
+    rgb = mpimg.imread(one)[..., :3]
+    assert ((rgb.max(axis=2) - rgb.min(axis=2)) > 0.3).mean() > 0.1  # empty axes: ~0.3 %
     no_ttq = layer_series([{"epoch": 1, "train_loss": 0.5}])  # a float run's metrics
     with pytest.raises(ValueError, match="no TTQ metrics"):
         plot_scales(no_ttq, tmp_path / "x.png")

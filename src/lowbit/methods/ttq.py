@@ -328,6 +328,12 @@ class TTQWeight(WeightQuantizer):
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        for name, flag in (
+            ("scale_weight_decay", scale_weight_decay),
+            ("keep_positive", keep_positive),
+        ):
+            if not isinstance(flag, bool):  # "no" would count as true
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         # Validate the threshold rule once, up front.
         ttq_threshold(torch.zeros(1), t, sparsity)
         self.t = float(t)

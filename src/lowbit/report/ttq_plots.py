@@ -151,7 +151,14 @@ def plot_sparsity(
         neg = [v for _, v in stats["neg"]]
         zero = [v for _, v in stats["sparsity"]]
         pos = [v for _, v in stats["pos"]]
-        ax.stackplot(xs, neg, zero, pos, labels=["negative", "zero", "positive"], alpha=0.85)
+        if len(xs) == 1:  # one epoch: a stack plot of one point draws nothing, bars do
+            bottoms = [0.0, neg[0], neg[0] + zero[0]]
+            for value, bottom, label in zip(
+                (neg[0], zero[0], pos[0]), bottoms, ("negative", "zero", "positive"), strict=True
+            ):
+                ax.bar(xs, [value], bottom=[bottom], width=0.5, label=label, alpha=0.85)
+        else:
+            ax.stackplot(xs, neg, zero, pos, labels=["negative", "zero", "positive"], alpha=0.85)
         ax.set_ylim(0, 1)
         ax.set_title(f"{layer} (sparsity {zero[-1]:.0%})", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
