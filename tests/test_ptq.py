@@ -409,6 +409,14 @@ def test_cli_ptq_writes_model_and_reports(tmp_path):
     packed = lowbit.pack(loaded8)
     assert packed.net.fc1.config()["scale_format"] == "fixed8"
 
+    # other options, other default file names: nothing is overwritten
+    res = CliRunner().invoke(
+        app,
+        ["ptq", str(run), "--calib-samples", "128", "--no-eval", "--keep", "none",
+         "--calibration", "percentile", "--act-mode", "dynamic", "--rule", "0.7"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (run / "ptq-fgq-n4-in-w2-a8-rule0.7-dynamic-p99.99-keep-none.pt").exists()
     for n in ("0", "-5"):  # not "all of them" (a negative slice) nor a crash
         bad = CliRunner().invoke(app, ["ptq", str(run), "--calib-samples", n, "--no-eval"])
         assert bad.exit_code == 2 and f"--calib-samples must be at least 1, got {n}" in bad.output

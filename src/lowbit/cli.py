@@ -810,6 +810,7 @@ def ptq_cmd(
 
     Example: lowbit ptq runs/mlp --group-size 4 --act-bits 8
     """
+    import hashlib
     import time
     from pathlib import Path
 
@@ -874,9 +875,21 @@ def ptq_cmd(
     if evaluate:
         result["fgq_acc"] = ptq.accuracy(net, splits.test, saturation=True)
     rows = ptq.report(net)
-    tag = f"n{gs}-{group_axis}-w{weight_bits}-a{act_bits or 32}" + (
-        f"-s{scale_bits}" if scale_bits else ""
-    )
+    # Every option that changes the model is in the default file name, so that two different
+    # quantizations of one run never overwrite each other.
+    parts = [f"n{gs}", group_axis, f"w{weight_bits}", f"a{act_bits or 32}"]
+    parts += [f"s{scale_bits}"] if scale_bits else []
+    parts += [f"rule{rule}"] if rule else []
+    parts += ["dynamic"] if act_mode != "calibrated" else []
+    parts += [f"p{percentile:g}"] if calibration == "percentile" else []
+    if keep_t != ("first", "last"):
+        parts.append(
+            "keep-none"
+            if not keep_t
+            else "keep-" + hashlib.sha1(",".join(keep_t).encode()).hexdigest()[:6]
+        )
+    parts += ["nofold"] if not fold_bn else []
+    tag = "-".join(parts)
     if out is None:
         src = Path(info["checkpoint"])
         base = src.parent.parent if src.parent.name == "checkpoints" else src.parent
