@@ -409,6 +409,16 @@ def test_cli_ptq_writes_model_and_reports(tmp_path):
     packed = lowbit.pack(loaded8)
     assert packed.net.fc1.config()["scale_format"] == "fixed8"
 
+    # eval and summary take the ptq file as pack does
+    ptq_file = str(run / "ptq-fgq-n4-in-w2-a8-s8.pt")
+    res = CliRunner().invoke(app, ["eval", ptq_file, "--split", "test", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)["test"]
+    with torch.no_grad():
+        hits = (loaded8(splits.test.x).argmax(1) == splits.test.y).double().mean().item()
+    assert got["acc"] == pytest.approx(hits) and got["error"] == pytest.approx(100 * (1 - hits))
+    res = CliRunner().invoke(app, ["summary", ptq_file])
+    assert res.exit_code == 0 and "fgq" in res.output.lower(), res.output
     # other options, other default file names: nothing is overwritten
     res = CliRunner().invoke(
         app,

@@ -429,7 +429,9 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     target: str = typer.Argument(
-        ..., help="A `lowbit train` run directory or a checkpoint file inside one."
+        ...,
+        help="A `lowbit train` run directory, a checkpoint file inside one, or a `lowbit ptq` "
+        ".pt file.",
     ),
     which: str = typer.Option(
         "best",
@@ -447,13 +449,17 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run directory or checkpoint (loss, accuracy, error per split)."""
     from lowbit.data import DataNotFoundError
+    from lowbit.ptq import is_quantized_file
     from lowbit.train import CheckpointError, ShapeMismatchError
     from lowbit.train.runs import evaluate_run
 
     try:
-        result = evaluate_run(
-            target, which=which, splits=list(split) or None, device=device, data_dir=data_dir
-        )
+        if is_quantized_file(target):
+            result = _evaluate_ptq_file(target, list(split) or ["valid", "test"], data_dir)
+        else:
+            result = evaluate_run(
+                target, which=which, splits=list(split) or None, device=device, data_dir=data_dir
+            )
     except (
         ValueError,
         FileNotFoundError,
@@ -467,12 +473,31 @@ def eval_cmd(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"{result['checkpoint']} (epoch {result['epoch']})")
+    when = "post-training quantized" if result["epoch"] is None else f"epoch {result['epoch']}"
+    typer.echo(f"{result['checkpoint']} ({when})")
     for name, m in result.items():
         if isinstance(m, dict):
             typer.echo(
                 f"  {name:<6} loss {m['loss']:.4f}  accuracy {100 * m['acc']:.2f}%  error {m['error']:.2f}%"
             )
+
+
+def _evaluate_ptq_file(path: str, splits: list[str], data_dir: str | None) -> dict[str, Any]:
+    """``lowbit eval`` of a ``lowbit ptq`` output: the splits of the data it was calibrated on,
+    in the form :func:`lowbit.train.runs.evaluate_run` returns."""
+    from lowbit import deploy
+
+    net, info, data = deploy.quantized_from_source(path, data_dir=data_dir)
+    if data is None:
+        raise ValueError(f"{path} records no dataset to evaluate on")
+    result: dict[str, Any] = {"checkpoint": path, "epoch": None}
+    for name in splits:
+        part = getattr(data, name, None)
+        if part is None:
+            raise ValueError(f"{info['data'].get('name')} has no {name!r} split")
+        m = deploy.evaluate(net, part)
+        result[name] = {"loss": m["loss"], "acc": m["accuracy"] / 100, "error": 100 - m["accuracy"]}
+    return result
 
 
 @app.command("datasets")
@@ -546,15 +571,20 @@ def models_cmd(
 
 
 def _summary_of_file(path: Any, input_shape: str | None, no_macs: bool, as_json: bool) -> None:
-    """``lowbit summary m.lowbit``: the loaded model's rows (packed bytes as stored)."""
+    """``lowbit summary m.lowbit`` (packed bytes as stored) or ``lowbit summary ptq.pt`` (a
+    ``lowbit ptq`` output): the loaded model's rows."""
+    from lowbit import ptq
     from lowbit.saveload import LowbitFileError, load, read_manifest
 
+    meta: dict[str, Any] = {}
     try:
-        manifest = read_manifest(path)
-        net = load(path)
-    except (FileNotFoundError, LowbitFileError) as exc:
+        if path.suffix == ".lowbit":
+            meta = read_manifest(path).get("metadata") or {}
+            net = load(path)
+        else:
+            net = ptq.load_quantized(path)
+    except (FileNotFoundError, LowbitFileError, ValueError) as exc:
         fail(str(exc))
-    meta = manifest.get("metadata") or {}
     shape = _shape_option(input_shape)
     if shape is None and not no_macs:
         stored = meta.get("input_shape") or getattr(net, "input_shape", None)
@@ -612,8 +642,8 @@ def _summary_model_of_run(run_dir: str, model: str, method: str, options: bool) 
 def summary_cmd(
     model: str = typer.Argument(
         ...,
-        help="Reference model name (see `lowbit models`), a `lowbit train` run directory, or a "
-        ".lowbit file (packed or quantized).",
+        help="Reference model name (see `lowbit models`), a `lowbit train` run directory, a "
+        ".lowbit file (packed or quantized) or a `lowbit ptq` .pt file.",
     ),
     method: str = typer.Option(
         "fp", "--method", "-m", help="Quantization method (lowbit.methods.available())."
@@ -661,6 +691,8 @@ def summary_cmd(
         from lowbit import models as _models
     except ImportError:  # pragma: no cover - the models package is part of lowbit
         _models = None  # type: ignore[assignment]
+    from lowbit.ptq import is_quantized_file
+
     names = _models.available() if _models is not None else []
     source = Path(model)
     if model not in names and source.is_dir() and (source / "config.json").is_file():
@@ -676,7 +708,9 @@ def summary_cmd(
             )
         assert isinstance(stored, dict)  # fail() exits
         state, model = model, str(stored["name"])
-    if model not in names and source.is_file() and source.suffix == ".lowbit":
+    if model not in names and (
+        (source.is_file() and source.suffix == ".lowbit") or is_quantized_file(source)
+    ):
         _summary_of_file(source, input_shape, no_macs, as_json)
         return
     if model not in names:

@@ -76,6 +76,7 @@ __all__ = [
     "float_run_info",
     "load_data",
     "load_float_model",
+    "is_quantized_file",
     "load_quantized",
     "report",
     "save_quantized",
@@ -929,6 +930,18 @@ def save_quantized(model: nn.Module, path: str | Path, info: dict[str, Any]) -> 
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def is_quantized_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file written by :func:`save_quantized` (``lowbit ptq`` output)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".pt":
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a loadable torch file: not ours
+        return False
+    return isinstance(state, dict) and state.get("format") == PTQ_FORMAT
 
 
 def load_quantized(path: str | Path) -> nn.Module:
