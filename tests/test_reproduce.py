@@ -198,3 +198,15 @@ def test_bad_sample_counts_and_used_output_folders_are_refused(tmp_path: Path) -
     with pytest.raises(ValueError, match="is not empty: choose another output folder"):
         run_demo(DemoConfig(out=str(used)))
     assert [p.name for p in used.iterdir()] == ["report.md"]
+
+
+def test_a_smoke_run_of_a_recipe_without_paper_number_says_it_was_cut(tmp_path: Path) -> None:
+    recipe = _write(tmp_path, "tiny-nonumber", method='name = "fp"')
+    recipe.write_text(recipe.read_text().replace("value = 1.5\n", ""))
+    res = reproduce(
+        str(recipe), tmp_path / "out", epochs=1, train_samples=100, progress=False,
+        timing=False, log=lambda s: None,
+    )  # fmt: skip
+    md = res.report.read_text()
+    assert "carries no paper number" in md
+    assert "cut-down run: 1 of the recipe's 2 epochs; first 100 training samples only" in md

@@ -492,6 +492,14 @@ def _reproduce_into(
         verdict = "This recipe carries no paper number" + (
             f"; its [paper] source says: {row.paper_source}" if row.paper_source else "."
         )
+        cut = (
+            [f"{trained.epochs_done} of the recipe's {recipe_epochs} epochs"]
+            if (trained.epochs and recipe_epochs and trained.epochs_done != recipe_epochs)
+            else []
+        )
+        cut += [f"first {train_samples} training samples only"] if train_samples else []
+        if cut:  # a smoke run says so even without a number to compare with
+            verdict += f" Measured on a cut-down run: {'; '.join(cut)}."
     facts = {
         "recipe": f"{name} ({spec['recipe'].get('path')})",
         "paper source": row.paper_source or "-",

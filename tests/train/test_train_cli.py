@@ -223,6 +223,15 @@ def test_shape_mismatch_names_both_shapes(tmp_path: Path) -> None:
         str(tmp_path / "r2"),
     )
     assert res.exit_code == 2 and "(3, 32, 32)" in res.output and "(1, 28, 28)" in res.output
+    # a model that cannot even be built for the images (LeNet-5's 5x5 convs on 12x12 inputs)
+    res = _invoke(
+        "train", "--model", "lenet5", "--dataset", "synthetic", "-D", "shape=[1,12,12]",
+        "-D", "n_train=8", "--run-dir", str(tmp_path / "r3"),
+    )  # fmt: skip
+    assert res.exit_code == 2
+    assert "model lenet5 cannot be built for dataset synthetic's input shape (1, 12, 12)" in (
+        res.output
+    )
 
 
 def test_cifar10_offline_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from lowbit import models
 from lowbit.data.core import DataSplits
 from lowbit.train.checkpoint import CheckpointError, latest, load_checkpoint
 from lowbit.train.config import TrainConfig, load_recipe
-from lowbit.train.trainer import Trainer, check_compatible, resolve_method
+from lowbit.train.trainer import ShapeMismatchError, Trainer, check_compatible, resolve_method
 
 __all__ = ["build_data", "build_model", "evaluate_run", "make_spec", "read_run_spec", "train_spec"]
 
@@ -107,7 +107,16 @@ def build_model(table: dict[str, Any], data: DataSplits) -> nn.Module:
     name = t.pop("name")
     input_shape = tuple(t.pop("input_shape", data.input_shape))
     num_classes = int(t.pop("num_classes", data.num_classes))
-    return models.create(name, input_shape=input_shape, num_classes=num_classes, **t)
+    try:
+        return models.create(name, input_shape=input_shape, num_classes=num_classes, **t)
+    except (
+        RuntimeError
+    ) as exc:  # a shape probe inside the model (e.g. a conv larger than the image)
+        raise ShapeMismatchError(
+            f"model {name} cannot be built for dataset {data.name}'s input shape "
+            f"{tuple(input_shape)}: {str(exc).splitlines()[0]} (pick a model made for this "
+            "input size, or resize the data)"
+        ) from exc
 
 
 def _method_parts(table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
