@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import lowbit
-from lowbit import bench, models
+from lowbit import bench, kernels, models
 from lowbit.cli import app
 
 
@@ -31,6 +31,15 @@ def test_bench_kernels_runs_every_case() -> None:
     cases = [r.case for r in rows]
     assert cases[:3] == ["ternary b1 hot", "ternary b1 cold", "ternary b3"]
     assert any("(int4)" in c for c in cases) and any("(float)" in c for c in cases)
+    assert "ternary b3 hot (fgq4)" in cases  # FGQ N=4 after a ReLU, 8-bit group scales
+    # the variant computes what it says: its output against the float scales it was built from
+    layer = bench._Ternary(32, 64, seed=1, variant="fgq4")
+    x = torch.rand(5, 64) * 4
+    scale = torch.from_numpy(layer.kernel._np[1].copy())
+    ref = kernels.LinearKernel(
+        layer.tiles, scale, out_features=32, group_size=4, act="udfp", exponent=-4
+    )(x)
+    assert torch.equal(layer(x), ref)
     assert [c for c in cases if c.startswith("binary")] == [
         "binary b1 bits->bits",
         "binary b1 float->float",

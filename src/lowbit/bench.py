@@ -137,7 +137,9 @@ def _int8_linear(weight: torch.Tensor) -> torch.nn.Module:
 
 class _Ternary:
     """One packed ternary layer: per-row scales and int8 activations, or a variant ("asym",
-    "group<G>", "float": the exact path with fp32 activations, "int4": 4-bit weights)."""
+    "group<G>", "float": the exact path with fp32 activations, "int4": 4-bit weights, "fgq4":
+    FGQ N=4 as ``lowbit.pack`` runs it after a ReLU: unsigned 8-bit DFP inputs and 8-bit
+    fixed-point group scales)."""
 
     def __init__(self, n: int, k: int, seed: int, variant: str = "row") -> None:
         g = torch.Generator().manual_seed(seed)
@@ -156,6 +158,15 @@ class _Ternary:
             self.scale, self.scale2 = kernels.pack_ternary_scales(
                 torch.tensor([0.7, 0.4]), n, k, asym=True
             )
+        mantissas = None
+        if variant == "fgq4":
+            self.group = 4
+            m = torch.randint(0, 256, (n, -(-k // 4)), generator=g)
+            row_mult = torch.full((n,), 2.0**-8)
+            self.scale, self.scale2 = kernels.pack_ternary_scales(
+                m * row_mult[:, None], n, k, group_size=4
+            )
+            mantissas = kernels.pack_group_mantissas(m, row_mult, n, k, group_size=4)
         elif variant.startswith("group"):
             self.group = int(variant[5:])
             self.scale, self.scale2 = kernels.pack_ternary_scales(
@@ -174,7 +185,9 @@ class _Ternary:
             out_features=n,
             bits=bits,
             group_size=self.group,
-            act="float" if variant == "float" else "absmax",
+            act={"float": "float", "fgq4": "udfp"}.get(variant, "absmax"),
+            exponent=-4 if variant == "fgq4" else None,
+            group_mantissas=mantissas,
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,7 +397,7 @@ def bench_kernels(
     extra = (
         {
             v: _Ternary(n, k, seed=99, variant=v)
-            for v in ("asym", "group64", "group4", "float", "int4")
+            for v in ("asym", "group64", "group4", "fgq4", "float", "int4")
         }
         if variants
         else {}
