@@ -146,3 +146,30 @@ def test_forcing_a_path_the_cpu_lacks_names_the_missing_features(
         RuntimeError, match=r"LOWBIT_ISA=avx512 was requested but this CPU lacks avx512vnni"
     ):
         kernels._apply_env_isa()
+
+
+FORK_SCRIPT = """
+import os, sys, torch
+from lowbit import kernels
+torch.set_num_threads(2)
+tiles = kernels.pack_ternary(torch.randint(-1, 2, (256, 512), dtype=torch.int8))
+scale, _ = kernels.pack_ternary_scales(torch.tensor(0.5), 256, 512)
+layer = kernels.LinearKernel(tiles, scale, out_features=256)
+x = torch.randn(64, 512)
+want = layer(x)  # the parent's pool now has a worker thread
+pid = os.fork()
+if pid == 0:  # the child has no pool threads: its first parallel call must not wait for them
+    ok = torch.equal(layer(x), want) and torch.equal(layer(x), want)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_kernels_run_in_a_forked_child() -> None:
+    # gunicorn --preload, multiprocessing with fork: the kernels' thread pool starts afresh in
+    # the child instead of waiting forever for threads that were not forked.
+    res = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr

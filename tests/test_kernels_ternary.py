@@ -359,6 +359,21 @@ def test_linear_nan_tokens_give_nan_rows(isa: str, k: int) -> None:
     y = kernels.ternary_linear(x, tiles, scale, out_features=24)
     assert bool(y[[1, 3]].isnan().all())
     assert torch.equal(y[[0, 2, 4]], clean[[0, 2, 4]])
+    # the fused ReLU keeps them NaN, as torch.relu does (maxps returns its second operand on
+    # NaN: ReLU as max(y, 0) gave 0 on the SIMD paths)
+    relu_scales = {
+        "row": kernels.pack_ternary_scales(torch.tensor(0.5), 24, k),
+        "asym": kernels.pack_ternary_scales(torch.tensor([0.7, 0.4]), 24, k, asym=True),
+        "group": kernels.pack_ternary_scales(torch.rand(24, -(-k // 4)) + 0.1, 24, k, group_size=4),
+    }
+    for name, (sc, sc2) in relu_scales.items():
+        g = 4 if name == "group" else 0
+        for act in ("absmax", "float"):
+            out = kernels.ternary_linear(
+                x, tiles, sc, sc2, out_features=24, group_size=g, act=act, relu=True
+            )
+            assert bool(out[[1, 3]].isnan().all()), (name, act)
+            assert not out[[0, 2, 4]].isnan().any() and (out[[0, 2, 4]] >= 0).all()
 
 
 def test_linear_rejects_bad_scales() -> None:

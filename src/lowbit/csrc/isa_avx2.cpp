@@ -195,7 +195,7 @@ inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m256i d,
     } else {
         y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_loadu_ps(p->scale + n0), ai), b);
     }
-    if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+    if (p->relu) y = _mm256_max_ps(_mm256_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
     store8_f32(p->out_f32 + m * p->out_f32_stride, n0, p->n_valid, y);
 }
 
@@ -404,7 +404,7 @@ void group_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             if (n0 >= p->n_valid) continue;
             const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
             __m256 y = _mm256_fmadd_ps(f[r][n], ai, b);
-            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            if (p->relu) y = _mm256_max_ps(_mm256_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
             store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
         }
     }
@@ -483,7 +483,7 @@ void group4u_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             const __m256 b = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
             const __m256 yd = INT ? _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][n]), _mm256_loadu_ps(p->row_mult + n0)) : f[r][n];
             __m256 y = _mm256_fmadd_ps(yd, ai, b);
-            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            if (p->relu) y = _mm256_max_ps(_mm256_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
             store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
         }
     }
@@ -631,7 +631,7 @@ void float_kernel(const lowbit_t2_args* p, int64_t hb, int64_t m) {
             if (GROUP) y = _mm256_add_ps(tot[r][n], b);
             else if (ASYM) y = _mm256_fmadd_ps(f[r][n], sc, _mm256_fmadd_ps(h[r][n], sc2, b));
             else y = _mm256_fmadd_ps(f[r][n], sc, b);
-            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            if (p->relu) y = _mm256_max_ps(_mm256_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
             store8_f32(p->out_f32 + (m + n) * p->out_f32_stride, n0, p->n_valid, y);
         }
     }

@@ -159,7 +159,7 @@ inline void store_out(const lowbit_t2_args* p, int64_t m, int64_t n0, __m512i d,
     } else {
         y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(p->scale + n0), ai), b);
     }
-    if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    if (p->relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
     _mm512_mask_storeu_ps(p->out_f32 + m * p->out_f32_stride + n0, mask, y);
 }
 
@@ -363,7 +363,7 @@ void group_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
             const int64_t n0 = (rb + r) * 16;
             const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
             __m512 y = _mm512_fmadd_ps(f[r][n], ai, b);
-            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            if (p->relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
             _mm512_mask_storeu_ps(p->out_f32 + (m + n) * p->out_f32_stride + n0, lane_mask(p->n_valid, n0), y);
         }
     }
@@ -423,7 +423,7 @@ void group4u_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
             const int64_t n0 = (rb + r) * 16;
             const __m512 b = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
             __m512 y = _mm512_fmadd_ps(f[r][n], ai, b);
-            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            if (p->relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
             _mm512_mask_storeu_ps(p->out_f32 + (m + n) * p->out_f32_stride + n0, lane_mask(p->n_valid, n0), y);
         }
     }
@@ -577,7 +577,7 @@ void float_kernel(const lowbit_t2_args* p, int64_t rb, int64_t m) {
             if (GROUP) y = _mm512_add_ps(tot[r][n], b);
             else if (ASYM) y = _mm512_fmadd_ps(f[r][n], sc, _mm512_fmadd_ps(h[r][n], sc2, b));
             else y = _mm512_fmadd_ps(f[r][n], sc, b);
-            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            if (p->relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN stays NaN (maxps returns its 2nd operand)
             _mm512_mask_storeu_ps(p->out_f32 + (m + n) * p->out_f32_stride + n0, lane_mask(p->n_valid, n0), y);
         }
     }

@@ -1,6 +1,9 @@
 #include "threadpool.h"
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -97,9 +100,27 @@ class Pool {
     std::exception_ptr error_;
 };
 
+std::atomic<Pool*> g_pool{nullptr};
+
+void forget_pool_after_fork() {
+    // The child of a fork has none of the pool's threads (and perhaps a mutex some other parent
+    // thread held): leave that pool behind untouched and start a fresh one on first use.
+    g_pool.store(nullptr);
+}
+
 Pool& pool() {
     // Leaked on purpose: joining threads during interpreter shutdown can deadlock.
-    static Pool* p = new Pool();
+    static const bool registered = [] { return pthread_atfork(nullptr, nullptr, forget_pool_after_fork) == 0; }();
+    (void)registered;
+    Pool* p = g_pool.load();
+    if (p == nullptr) {
+        Pool* fresh = new Pool();
+        if (g_pool.compare_exchange_strong(p, fresh)) {
+            p = fresh;
+        } else {
+            delete fresh;  // another thread won; it has no workers yet, so nothing to join
+        }
+    }
     return *p;
 }
 
