@@ -503,3 +503,23 @@ def test_any_flipped_byte_of_a_bnn_file_is_refused_or_harmless(tmp_path: Path) -
         with torch.no_grad():  # header bytes guarded by JSON, ranges and checksums
             assert torch.equal(loaded(x), expected), pos
     assert refused == len(positions)
+
+
+def test_casting_a_packed_bnn_keeps_its_layers_working() -> None:
+    # .double() / .half() of a whole XNOR-packed model: the binary layers compute in float32 on
+    # their float32 buffers and answer in the model's dtype, also when they are fed packed bits
+    # (before, the layer after the first binary one got float32 and the cast float layers failed).
+    torch.manual_seed(0)
+    model = _bnn_convnet()
+    packed = B.pack_bnn(model)
+    x = torch.randn(6, 3, 12, 12)
+    with torch.no_grad():
+        want = packed(x)
+        for dtype, tol in ((torch.float64, 1e-5), (torch.float16, 2e-2)):
+            cast = packed.to(dtype)
+            got = cast(x.to(dtype))
+            assert got.dtype == dtype
+            assert (got.double() - want.double()).abs().max().item() <= tol * (
+                1 + want.abs().max().item()
+            )
+            packed = cast.float()

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as TF
 
 from lowbit import kernels
-from lowbit.pack import Float32Buffers
+from lowbit.pack import Float32Buffers, float32_forward, float32_or_bits_forward
 
 __all__ = [
     "OUT_KINDS",
@@ -787,6 +787,7 @@ class PackedBinaryLinear(_PackedBinaryBase):
     def _reduction(self) -> int:
         return self.in_features
 
+    @float32_or_bits_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is torch.Tensor and not (_is_compiling() or _is_exporting() or _jit_tracing()):
             # Hot path, kept to a handful of Python operations (after a batch-1 GEMV that has
@@ -910,6 +911,7 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         c = self._correction(h, w)
         return None if c is None else c[0]
 
+    @float32_or_bits_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _tracing(x):
             xb = pack_bits(x.permute(0, 2, 3, 1)) if self.input_kind == "float" else x
@@ -1072,6 +1074,7 @@ class PackedBitplaneLinear(Float32Buffers, nn.Module):
         """The integer input codes, computed exactly as the simulated layer's quantizer does."""
         return torch.round(x.detach() / self.step).clamp(self.lo, self.hi)
 
+    @float32_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs (..., {self.in_features}); got {tuple(x.shape)}")

@@ -407,32 +407,51 @@ class Float32Buffers:
                 return t.to(device=out.device)  # the original values, not a round trip
             return out
 
+        # The float dtype the model is being cast to: layers fed packed bits answer in it.
+        probe = fn(torch.zeros((), dtype=torch.float32))
+        if probe.is_floating_point():
+            self._cast_dtype = None if probe.dtype == torch.float32 else probe.dtype
         return super()._apply(keep_dtype, recurse)  # type: ignore[misc]
+
+
+def _dtype_forward(forward: Any, bits: bool) -> Any:
+    @functools.wraps(forward)
+    def wrapped(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dtype = x.dtype
+        elif bits:  # packed bits in: float outputs take the dtype the model was cast to
+            dtype = getattr(self, "_cast_dtype", None) or torch.float32
+        else:
+            dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
+            if dtype is not torch.float32:
+                raise TypeError(
+                    f"{type(self).__name__} takes floating-point inputs (like the layer it "
+                    f"replaces); got {x.dtype}"
+                )
+        if dtype is torch.float32:
+            return forward(self, x, *args, **kwargs)
+        x32 = x.to(torch.float32) if x.is_floating_point() else x
+        return _to_dtype(forward(self, x32, *args, **kwargs), dtype)
+
+    return wrapped
 
 
 def float32_forward(forward: Any) -> Any:
     """Run a packed module's forward in float32 and give the output the input's dtype (the float
     layers around a packed one keep whatever dtype the model was cast to)."""
+    return _dtype_forward(forward, bits=False)
 
-    @functools.wraps(forward)
-    def wrapped(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
-        dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
-        if dtype is torch.float32:
-            return forward(self, x, *args, **kwargs)
-        if not x.is_floating_point():
-            raise TypeError(
-                f"{type(self).__name__} takes floating-point inputs (like the layer it replaces); "
-                f"got {x.dtype}"
-            )
-        out = forward(self, x.to(torch.float32), *args, **kwargs)
-        return _to_dtype(out, dtype)
 
-    return wrapped
+def float32_or_bits_forward(forward: Any) -> Any:
+    """:func:`float32_forward` for the binary layers, which also take packed bits (uint8): their
+    float outputs then take the dtype the module was last cast to (``.double()`` etc.), and
+    packed-bit outputs stay uint8."""
+    return _dtype_forward(forward, bits=True)
 
 
 def _to_dtype(out: Any, dtype: torch.dtype) -> Any:
     if isinstance(out, torch.Tensor):
-        return out.to(dtype)
+        return out.to(dtype) if out.is_floating_point() else out  # packed bits stay uint8
     if isinstance(out, tuple):
         return tuple(_to_dtype(o, dtype) for o in out)
     return out
