@@ -195,6 +195,11 @@ def test_cli_pack_run_and_bench_a_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["bench", "model", str(out), "--threads", "1", "--reps", "20"])
     assert result.exit_code == 0, result.output
     assert "batch  256" in result.output
+    # the throughput line names the batch it timed, not the one asked for
+    result = runner.invoke(app, ["run", str(out), "--reps", "20", "--batch-size", "100000"])
+    assert result.exit_code == 0, result.output
+    timed = len(lowbit.data.load("synthetic").test)
+    assert f"(batch {timed}: the split has only these, not 100000, median" in result.output
 
 
 def test_cli_pack_float_run_needs_a_method(tmp_path: Path) -> None:
@@ -308,3 +313,29 @@ def test_target_note_names_the_path_the_targets_do_not_assume(isa: str) -> None:
         assert note is None
     else:
         assert note is not None and f"runs the {isa} path" in note and "AVX-512" in note
+
+
+def test_bench_arguments_and_targets_say_what_they_apply_to(tmp_path: Path) -> None:
+    # a file without a stored input shape: --input-shape, or a clear error (not MNIST assumed)
+    packed, shape = _packed_bnns()[1]
+    out = tmp_path / "noshape.lowbit"
+    lowbit.save(packed, out)
+    res = CliRunner().invoke(app, ["bench", "model", str(out), "--threads", "1", "--reps", "20"])
+    assert res.exit_code == 2 and "stores no input shape: pass --input-shape" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["bench", "model", str(out), "--threads", "1", "--reps", "20", "--input-shape", "3,12,12",
+         "--batch", "8"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "input (3, 12, 12)" in res.output and "batch    8" in res.output
+    assert "MISSED" not in res.output and ">=5x" not in res.output  # the MNIST-model target only
+    for bad in (["--size", "0"], ["--batch", "0"], ["--batch", "-3"]):
+        res = CliRunner().invoke(app, ["bench", "kernels", "--threads", "1", "--reps", "20", *bad])
+        assert res.exit_code == 2 and "must be at least" in res.output, res.output
+    # a small layer is held to no 4096x4096 target
+    rows = bench.bench_kernels(
+        size=64, threads=(1,), reps=20, batch=64, variants=False, binary=False, log=lambda s: None
+    )
+    assert all(r.target == "" for r in rows)
+    assert bench.Row("ternary b64", 1, 10.0, 2.0, 1.0).target  # the 4096 default still is

@@ -1184,8 +1184,10 @@ def run_cmd(
     else:
         typer.echo(f"{where}: accuracy {result['accuracy']:.2f}%")
     unit = f"sequences of {data.x.shape[1]} characters" if sequence else "samples"
+    timed = int(result["batch_size"])
+    short = f": the split has only these, not {batch_size}" if timed < batch_size else ""
     typer.echo(
-        f"throughput {result['throughput']:.0f} {unit}/s (batch {batch_size}, median "
+        f"throughput {result['throughput']:.0f} {unit}/s (batch {timed}{short}, median "
         f"{result['batch_ms']:.2f} ms); latency {result['latency_ms']:.3f} ms (batch 1, median)"
     )
 
@@ -1205,7 +1207,14 @@ def bench_cmd(
     ),
     reps: int = typer.Option(30, help="Timed calls per case (median reported; at least 20)."),
     size: int = typer.Option(4096, help="Layer size N = K."),
-    batch: int = typer.Option(64, help="Batch of the GEMM case."),
+    batch: int = typer.Option(
+        None, help="Batch of the GEMM case (kernels, default 64) or of the large case (model, 256)."
+    ),
+    input_shape: str = typer.Option(
+        None,
+        "--input-shape",
+        help="For 'model': one sample's shape, e.g. 3,32,32 (default: the file's stored shape).",
+    ),
     variants: bool = typer.Option(
         True, help="Also time asymmetric / grouped ternary and the custom op.", metavar=""
     ),
@@ -1234,29 +1243,41 @@ def bench_cmd(
     if what == "model":
         from lowbit.saveload import LowbitFileError, load, read_manifest
 
-        shape: tuple[int, ...] = (1, 28, 28)
+        shape = _shape_option(input_shape)
         try:
             if file:
                 net = load(file)
-                shape = bench.stored_input_shape(read_manifest(file), net) or shape
+                shape = shape or bench.stored_input_shape(read_manifest(file), net)
+                if shape is None:
+                    raise ValueError(
+                        f"{file} stores no input shape: pass --input-shape, one sample's shape "
+                        "such as 1,28,28 or 3,32,32"
+                    )
             else:
                 net = bench.default_mnist_model()
+                shape = shape or (1, 28, 28)
             rows_m = bench.bench_model(
-                net, shape, batches=(256, 1), threads=counts, reps=reps, log=typer.echo, clock=clock
+                net,
+                shape,
+                batches=(batch or 256, 1),
+                threads=counts,
+                reps=reps,
+                log=typer.echo,
+                clock=clock,
+                target=not file,
             )
-        except (FileNotFoundError, LowbitFileError, ValueError) as exc:
-            fail(str(exc))
+        except (FileNotFoundError, LowbitFileError, ValueError, RuntimeError, TypeError) as exc:
+            fail(f"cannot benchmark {file or 'the default model'}: {error_text(exc)}")
         if json_out:
             with open(json_out, "w", encoding="utf-8") as f:
                 json.dump([vars(r) for r in rows_m], f, indent=1)
         return
-    typer.echo(bench.HEADER)
     try:
         rows = bench.bench_kernels(
             size=size,
             threads=counts,
             reps=reps,
-            batch=batch,
+            batch=64 if batch is None else batch,
             variants=variants,
             clock=clock,
             log=typer.echo,
