@@ -215,6 +215,24 @@ def test_cli_pack_float_run_needs_a_method(tmp_path: Path) -> None:
     assert "udfp8" in result.output or "dfp8" in result.output
     result = runner.invoke(app, ["run", str(tmp_path / "nope.lowbit")])
     assert result.exit_code == 2 and "no such .lowbit file" in result.output
+    # --method is for float runs: a TTQ run packs as TTQ, and says so instead of ignoring it
+    ttq = _fake_run(tmp_path, "ttq")
+    result = runner.invoke(
+        app, ["pack", str(ttq), "-o", str(tmp_path / "t.lowbit"), "--method", "twn"]
+    )
+    assert (
+        result.exit_code == 2 and "was trained with ttq: it packs as ttq, not twn" in result.output
+    )
+    assert not (tmp_path / "t.lowbit").exists()
+    result = runner.invoke(app, ["pack", str(ttq), "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory: give a file path" in result.output
+    # the file records where it came from as an absolute path
+    from lowbit.saveload import read_manifest
+
+    result = runner.invoke(app, ["pack", str(ttq), "-o", str(tmp_path / "t.lowbit")])
+    assert result.exit_code == 0, result.output
+    source = read_manifest(tmp_path / "t.lowbit")["metadata"]["source"]
+    assert Path(source).is_absolute() and Path(source).is_file()
 
 
 def _packed_bnns() -> list[tuple[torch.nn.Module, tuple[int, ...]]]:

@@ -114,6 +114,15 @@ def test_use_isa_rejects_unknown_path() -> None:
         pass
 
 
+def test_use_isa_of_a_path_this_cpu_lacks_raises_the_setup_error() -> None:
+    lacking = [i for i in kernels.ISA_PATHS if i not in kernels.available_isas()]
+    if not lacking:
+        pytest.skip("this CPU runs every path")
+    with pytest.raises(kernels.IsaError, match="cannot run the"):  # as LOWBIT_ISA does
+        with kernels.use_isa(lacking[0]):
+            pass
+
+
 def _import_with_env(isa: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LOWBIT_ISA=isa)
     code = "import lowbit; print(lowbit.kernels.active_isa())"

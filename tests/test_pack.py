@@ -319,6 +319,8 @@ def test_unpackable_layers_are_reported_or_refused_by_name() -> None:
     with pytest.warns(PackingWarning, match="'0' kept as QuantLinear"):
         report = pack_model(ttq).packing_report["0"]
     assert "ternary_asym" in report
+    with pytest.warns(PackingWarning, match="found no quantized layer"):
+        pack_model(torch.nn.Sequential(torch.nn.Linear(4, 2)))
     assert report.endswith("asymmetric ternary with groups along K has no packed kernel")
 
 
@@ -346,6 +348,10 @@ def test_batchnorm_and_relu_fuse_into_the_epilogue(method: str) -> None:
     a, b = fused[0](x), plain[2](plain[1](plain[0](x)))
     assert (a >= 0).all() and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fused(x), plain(x), rtol=1e-4, atol=1e-5)
+    # a model handed over in training mode packs the same (inference uses the running stats)
+    from_train = pack_model(quant.train())
+    assert from_train.packing_report == fused.packing_report and not from_train.training
+    assert torch.equal(from_train(x), fused(x))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -595,6 +595,11 @@ def _summary_of_file(path: Any, input_shape: str | None, no_macs: bool, as_json:
     else:
         typer.echo(f"{path}")
         typer.echo(str(result))
+        if shape is None and not no_macs:
+            typer.echo(
+                "(no MACs: the file stores no input shape; pass --input-shape with the batch, "
+                "e.g. 1,3,32,32)"
+            )
 
 
 def _shape_option(input_shape: str | None) -> tuple[int, ...] | None:
@@ -1006,6 +1011,8 @@ def pack_cmd(
     Example: lowbit pack runs/mlp-ttq -o mlp.lowbit; lowbit pack runs/mlp-fp --method twn --keep none -o mlp.lowbit;
     lowbit pack runs/mlp-bnn --xnor -o bnn.lowbit
     """
+    from pathlib import Path
+
     from lowbit import deploy
     from lowbit.saveload import save
     from lowbit.train.runs import parse_options
@@ -1013,6 +1020,8 @@ def pack_cmd(
     keep_t = _keep_tuple(keep)
     if xnor and quantized:
         fail("--xnor packs the model; --quantized saves it unpacked: pass one of them")
+    if Path(out).is_dir():  # before any work
+        fail(f"-o {out} is a directory: give a file path, e.g. {Path(out) / 'model.lowbit'}")
     try:
         model, info, splits = deploy.quantized_from_source(
             source,
@@ -1054,13 +1063,16 @@ def pack_cmd(
     input_shape = getattr(model, "input_shape", None)
     if xnor and input_shape is not None:
         metadata["input_shape"] = [int(d) for d in input_shape]
-    saved = save(
-        target,
-        out,
-        # pack_bnn returns a flat nn.Sequential of stages, stored as a module tree.
-        architecture=None if xnor else info["architecture"],
-        metadata=metadata,
-    )
+    try:
+        saved = save(
+            target,
+            out,
+            # pack_bnn returns a flat nn.Sequential of stages, stored as a module tree.
+            architecture=None if xnor else info["architecture"],
+            metadata=metadata,
+        )
+    except (ValueError, OSError) as exc:  # a directory, a read-only place, a full disk
+        fail(f"cannot write {out}: {error_text(exc)}")
     result.update(saved)
     result["packing_report"] = getattr(target, "packing_report", None)
     if as_json:

@@ -71,7 +71,7 @@ def quantized_from_source(
                 {
                     "architecture": _arch(spec["name"], spec.get("options", {}), splits),
                     "data": data_table,
-                    "checkpoint": str(source),
+                    "checkpoint": str(source.resolve()),
                 },
                 splits,
             )
@@ -100,6 +100,11 @@ def quantized_from_source(
         else {k: v for k, v in table.items() if k != "name"}
     )
     if trained != "fp":
+        if method not in (None, "fp", trained):
+            raise ValueError(
+                f"{run_dir} was trained with {trained}: it packs as {trained}, not {method} "
+                "(--method quantizes float runs); drop --method, or pass the float run"
+            )
         net = quantize(net, trained, **options)
         net.load_state_dict(state["model"])
         used = trained
@@ -121,7 +126,7 @@ def quantized_from_source(
     info = {
         "architecture": _arch(name, opts, splits),
         "data": data_table,
-        "checkpoint": str(ckpt),
+        "checkpoint": str(Path(ckpt).resolve()),
         "method": used,
     }
     return net, info, splits

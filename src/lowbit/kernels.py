@@ -67,7 +67,8 @@ class KernelBuildError(SetupError, ImportError):
 
 
 class IsaError(SetupError):
-    """``LOWBIT_ISA`` names a path that does not exist or that this CPU cannot run."""
+    """``LOWBIT_ISA`` names a path that does not exist or that this CPU cannot run (also raised by
+    :func:`use_isa` for a path this CPU cannot run; a ``RuntimeError``)."""
 
 
 def _import_extension() -> Any:
@@ -140,7 +141,7 @@ def use_isa(isa: str) -> Iterator[None]:
         raise ValueError(f"unknown ISA path {isa!r}: choose one of {', '.join(ISA_PATHS)}")
     missing = _ext.missing_features(isa)
     if missing:
-        raise RuntimeError(f"this CPU cannot run the {isa!r} kernels (missing: {missing})")
+        raise IsaError(f"this CPU cannot run the {isa!r} kernels (missing: {missing})")
     previous = active_isa()
     _ext.select_isa(isa)
     try:

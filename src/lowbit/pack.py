@@ -1662,6 +1662,9 @@ def pack(
     from lowbit.nn import QuantConv2d, QuantLinear, QuantLSTM, QuantModule
 
     target = model if inplace else copy.deepcopy(model)
+    # The packed model is for inference: in eval mode from the start, so that BatchNorm folding
+    # and ReLU fusion also happen for a model handed over in training mode.
+    target.eval()
     report: dict[str, str] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -1699,6 +1702,13 @@ def pack(
             freeze_quantizers(target.get_submodule(path))
     if fuse:
         _fuse(target, report)
+    if not report:
+        warnings.warn(
+            "lowbit.pack found no quantized layer: the model is returned as it is, float-sized "
+            "(quantize it first: lowbit.quantize(model, method), or lowbit.ptq.fgq)",
+            PackingWarning,
+            stacklevel=2,
+        )
     bad = {p: r for p, r in report.items() if not r.startswith("packed")}
     if bad and strict:
         raise PackingError("cannot pack: " + "; ".join(f"layer {p!r} {r}" for p, r in bad.items()))
