@@ -282,7 +282,8 @@ def _mlp(seed: int = 0) -> nn.Sequential:
 def test_registered_with_options() -> None:
     assert "ttq" in methods.available()
     d = methods.get("ttq").defaults()
-    assert d["t"] == 0.05 and d["init"] == "one" and d["sparsity"] is None
+    # t: None means the paper's 0.05 unless sparsity is given (the two cannot be combined)
+    assert d["t"] is None and d["init"] == "one" and d["sparsity"] is None
     with pytest.raises(TypeError, match="no option"):
         quantize(_mlp(), "ttq", threshold=0.1)
 
@@ -373,6 +374,11 @@ def test_after_step_keeps_scales_positive() -> None:
         off[2].weight_quantizer.wp.fill_(-0.3)
     methods.get("ttq").after_step(off)
     assert off[2].weight_quantizer.wp.item() == pytest.approx(-0.3)
+    # t and sparsity are two ways to give one threshold: both at once is refused
+    with pytest.raises(ValueError, match="as t .* or as sparsity, not both"):
+        quantize(_mlp(), "ttq", keep=(), t=0.1, sparsity=0.5)
+    assert quantize(_mlp(), "ttq", keep=())[2].weight_quantizer.t == 0.05
+    assert quantize(_mlp(), "ttq", keep=(), sparsity=0.5)[2].weight_quantizer.sparsity == 0.5
     # a string is not a flag: "no" would otherwise count as true
     with pytest.raises(TypeError, match="keep_positive must be True or False, got 'no'"):
         quantize(_mlp(), "ttq", keep=(), keep_positive="no")

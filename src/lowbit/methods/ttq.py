@@ -305,7 +305,8 @@ class TTQWeight(WeightQuantizer):
     Args:
         weight: the layer's initial (float) weight; used for ``init="mean"`` and for the shape,
             device and dtype of the scales.
-        t, sparsity: threshold rule (:func:`ttq_threshold`).
+        t, sparsity: threshold rule (:func:`ttq_threshold`); ``t`` defaults to 0.05 and cannot
+            be given together with ``sparsity``.
         init: ``"one"``, ``"mean"`` or a positive number (see the module docstring).
         scale_weight_decay: whether weight decay should hit ``wp``/``wn``
             (read by :meth:`TTQMethod.param_groups`).
@@ -320,7 +321,7 @@ class TTQWeight(WeightQuantizer):
     def __init__(
         self,
         weight: torch.Tensor,
-        t: float = 0.05,
+        t: float | None = None,
         sparsity: float | None = None,
         init: str | float = "one",
         scale_weight_decay: bool = True,
@@ -328,6 +329,12 @@ class TTQWeight(WeightQuantizer):
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        if t is not None and sparsity is not None:  # sparsity replaces t: one would be ignored
+            raise ValueError(
+                f"give TTQ's threshold as t (a fraction of max|w|) or as sparsity, not both "
+                f"(got t={t}, sparsity={sparsity})"
+            )
+        t = 0.05 if t is None else t  # the paper's (and the official code's) t
         for name, flag in (
             ("scale_weight_decay", scale_weight_decay),
             ("keep_positive", keep_positive),
@@ -466,7 +473,7 @@ class TTQMethod(Method):
             "ttq",
             weight=self._make_weight,
             options={
-                "t": 0.05,
+                "t": None,  # 0.05 unless sparsity is given
                 "sparsity": None,
                 "init": "one",
                 "scale_weight_decay": True,
