@@ -357,6 +357,23 @@ def test_dropout_option_gives_sign_then_dropout_values() -> None:
         bnn.SignInput(dropout=1.0)
 
 
+@pytest.mark.parametrize("ste", ["htanh", "identity"])
+def test_dropout_option_gradient_is_sign_then_dropouts(ste: str) -> None:
+    # Theano's binary_tanh then dropout: out = Sign(z) * mask / (1-p), so by hand
+    # dL/dz = g * gate(z) * mask / (1-p), with gate(z) = 1{|z| <= 1} (htanh) or 1 (identity).
+    # Reached through nn.Dropout's own backward (x = z * mask / (1-p)), as in a model.
+    p = 0.5
+    z = torch.tensor([0.3, 0.7, -0.9, 1.5, -0.2, 0.6], requires_grad=True)
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    x = z * mask / (1 - p)
+    g = torch.tensor([1.0, 2.0, -1.0, 1.0, 3.0, 0.5])
+    out = bnn.SignInput(ste=ste, dropout=p).train()(x)
+    (out * g).sum().backward()
+    gate = (z.detach().abs() <= 1).float() if ste == "htanh" else torch.ones(6)
+    assert out.tolist() == (torch.where(z < 0, -1.0, 1.0) * mask / (1 - p)).tolist()
+    assert torch.equal(z.grad, g * gate * mask / (1 - p))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bit-plane identity for 8-bit first-layer inputs (QNN §2.5)
 

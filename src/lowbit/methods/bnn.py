@@ -332,10 +332,16 @@ class SignInput(BinaryAct):
         if self.training and not self.__dict__.get("_checked_inputs", False):
             self.__dict__["_checked_inputs"] = True
             _warn_if_never_negative(x)
-        b = F.binarize(x, stochastic=self.stochastic and self.training, gate=self.ste == "htanh")
-        if self.dropout and self.training:
-            b = b * ((x.detach() != 0).to(b.dtype) / (1.0 - self.dropout))
-        return b
+        stochastic, gate = self.stochastic and self.training, self.ste == "htanh"
+        if not (self.dropout and self.training):
+            return F.binarize(x, stochastic=stochastic, gate=gate)
+        # x = z * mask / (1 - p) from the dropout: the sign (and the |z| <= 1 gate, and the
+        # stochastic probability) read z itself, and the 1/(1-p) comes back once after the sign,
+        # so dL/dz = g * 1{|z| <= 1} * mask / (1 - p) as in Theano's sign-then-dropout. (Binarizing
+        # x gated on the scaled value and counted the 1/(1-p) twice in the gradient.)
+        keep = 1.0 - self.dropout
+        b = F.binarize(x * keep, stochastic=stochastic, gate=gate)
+        return b * ((x.detach() != 0).to(b.dtype) / keep)
 
     def extra_repr(self) -> str:
         return f"sign, ste={self.ste}, stochastic={self.stochastic}, dropout={self.dropout}"
