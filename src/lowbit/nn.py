@@ -209,6 +209,11 @@ class SignWeight(WeightQuantizer):
         scales = torch.ones(self.granularity.scale_shape(w.shape), dtype=w.dtype, device=w.device)
         return F.sign(w), scales
 
+    def dequantized(self, w: torch.Tensor) -> torch.Tensor:
+        """``sign(w)`` itself: the scale is 1, so the general ``codes * scale`` would be one more
+        pass over the weight (and one more allocation) at every training step."""
+        return F.sign(w)
+
 
 class KBitLinearWeight(WeightQuantizer):
     """Symmetric uniform k-bit weights, range ``max|w|`` per unit (or a fixed ``clip``), identity STE."""
