@@ -94,6 +94,12 @@ def test_truncated_idx_is_refused(tmp_path) -> None:
         f.write(body[:-7])
     with pytest.raises(ValueError, match="truncated"):
         mnist.read_idx(tmp_path / "t.idx.gz")
+    # a cut-off download: the gzip stream itself ends early (EOFError, which the CLI's click
+    # would have turned into a bare "Aborted.")
+    raw = (tmp_path / "t.idx.gz").read_bytes()
+    (tmp_path / "cut.idx.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut.idx.gz is damaged .*download it again"):
+        mnist.read_idx(tmp_path / "cut.idx.gz")
 
 
 def test_missing_mnist_idx_names_file_and_directory(tmp_path) -> None:
@@ -272,6 +278,18 @@ def test_svhn_mat_labels_and_splits(tmp_path, monkeypatch) -> None:
     _, y_extra = synthetic.images(120, (3, 32, 32), seed=2)
     held = sum(min(4, int((y_extra == c).sum())) for c in range(10))
     assert len(paper.valid) == 80 + held and len(paper.train) == 220 + 120 - held
+    # too few images for the per-class hold-out: refused, not an empty training split
+    monkeypatch.setattr(svhn, "VALID_PER_CLASS_TRAIN", 400)
+    with pytest.raises(
+        ValueError, match=r"holds out 400 training images per class .* split='full'"
+    ):
+        data.load("svhn", data_dir=tmp_path, download=False)
+    assert len(data.load("svhn", split="full", data_dir=tmp_path, download=False).train) == 300
+    # a cut-off .mat file names itself and the fix
+    mat = tmp_path / "svhn" / "test_32x32.mat"
+    mat.write_bytes(mat.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"test_32x32.mat is damaged .*download it again"):
+        data.load("svhn", split="full", data_dir=tmp_path, download=False)
 
 
 # ---------------------------------------------------------------- text
@@ -450,3 +468,38 @@ def test_unknown_or_bad_loader_options_name_the_valid_ones() -> None:
         data.load("synthetic", seq_len=10)
     with pytest.raises(ValueError, match="seq_len must be a positive integer, got 0"):
         data.load("stdlib", seq_len=0)
+
+
+def test_cifar_batches_pickled_by_python_2_or_3_both_load(tmp_path) -> None:
+    # The official files come from Python 2's cPickle: their keys load as str ('data'), not bytes.
+    raw = synthetic.py2_pickle({"data": np.zeros((1, 3072), np.uint8), "labels": [3]})
+    assert raw[:5] == b"\x80\x02}q\x00" and b"U\x04data" in raw  # SHORT_BINSTRING key, as cPickle
+    for py2 in (True, False):
+        root = tmp_path / f"py2-{py2}"
+        synthetic.write_cifar(root / "cifar10", "cifar10", n_per_batch=20, py2=py2)
+        s = data.load("cifar10", data_dir=root, preprocess="unit", download=False)
+        x0, y0 = synthetic.images(20, (3, 32, 32), seed=0)
+        np.testing.assert_allclose(s.train.x[:20].numpy(), x0 / 255.0, rtol=0, atol=1e-7)
+        np.testing.assert_array_equal(s.train.y[:20].numpy(), y0)
+
+
+def test_damaged_cifar_files_are_named_with_the_fix(tmp_path) -> None:
+    # a truncated archive (a broken download), a truncated batch, a missing batch, a bad label
+    made = synthetic.write_cifar(tmp_path / "a" / "cifar10", "cifar10", n_per_batch=10)
+    made.write_bytes(made.read_bytes()[: made.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz is damaged .*download it again"):
+        data.load("cifar10", data_dir=tmp_path / "a", download=False)
+    folder = synthetic.write_cifar(
+        tmp_path / "b" / "cifar10", "cifar10", n_per_batch=10, archive=False
+    )
+    batch = folder / "data_batch_2"
+    good = batch.read_bytes()
+    batch.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"data_batch_2 is damaged .*extract it again"):
+        data.load("cifar10", data_dir=tmp_path / "b", download=False)
+    batch.unlink()
+    with pytest.raises(ValueError, match=r"data_batch_2 is missing: extract"):
+        data.load("cifar10", data_dir=tmp_path / "b", download=False)
+    batch.write_bytes(synthetic.py2_pickle({"data": np.zeros((1, 3072), np.uint8), "labels": [57]}))
+    with pytest.raises(ValueError, match=r"data_batch_2 has labels outside 0..9 \(min 57"):
+        data.load("cifar10", data_dir=tmp_path / "b", download=False)

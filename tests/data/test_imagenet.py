@@ -270,6 +270,16 @@ def test_missing_or_malformed_folders_give_clear_errors(tmp_path: Path, tree: Pa
         data.load("imagenet", data_dir=tree.parent, preprocess="ttq")
 
 
+def test_a_truncated_image_is_named(tmp_path: Path) -> None:
+    from lowbit.data import imagenet
+
+    _write(tmp_path / "cut", 120, 90, "JPEG", 3)
+    path = tmp_path / "cut.JPEG"
+    path.write_bytes(path.read_bytes()[:300])  # one of 1.28M files cut short
+    with pytest.raises(ValueError, match=r"cut.JPEG cannot be decoded .*replace or remove it"):
+        imagenet._decode(str(path))
+
+
 def test_ttq_imagenet_recipe_trains_one_step(tree: Path, tmp_path: Path) -> None:
     from lowbit.train.config import load_recipe
     from lowbit.train.runs import train_spec

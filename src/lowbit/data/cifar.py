@@ -8,7 +8,9 @@ Batches are unpickled with an unpickler that accepts arrays, lists, dicts and by
 
 from __future__ import annotations
 
+import pickle
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +47,60 @@ _LAYOUT = {
 _TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
-def read_batch(raw: bytes | Any, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one pickled batch: ``data`` (N, 3072) uint8 rows (R, G, B planes) and its labels."""
-    d = safe_pickle_load(raw) if isinstance(raw, bytes) else raw
-    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
-        raise ValueError(f"not a CIFAR batch: expected a dict with b'data' and {label_key!r}")
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    y = np.asarray(d[label_key], dtype=np.int64)
+def read_batch(
+    raw: bytes | Any, label_key: bytes | str, where: str = "CIFAR batch", classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one pickled batch: ``data`` (N, 3072) uint8 rows (R, G, B planes) and its labels.
+
+    The official batches were written by Python 2, whose ``str`` keys load as ``str``
+    (``'data'``); batches pickled by Python 3 have ``bytes`` keys (``b'data'``): both read.
+    ``where`` names the batch in errors; ``classes`` checks the labels' range."""
+    try:
+        d = safe_pickle_load(raw) if isinstance(raw, bytes) else raw
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        if "refusing to unpickle" in str(exc):
+            raise  # not damage: a pickle that would run code
+        raise ValueError(
+            f"{where} is damaged ({exc}): delete it and download or extract it again"
+        ) from exc
+    if isinstance(d, dict):
+        d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    key = label_key.decode() if isinstance(label_key, bytes) else label_key
+    if not isinstance(d, dict) or "data" not in d or key not in d:
+        raise ValueError(f"{where} is not a CIFAR batch: expected a dict with 'data' and {key!r}")
+    data = np.asarray(d["data"], dtype=np.uint8)
+    if data.size % 3072:
+        raise ValueError(f"{where}: 'data' holds {data.size} bytes, not whole 3x32x32 images")
+    x = data.reshape(-1, 3, 32, 32)
+    y = np.asarray(d[key], dtype=np.int64)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"CIFAR batch has {x.shape[0]} images but {y.shape[0]} labels")
+        raise ValueError(f"{where} has {x.shape[0]} images but {y.shape[0]} labels")
+    if classes is not None and y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(
+            f"{where} has labels outside 0..{classes - 1} (min {y.min()}, max {y.max()})"
+        )
     return x, y
 
 
-def _read_members(name: str, directory: Path, download: bool) -> tuple[list[bytes], list[bytes]]:
+def _read_members(
+    name: str, directory: Path, download: bool
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """``(where, raw bytes)`` of the training and test batches, from the extracted folder or the
+    archive; a missing or damaged file is a ValueError that names it and the fix."""
     folder, train_names, test_names, _, _ = _LAYOUT[name]
     extracted = directory / folder
     if extracted.is_dir():
-        return [(extracted / n).read_bytes() for n in train_names], [
-            (extracted / n).read_bytes() for n in test_names
-        ]
+
+        def read(n: str) -> tuple[str, bytes]:
+            path = extracted / n
+            if not path.is_file():
+                raise ValueError(
+                    f"{path} is missing: extract {ARCHIVES[name].name} again (all of "
+                    f"{', '.join(train_names + test_names)} belong in {extracted})"
+                )
+            return str(path), path.read_bytes()
+
+        return [read(n) for n in train_names], [read(n) for n in test_names]
     archive = require(
         ARCHIVES[name],
         directory,
@@ -71,20 +108,26 @@ def _read_members(name: str, directory: Path, download: bool) -> tuple[list[byte
         download_ok=download,
         hint=f"or its extracted {folder}/",
     )
-    with tarfile.open(archive, "r:gz") as tar:
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
 
-        def get(n: str) -> bytes:
-            m = members.get(f"{folder}/{n}")
-            if m is None:
-                raise ValueError(
-                    f"{archive} has no member {folder}/{n}; is it the python version of {_TITLE[name]}?"
-                )
-            f = tar.extractfile(m)
-            assert f is not None
-            return f.read()
+            def get(n: str) -> tuple[str, bytes]:
+                m = members.get(f"{folder}/{n}")
+                if m is None:
+                    raise ValueError(
+                        f"{archive} has no member {folder}/{n}; is it the python version of {_TITLE[name]}?"
+                    )
+                f = tar.extractfile(m)
+                assert f is not None
+                return f"{archive}:{folder}/{n}", f.read()
 
-        return [get(n) for n in train_names], [get(n) for n in test_names]
+            return [get(n) for n in train_names], [get(n) for n in test_names]
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ValueError(
+            f"{archive} is damaged or not a .tar.gz ({type(exc).__name__}: {exc}): delete it and "
+            "download it again"
+        ) from exc
 
 
 def load(name: str, data_dir: Path, split: str = "paper", download: bool = True) -> DataSplits:
@@ -97,10 +140,10 @@ def load(name: str, data_dir: Path, split: str = "paper", download: bool = True)
         raise ValueError(f"unknown {_TITLE[name]} split {split!r}; valid: paper, full")
     directory = data_dir / name
     train_raw, test_raw = _read_members(name, directory, download)
-    label_key = _LAYOUT[name][3]
-    tr = [read_batch(r, label_key) for r in train_raw]
+    label_key, classes = _LAYOUT[name][3], _LAYOUT[name][4]
+    tr = [read_batch(r, label_key, where, classes) for where, r in train_raw]
     xtr, ytr = np.concatenate([t[0] for t in tr]), np.concatenate([t[1] for t in tr])
-    te = [read_batch(r, label_key) for r in test_raw]
+    te = [read_batch(r, label_key, where, classes) for where, r in test_raw]
     xte, yte = np.concatenate([t[0] for t in te]), np.concatenate([t[1] for t in te])
 
     def ds(x: np.ndarray, y: np.ndarray) -> ArrayDataset:

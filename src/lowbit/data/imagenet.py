@@ -176,8 +176,13 @@ def ttq_resize_crop_box(
 
 
 def _decode(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or not an image
+        raise ValueError(
+            f"{path} cannot be decoded ({type(exc).__name__}: {exc}): replace or remove it"
+        ) from exc
 
 
 def _load_one(path: str, augment: str, u: np.ndarray | None, resize: int, size: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,15 @@ def embedded_path() -> Path | None:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw): magic ``0 0 dtype ndim``, big-endian int32 dims, data."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as exc:  # a cut-off download: gzip's EOFError
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}): delete it and download it again"
+        ) from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic {data[:4]!r})")
     ndim = data[3]

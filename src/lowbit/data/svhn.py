@@ -39,7 +39,15 @@ VALID_PER_CLASS_EXTRA = 200
 
 def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 in 0..9 from one SVHN ``.mat`` file."""
-    m = scipy.io.loadmat(str(path))
+    try:
+        m = scipy.io.loadmat(str(path))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError) as exc:
+        raise ValueError(
+            f"{path} is damaged or not a .mat file ({type(exc).__name__}: {exc}): delete it and "
+            "download it again"
+        ) from exc
     if "X" not in m or "y" not in m:
         raise ValueError(f"{path} is not an SVHN .mat file (needs variables X and y)")
     x = np.ascontiguousarray(np.transpose(m["X"], (3, 2, 0, 1)), dtype=np.uint8)
@@ -47,6 +55,10 @@ def read_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     y[y == 10] = 0
     if x.shape[0] != y.shape[0] or x.shape[1:] != (3, 32, 32):
         raise ValueError(f"{path}: X gives {x.shape}, y gives {y.shape}")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise ValueError(
+            f"{path} has labels outside 1..10 (10 = digit 0): {sorted(set(y.tolist()) - set(range(10)))[:5]}"
+        )
     return x, y
 
 
@@ -76,6 +88,14 @@ def load(data_dir: Path, split: str = "small", download: bool = True) -> DataSpl
     xte, yte = read_mat(require(FILES["test"], d, "SVHN", download_ok=download))
     xva = yva = None
     if split in ("paper", "small"):
+        counts = np.bincount(ytr, minlength=10)
+        if counts.min() <= VALID_PER_CLASS_TRAIN:
+            raise ValueError(
+                f"split={split!r} holds out {VALID_PER_CLASS_TRAIN} training images per class for "
+                f"validation, but {d / FILES['train'].name} has only {int(counts.min())} of class "
+                f"{int(counts.argmin())} (the real file has thousands): use split='full', or the "
+                "complete file"
+            )
         keep, hold = per_class_holdout(ytr, VALID_PER_CLASS_TRAIN)
         xva, yva = xtr[hold], ytr[hold]
         xtr, ytr = xtr[keep], ytr[keep]

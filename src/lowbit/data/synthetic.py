@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
@@ -85,9 +87,14 @@ def write_cifar(
     n_per_batch: int = 100,
     seed: int = 0,
     archive: bool = True,
+    py2: bool = True,
 ) -> Path:
     """Write CIFAR python batches (5 train + test for CIFAR-10; train + test for CIFAR-100) into
-    ``directory``, as the ``.tar.gz`` archive (default) or the extracted folder. Returns the path."""
+    ``directory``, as the ``.tar.gz`` archive (default) or the extracted folder. Returns the path.
+
+    ``py2`` (default): pickled as the official files are, by Python 2's cPickle (protocol 2,
+    every string a Python 2 ``str``: dict keys like ``'data'`` load as ``str`` in Python 3);
+    ``py2=False``: Python 3's pickle (``bytes`` keys)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if name == "cifar10":
@@ -110,7 +117,7 @@ def write_cifar(
         entry = {b"data": x.reshape(n, -1), label_key: y.tolist(), b"batch_label": batch.encode()}
         if name == "cifar100":
             entry[b"coarse_labels"] = (y // 5).tolist()
-        members[f"{folder}/{batch}"] = pickle.dumps(entry, protocol=2)
+        members[f"{folder}/{batch}"] = py2_pickle(entry) if py2 else pickle.dumps(entry, protocol=2)
     if archive:
         path = (
             d / {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
@@ -125,6 +132,42 @@ def write_cifar(
         (d / member).parent.mkdir(parents=True, exist_ok=True)
         (d / member).write_bytes(data)
     return d / folder
+
+
+_PurePickler: Any = pickle._Pickler  # type: ignore[attr-defined]  # the Python implementation
+
+
+class _Py2Pickler(_PurePickler):
+    """Python 2 cPickle's output: ``str`` and ``bytes`` both as BINSTRING (a Python 2 ``str``),
+    NumPy under its Python 2 module name ``numpy.core.multiarray``."""
+
+    dispatch = _PurePickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: str | bytes) -> None:
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+
+    dispatch[str] = _save_py2_str
+    dispatch[bytes] = _save_py2_str
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        module = getattr(obj, "__module__", None) or "builtins"
+        module = module.replace("numpy._core", "numpy.core")
+        self.write(
+            pickle.GLOBAL + module.encode() + b"\n" + (name or obj.__qualname__).encode() + b"\n"
+        )
+
+    dispatch[type] = save_global
+
+
+def py2_pickle(obj: Any) -> bytes:
+    """``obj`` pickled the way Python 2's cPickle (protocol 2) wrote the official CIFAR batches."""
+    f = io.BytesIO()
+    _Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue()
 
 
 def write_svhn(
