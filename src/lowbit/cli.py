@@ -395,6 +395,9 @@ def train_cmd(
         if run_dir is None:
             stamp = _time.strftime("%Y%m%d-%H%M%S")
             run_dir = f"runs/{spec['model']['name']}-{spec['data']['name']}-{spec['method']['name']}-{stamp}"
+        if data_dir is not None:
+            # recorded with the run, so that lowbit eval / pack / summary find the files again
+            spec["data"]["data_dir"] = str(Path(data_dir).expanduser().resolve())
         typer.echo(f"run directory: {run_dir}", err=True)
         summary = train_spec(
             spec, run_dir, resume=resume, progress=not no_progress, data_dir=data_dir

@@ -79,7 +79,8 @@ def quantized_from_source(
     spec = read_run_spec(run_dir)
     # config.json records where the data came from ("source": a resolved path); load by name.
     data_table = _data_table(spec["data"])
-    splits = build_data(data_table, data_dir)
+    # where the run's files were (lowbit train --data-dir), unless the caller says otherwise
+    splits = build_data(data_table, data_dir or spec["data"].get("data_dir"))
     # Model tables come as {"name", **options} (lowbit train) or {"name", "options": {...}}.
     name, opts = ptq._model_spec(spec)
     if model is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,11 @@ def test_layouts_vectors_valid_arrays_and_torch_files(tmp_path: Path) -> None:
         ({"x_test": np.full((20, 2, 5, 5), np.nan)}, {}, "x_test contains NaN"),
         ({"x_test": np.zeros((20, 3, 5, 5))}, {}, "sample shapes differ"),
         ({"x_train": np.array(["a"] * 40)}, {}, "x_train has dtype <U1"),
+        (
+            {"x_train": np.zeros((40, 2, 5, 5), np.int64)},
+            {},
+            r"x_train has integer dtype int64: for pixels 0..255 store it as uint8",
+        ),
         ({}, {"classes": 2}, "does not fit classes=2"),
         ({}, {"layout": "hwc"}, "layout must be 'nchw' or 'nhwc'"),
         ({}, {"valid_fraction": 1.0}, "valid_fraction must be in"),
@@ -152,3 +158,17 @@ def test_train_pack_and_run_on_your_own_arrays(tmp_path: Path) -> None:
         app, ["run", str(out), "-D", f"path={tmp_path / 'none.npz'}", "--reps", "1"]
     )
     assert other.exit_code != 0 and "none.npz not found" in other.output
+
+
+def test_channels_last_images_without_the_layout_option_are_warned_about(tmp_path: Path) -> None:
+    x, y = _images(60, (8, 8, 3))  # (N, H, W, C) pixels
+    np.savez(tmp_path / "hwc.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    with pytest.warns(UserWarning, match=r"pass layout=nhwc"):
+        data.load("arrays", path=str(tmp_path / "hwc.npz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.load("arrays", path=str(tmp_path / "hwc.npz"), layout="nhwc").input_shape == (
+            3,
+            8,
+            8,
+        )

@@ -306,6 +306,10 @@ def test_text_corpus_sequences_and_splits(tmp_path) -> None:
     # y is x shifted by one character.
     assert torch.equal(s.train.y[:, :-1], s.train.x[:, 1:])
     assert torch.equal((s.train.x[0] + 1) % 10, s.train.y[0])
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin1") * 50)
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text .*iconv"):
+        data.load("text", path=str(latin), seq_len=10)
 
 
 def test_stdlib_corpus_is_embedded_and_deterministic() -> None:
@@ -439,6 +443,13 @@ def test_status_reports_embedded_and_missing(tmp_path) -> None:
     )
     synthetic.write_cifar(tmp_path / "cifar10", "cifar10", n_per_batch=2)
     assert {r["name"]: r for r in data.status(tmp_path)}["cifar10"]["available"]
+    # an extracted folder counts only with all its batches in it
+    folder = synthetic.write_cifar(
+        tmp_path / "c" / "cifar10", "cifar10", n_per_batch=2, archive=False
+    )
+    assert {r["name"]: r for r in data.status(tmp_path / "c")}["cifar10"]["available"]
+    (folder / "test_batch").unlink()
+    assert not {r["name"]: r for r in data.status(tmp_path / "c")}["cifar10"]["available"]
 
 
 def test_stdlib_splits_interleave_blocks_from_across_the_library() -> None:

@@ -316,3 +316,27 @@ def test_a_new_run_is_refused_in_a_used_run_directory(run_dir: Path, tmp_path: P
         "--run-dir", str(tmp_path / "ft"), "--no-progress",
     )  # fmt: skip
     assert res.exit_code == 2 and "size mismatch" in res.output, res.output
+
+
+def test_the_data_dir_of_a_run_is_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lowbit train --data-dir D: eval and pack of the run find the files in D again
+    from lowbit.data import synthetic
+
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(tmp_path / "elsewhere"))
+    synthetic.write_cifar(tmp_path / "d" / "cifar10", "cifar10", n_per_batch=10)
+    run = tmp_path / "run"
+    res = _invoke(
+        "train", "--model", "mlp", "-M", "widths=[8]", "--dataset", "cifar10", "--epochs", "1",
+        "--data-dir", str(tmp_path / "d"), "--run-dir", str(run), "--no-progress",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["data"]["data_dir"] == str(tmp_path / "d")
+    res = _invoke("eval", str(run), "--json")
+    assert res.exit_code == 0, res.output
+    res = _invoke("pack", str(run), "--method", "twn", "-o", str(tmp_path / "m.lowbit"), "--eval")
+    assert res.exit_code == 0, res.output
+    # resuming without --data-dir is the same run (the files' place is not part of what it trains on)
+    res = _invoke("train", "--resume", "--run-dir", str(run), "--epochs", "2", "--no-progress")
+    assert res.exit_code == 0, res.output

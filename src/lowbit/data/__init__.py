@@ -74,8 +74,14 @@ def _mnist_files(d: Path) -> list[Path]:
 
 def _cifar_files(name: str) -> Callable[[Path], list[Path]]:
     def files(d: Path) -> list[Path]:
-        folder = d / name / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-        return [folder] if folder.is_dir() else [d / name / cifar.ARCHIVES[name].name]
+        folder_name, train, test, _, _ = cifar._LAYOUT[name]
+        folder = d / name / folder_name
+        # an extracted folder counts when every batch is in it, not merely when it exists
+        return (
+            [folder / n for n in (*train, *test)]
+            if folder.is_dir()
+            else [d / name / cifar.ARCHIVES[name].name]
+        )
 
     return files
 

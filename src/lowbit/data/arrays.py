@@ -18,6 +18,7 @@ is the same every time); ``full`` — everything that is not test is training, n
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,14 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 def _inputs(x: np.ndarray, key: str, layout: str) -> torch.Tensor:
     if x.dtype == np.uint8:
         t = torch.from_numpy(x.astype(np.float32) / np.float32(255.0))
-    elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):
+    elif np.issubdtype(x.dtype, np.floating):
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    elif np.issubdtype(x.dtype, np.integer):
+        # int64 pixels (np.array of Python ints) would silently skip the /255: say which to mean
+        raise ValueError(
+            f"{key} has integer dtype {x.dtype}: for pixels 0..255 store it as uint8 "
+            f"(x.astype(np.uint8), scaled by 1/255), for features as float32 (used as they are)"
+        )
     else:
         raise ValueError(f"{key} has dtype {x.dtype}; give uint8 or float inputs")
     if t.dim() < 2:
@@ -67,6 +74,12 @@ def _inputs(x: np.ndarray, key: str, layout: str) -> torch.Tensor:
         return t.unsqueeze(1)
     if t.dim() == 4 and layout == "nhwc":
         return t.permute(0, 3, 1, 2).contiguous()
+    if t.dim() == 4 and t.shape[3] in (1, 3, 4) and t.shape[1] > 4:
+        warnings.warn(
+            f"{key} has shape {tuple(t.shape)}, read as (N, C, H, W) with {t.shape[1]} channels; "
+            "if it is (N, H, W, C) images, pass layout=nhwc (-D layout=nhwc)",
+            stacklevel=3,
+        )
     if t.dim() > 4:
         raise ValueError(f"{key} must be (N, D), (N, H, W) or (N, C, H, W); got {tuple(t.shape)}")
     return t

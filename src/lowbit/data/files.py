@@ -45,7 +45,9 @@ class RemoteFile:
 
     ``algo`` is the hash the publisher gives (``md5`` for MNIST/CIFAR/SVHN, ``sha256`` otherwise);
     ``digest=None`` means no checksum is published: the first download is trusted and its sha256
-    is written next to it (``<name>.sha256``) so later reads are verified against it.
+    is written next to it (``<name>.sha256``) as a record. Checksums are verified when a file is
+    downloaded; a file already in place is read as it is (a damaged one fails at decoding, with
+    its name: delete it and the next load downloads it again).
     """
 
     name: str

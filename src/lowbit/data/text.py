@@ -150,6 +150,16 @@ def _ptb_read(path: Path) -> str:
     )
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): convert it, e.g. "
+            f"iconv -f latin1 -t utf-8 {path} > out.txt"
+        ) from exc
+
+
 def load(
     name: str,
     data_dir: Path,
@@ -182,10 +192,10 @@ def load(
                 raise ValueError("the 'text' corpus needs path=FILE (any UTF-8 text file)")
             if not Path(path).is_file():
                 raise DataNotFoundError(f"text file {path} does not exist: check -D path=FILE")
-            text, source = Path(path).read_text(encoding="utf-8"), str(path)
+            text, source = _read_utf8(Path(path)), str(path)
         else:
             f = require(spec["file"], d, name, download_ok=download)
-            text, source = f.read_text(encoding="utf-8"), str(f)
+            text, source = _read_utf8(f), str(f)
         if not (name == "stdlib" and fractions is None):
             a, b, _ = fractions or spec["fractions"]
             n1, n2 = int(len(text) * a), int(len(text) * (a + b))

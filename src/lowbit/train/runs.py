@@ -90,6 +90,11 @@ def make_spec(
     return spec
 
 
+def _without_data_dir(table: Any) -> Any:
+    """A spec table without ``data_dir``: where the files sit is not what the run trains on."""
+    return {k: v for k, v in table.items() if k != "data_dir"} if isinstance(table, dict) else table
+
+
 def build_data(table: dict[str, Any], data_dir: str | Path | None = None) -> DataSplits:
     """Load the dataset a spec's ``data`` table names."""
     t = dict(table)
@@ -109,9 +114,8 @@ def build_model(table: dict[str, Any], data: DataSplits) -> nn.Module:
     num_classes = int(t.pop("num_classes", data.num_classes))
     try:
         return models.create(name, input_shape=input_shape, num_classes=num_classes, **t)
-    except (
-        RuntimeError
-    ) as exc:  # a shape probe inside the model (e.g. a conv larger than the image)
+    except RuntimeError as exc:
+        # a shape probe inside the model (e.g. a convolution larger than the image)
         raise ShapeMismatchError(
             f"model {name} cannot be built for dataset {data.name}'s input shape "
             f"{tuple(input_shape)}: {str(exc).splitlines()[0]} (pick a model made for this "
@@ -183,7 +187,7 @@ def train_spec(
     if resume and (run_dir / "config.json").exists():
         stored = read_run_spec(run_dir)
         for table in ("model", "data", "method"):
-            if stored.get(table) != spec.get(table):
+            if _without_data_dir(stored.get(table)) != _without_data_dir(spec.get(table)):
                 raise ValueError(
                     f"cannot resume {run_dir}: its {table} is {stored.get(table)} but this command asks for {spec.get(table)}"
                 )
