@@ -417,20 +417,18 @@ class Float32Buffers:
 def _dtype_forward(forward: Any, bits: bool) -> Any:
     @functools.wraps(forward)
     def wrapped(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            dtype = x.dtype
-        elif bits:  # packed bits in: float outputs take the dtype the model was cast to
-            dtype = getattr(self, "_cast_dtype", None) or torch.float32
-        else:
-            dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
-            if dtype is not torch.float32:
-                raise TypeError(
-                    f"{type(self).__name__} takes floating-point inputs (like the layer it "
-                    f"replaces); got {x.dtype}"
-                )
+        floating = isinstance(x, torch.Tensor) and x.is_floating_point()
+        if isinstance(x, torch.Tensor) and not floating and not bits:
+            raise TypeError(
+                f"{type(self).__name__} takes floating-point inputs (like the layer it replaces); "
+                f"got {x.dtype}"
+            )
+        # packed bits in: float outputs take the dtype the model was last cast to
+        cast = getattr(self, "_cast_dtype", None) if bits else None
+        dtype = x.dtype if floating else cast or torch.float32
         if dtype is torch.float32:
             return forward(self, x, *args, **kwargs)
-        x32 = x.to(torch.float32) if x.is_floating_point() else x
+        x32 = x.to(torch.float32) if floating else x
         return _to_dtype(forward(self, x32, *args, **kwargs), dtype)
 
     return wrapped
