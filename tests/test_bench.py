@@ -356,4 +356,6 @@ def test_bench_arguments_and_targets_say_what_they_apply_to(tmp_path: Path) -> N
         size=64, threads=(1,), reps=20, batch=64, variants=False, binary=False, log=lambda s: None
     )
     assert all(r.target == "" for r in rows)
+    # variants=False (--no-variants): the three plain ternary rows, no "(variant)" rows
+    assert [r.case for r in rows] == ["ternary b1 hot", "ternary b1 cold", "ternary b64"]
     assert bench.Row("ternary b64", 1, 10.0, 2.0, 1.0).target  # the 4096 default still is

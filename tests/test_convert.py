@@ -339,3 +339,24 @@ def test_quantize_warns_when_nothing_is_quantized_and_checks_activation_bits() -
             lowbit.quantize(copy.deepcopy(net), "twn", activations=bad)
     q = lowbit.quantize(copy.deepcopy(net), "twn", activations="uint1")
     assert quantized_layers(q)
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        ("qnn", {"weight_bits": 0}, "kbit_linear supports 2..8 bits, got 0"),
+        ("fgq", {"weight_bits": 9}, "FGQ's k-bit quantizer supports 2..8 bits, got 9"),
+    ],
+)
+def test_bad_bit_widths_are_refused_by_quantize_not_at_the_first_forward(
+    method: str, options: dict, message: str
+) -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=message):
+        lowbit.quantize(net, method, **options)
+    assert not any(isinstance(m, QuantModule) for m in net.modules())  # nothing half-swapped
+
+
+def test_a_model_without_quantizable_layers_is_said_so() -> None:
+    with pytest.warns(UserWarning, match="found no layer to quantize.*ReLU, Sequential"):
+        lowbit.quantize(nn.Sequential(nn.ReLU()), "ttq")

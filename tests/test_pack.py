@@ -461,22 +461,24 @@ def test_layers_pack_keeps_replay_their_weights_and_export(method: str) -> None:
     from lowbit import ptq
     from lowbit.saveload import StoredWeight
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 8, 1),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8 * 36, 10),
-    ).eval()
+    def quantized(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 1),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8 * 36, 10),
+        ).eval()
+        if method == "ptq-fgq":
+            return ptq.fgq(net, torch.randn(32, 3, 6, 6), group_size=4)
+        return lowbit.quantize(net, method).eval()
+
+    quant = quantized(0)
     x = torch.randn(2, 3, 6, 6)
-    if method == "ptq-fgq":
-        quant = ptq.fgq(net, torch.randn(32, 3, 6, 6), group_size=4)
-    else:
-        quant = lowbit.quantize(net, method).eval()
     with torch.no_grad():
         simulated = quant(x)
         kept_weight = quant[2].weight_quantizer(quant[2].weight).clone()
@@ -489,6 +491,14 @@ def test_layers_pack_keeps_replay_their_weights_and_export(method: str) -> None:
     torch.testing.assert_close(eager, simulated, rtol=1e-4, atol=1e-5)
     program = torch.export.export(packed, (x,))
     assert torch.equal(program.module()(x), eager)
+    # the replayed codes and scales are in the state dict: another packed model of the same
+    # architecture loads them and becomes this one
+    with pytest.warns(PackingWarning):
+        other = pack_model(quantized(1), activations="float")
+    assert "2.weight_quantizer.codes" in packed.state_dict()
+    other.load_state_dict(packed.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), eager)
 
 
 def test_packed_conv_takes_unbatched_input_and_refuses_integer_input() -> None:
@@ -504,3 +514,54 @@ def test_packed_conv_takes_unbatched_input_and_refuses_integer_input() -> None:
         packed(torch.zeros(1, 3, 13, 11, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"PackedConv2d expects \(B, 3, H, W\) or \(3, H, W\)"):
         packed(torch.randn(4, 13, 11))
+
+
+def test_calibrated_activation_exponent_travels_in_the_state_dict() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    torch.manual_seed(0)
+    qw = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(32, 8)), "twn", keep=())[0]
+    qweight = qw.quantized_weight()
+    a = PackedLinear(qweight, activations="dfp", exponent=-3)
+    b = PackedLinear(qweight, activations="dfp", exponent=-6)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)  # b's cached kernel holds E = -6
+    assert not torch.equal(ya, yb)
+    b.load_state_dict(a.state_dict())
+    assert b.exponent == -3
+    with torch.no_grad():
+        assert torch.equal(b(x), ya)
+    # a layer that picks its exponent per batch cannot take a calibrated one
+    dynamic = PackedLinear(qweight, activations="dfp", exponent=None)
+    with pytest.raises(RuntimeError, match="picks its activation exponent per batch"):
+        dynamic.load_state_dict(a.state_dict())
+    bad = dict(a.state_dict(), act_exponent=torch.tensor(500, dtype=torch.int16))
+    with pytest.raises(RuntimeError, match=r"act_exponent: expected one integer exponent"):
+        b.load_state_dict(bad)
+
+
+def test_per_batch_dfp_exponents_refuse_trace_and_export_with_the_fix() -> None:
+    """jit.trace would freeze the example input's exponent (wrong at other scales), export
+    stopped at a data-dependent guard: both now say to calibrate."""
+    lowbit = pytest.importorskip("lowbit")
+    from lowbit import ptq
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 4),
+    )  # fmt: skip
+    x = torch.randn(3, 16)
+    dynamic = lowbit.quantize(copy.deepcopy(net), "fgq").eval()
+    for model in (dynamic, pack_model(dynamic)):
+        with pytest.raises(RuntimeError, match="act_mode='calibrated', then lowbit.ptq.calibrate"):
+            torch.jit.trace(model, (x,))
+        with pytest.raises(RuntimeError, match="cannot be traced or exported"):
+            torch.export.export(model, (x,))
+    calibrated = lowbit.quantize(copy.deepcopy(net), "fgq", act_mode="calibrated").eval()
+    ptq.calibrate(calibrated, [torch.randn(64, 16)])
+    packed = pack_model(calibrated)
+    program = torch.export.export(packed, (x,))
+    big = 10 * torch.randn(3, 16)  # other scales, same (specialised) batch size
+    with torch.no_grad():
+        assert torch.equal(program.module()(big), packed(big))

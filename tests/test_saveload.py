@@ -166,6 +166,23 @@ def _saved(tmp_path: Path) -> tuple[Path, nn.Module]:
     return path, model
 
 
+def test_plain_safetensors_and_a_damaged_manifest_entry_are_told_apart(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(LowbitFileError, match="not a .lowbit file: a safetensors file without"):
+        lowbit.load(plain)
+    path, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    assert data.count(b'"lowbit.manifest"') == 1
+    path.write_bytes(data.replace(b'"lowbit.manifest"', b'"lowbit.manifesT"'))  # one byte flipped
+    with pytest.raises(
+        LowbitFileError, match="corrupt header: its lowbit manifest entry is damaged"
+    ):
+        lowbit.load(path)
+
+
 def test_corrupted_tensor_byte_fails_its_checksum(tmp_path: Path) -> None:
     path, _ = _saved(tmp_path)
     data = bytearray(path.read_bytes())

@@ -468,7 +468,7 @@ def bench_kernels(
                     row = Row(name, t, f_ms, i_ms, l_ms, targeted=size == TARGET_SIZE)
                     rows.append(row)
                     log(format_row(row))
-                for name, x in (("b1", x1), (f"b{batch}", xb)):
+                for name, x in (("b1", x1), (f"b{batch}", xb)) if variants else ():
                     f_ms, i_ms = base[(x.shape[0], t)]
                     variants_ms = {"torch.ops (custom op)": timed([partial(tern[0].op, x)], reps)}
                     for v, layer in extra.items():

@@ -7,6 +7,7 @@ modules, so everything the CLI does is also reachable from Python.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from typing import Any
@@ -392,13 +393,20 @@ def train_cmd(
         if init and "init_from" not in spec["train"] and not resume:
             _refuse_recipe_init(str(spec["recipe"].get("name", recipe)), str(init))
             spec["train"]["init_from"] = str(init)  # a path that exists
+        rank = os.environ.get("RANK", "0")
+        if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "pass --run-dir under torchrun: each process would otherwise name its own "
+                "timestamped run directory"
+            )
         if run_dir is None:
             stamp = _time.strftime("%Y%m%d-%H%M%S")
             run_dir = f"runs/{spec['model']['name']}-{spec['data']['name']}-{spec['method']['name']}-{stamp}"
         if data_dir is not None:
             # recorded with the run, so that lowbit eval / pack / summary find the files again
             spec["data"]["data_dir"] = str(Path(data_dir).expanduser().resolve())
-        typer.echo(f"run directory: {run_dir}", err=True)
+        if rank == "0":  # under torchrun only rank 0 reports
+            typer.echo(f"run directory: {run_dir}", err=True)
         summary = train_spec(
             spec, run_dir, resume=resume, progress=not no_progress, data_dir=data_dir
         )
@@ -414,10 +422,8 @@ def train_cmd(
         RuntimeError,
     ) as exc:
         fail(error_text(exc))
-    import os as _os
-
-    if _os.environ.get("RANK", "0") != "0":
-        return  # under torchrun only rank 0 reports
+    if rank != "0":
+        return
     if summary.get("test_error_at_best") is not None:
         typer.echo(
             f"best epoch {summary['best_epoch']}: test error {summary['test_error_at_best']:.2f}% "

@@ -232,6 +232,13 @@ def quantize(
         for parent, attr in places.get(id(module), []):
             setattr(parent, attr, new)
         done[id(module)] = new
+    if not names and m.name != "fp":
+        warnings.warn(
+            f"lowbit.quantize(..., {m.name!r}) found no layer to quantize: the model has no "
+            "nn.Linear, nn.Conv2d or nn.LSTM (its layers: "
+            f"{', '.join(sorted({type(x).__name__ for x in model.modules()}))})",
+            stacklevel=2,
+        )
     if names and not selected and m.name != "fp":
         warnings.warn(
             f"lowbit.quantize(..., {m.name!r}) quantized no layer: every candidate "

@@ -620,6 +620,15 @@ def dfp_exponent(x: torch.Tensor, bits: int = 8, signed: bool = True) -> int:
     Unsigned formats look at ``max(x)`` (negatives saturate to 0). An all-zero tensor gives 0.
     """
     _, hi = _dfp_range(bits, signed)
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        # A Python int from the example input would be frozen into the graph (jit.trace) or
+        # refused as a data-dependent guard (export): say what to do instead.
+        raise RuntimeError(
+            "a DFP activation exponent picked per batch cannot be traced or exported: the graph "
+            "would keep the example input's exponent for every input. Calibrate the exponents "
+            "first (FGQ: act_mode='calibrated', then lowbit.ptq.calibrate(model, batches); "
+            "lowbit.ptq.fgq does both), or run the model eager or under torch.compile"
+        )
     xd = x.detach()
     if xd.numel() == 0:
         return 0

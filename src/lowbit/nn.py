@@ -215,12 +215,20 @@ class SignWeight(WeightQuantizer):
         return F.sign(w)
 
 
+def check_kbit_bits(bits: int, what: str) -> None:
+    """k-bit weight quantizers take 2..8 bits: said when the quantizer is made, not at its first
+    forward pass."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{what} supports 2..8 bits, got {bits!r}")
+
+
 class KBitLinearWeight(WeightQuantizer):
     """Symmetric uniform k-bit weights, range ``max|w|`` per unit (or a fixed ``clip``), identity STE."""
 
     format = "kbit_linear"
 
     def __init__(self, bits: int = 4, clip: float | None = None, **kw: Any) -> None:
+        check_kbit_bits(bits, self.format)
         super().__init__(bits=bits, **kw)
         self.clip = clip
 
@@ -250,6 +258,7 @@ class KBitLogWeight(WeightQuantizer):
     format = "kbit_log"
 
     def __init__(self, bits: int = 3, **kw: Any) -> None:
+        check_kbit_bits(bits, self.format)
         super().__init__(bits=bits, **kw)
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,7 +441,8 @@ class QuantModule:
 # the warm start can land elsewhere (LAQ's alternation), so a reloaded, copied or packed model
 # would no longer be the model that was trained and evaluated. The layer, which sees both the
 # weight and the quantizer, hands the quantizer its new weight after a load (a
-# load_state_dict post-hook) and after a copy or unpickling (__getstate__ / __setstate__).
+# load_state_dict post-hook), after a copy or unpickling (__getstate__ / __setstate__) and after a
+# cast or move (``.to()``, ``.double()``, ``.cuda()``: ``_apply`` gives the weight new storage).
 
 
 def _adopt_after_load(module: Any, incompatible_keys: Any) -> None:
@@ -442,10 +452,12 @@ def _adopt_after_load(module: Any, incompatible_keys: Any) -> None:
             adopt(w)
 
 
+def _solved_flags(module: Any) -> list[bool]:
+    return [bool(getattr(q, "solved_for", lambda w: False)(w)) for w, q in module.weight_pairs()]
+
+
 def _state_with_solutions(module: Any, state: dict[str, Any]) -> dict[str, Any]:
-    state["_lowbit_solved_for"] = [
-        bool(getattr(q, "solved_for", lambda w: False)(w)) for w, q in module.weight_pairs()
-    ]
+    state["_lowbit_solved_for"] = _solved_flags(module)
     return state
 
 
@@ -503,6 +515,12 @@ class _OneWeightQuant(QuantModule):
         flags = state.pop("_lowbit_solved_for", None)
         super().__setstate__(state)  # type: ignore[misc]
         _adopt_after_copy(self, flags)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        flags = _solved_flags(self)
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        _adopt_after_copy(self, flags)
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -695,6 +713,12 @@ class QuantLSTM(nn.LSTM, QuantModule):
         flags = state.pop("_lowbit_solved_for", None)
         super().__setstate__(state)
         _adopt_after_copy(self, flags)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        flags = _solved_flags(self)
+        out = super()._apply(fn, recurse)
+        _adopt_after_copy(self, flags)
+        return out
 
     def matrix_keys(self) -> list[str]:
         keys = []

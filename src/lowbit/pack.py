@@ -64,6 +64,19 @@ __all__ = [
 # "int8": per-token absmax; "float": exact fp32 path; "dfp": dynamic fixed point (any bits <= 8,
 # signed or unsigned); "sign": ±1 (BNN inputs); "kbit": uniform k-bit codes * step (QNN inputs).
 ACTIVATIONS = ("int8", "dfp", "float", "sign", "kbit")
+# The state-dict entry of a packed layer's calibrated activation exponent (files keep it in the
+# layer's config instead: see file_tensors).
+ACT_EXPONENT = "act_exponent"
+
+
+def file_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``lowbit.save`` writes for a packed GEMM layer: its state dict but the
+    activation exponent, which the file's layer config holds."""
+    return {
+        k: v
+        for k, v in layer.state_dict().items()
+        if isinstance(v, torch.Tensor) and k.rsplit(".", 1)[-1] != ACT_EXPONENT
+    }
 
 
 def _kernel_codes(qw: QuantizedWeight) -> tuple[torch.Tensor, int, float]:
@@ -483,6 +496,7 @@ class PackedLinear(Float32Buffers, nn.Module):
     shift: torch.Tensor | None
     wscale: torch.Tensor | None
     row_scale: torch.Tensor | None
+    exponent: int | None  # the calibrated activation exponent; None: one per batch
     _kernel: kernels.LinearKernel | None
 
     def __init__(
@@ -632,6 +646,29 @@ class PackedLinear(Float32Buffers, nn.Module):
                     "after packing?); re-pack the model from its quantized form"
                 )
             destination[prefix + "wscale_m"], destination[prefix + "wscale_e"] = enc
+        if self.exponent is not None:
+            # The calibrated activation exponent is state, as a quantized layer's scale is: another
+            # packed model of the same architecture that loads this state dict becomes this one.
+            # (Files keep it in the layer's config; lowbit.save leaves this entry out.)
+            destination[prefix + ACT_EXPONENT] = torch.tensor(self.exponent, dtype=torch.int16)
+
+    def _load_act_exponent(self, value: Any, key: str, error_msgs: list[str]) -> None:
+        if self.exponent is None:
+            error_msgs.append(
+                f"{key}: this layer picks its activation exponent per batch, the state dict's "
+                "layer had a calibrated one; pack both models with the same activations"
+            )
+            return
+        ok = (
+            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()
+        )
+        e = int(value) if ok else None
+        if e is None or not -126 <= e <= 127:
+            error_msgs.append(f"{key}: expected one integer exponent in [-126, 127], got {value!r}")
+            return
+        if e != self.exponent:
+            self.exponent = e
+            self._kernel = None  # the cached kernel holds the old exponent
 
     def _load_from_state_dict(
         self,
@@ -643,6 +680,10 @@ class PackedLinear(Float32Buffers, nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        exponent_key = prefix + ACT_EXPONENT
+        if exponent_key in state_dict:  # absent in files (the config holds it): nothing changes
+            self._load_act_exponent(state_dict[exponent_key], exponent_key, error_msgs)
+            state_dict = {k: v for k, v in state_dict.items() if k != exponent_key}
         one_bit = self.layout == 2 and _one_bit(self.config())
         fixed8 = self.layout == 2 and self.scale_format == "fixed8"
         n, k = self.out_features, self.in_features

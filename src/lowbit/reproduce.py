@@ -490,7 +490,9 @@ def _reproduce_into(
         )
     elif row.paper_value is None:
         verdict = "This recipe carries no paper number" + (
-            f"; its [paper] source says: {row.paper_source}" if row.paper_source else "."
+            f"; its [paper] source says: {row.paper_source.rstrip('.')}."
+            if row.paper_source
+            else "."
         )
         cut = (
             [f"{trained.epochs_done} of the recipe's {recipe_epochs} epochs"]

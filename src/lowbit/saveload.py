@@ -78,7 +78,14 @@ from lowbit.nn import (
     WeightQuantizer,
     make_act_quantizer,
 )
-from lowbit.pack import LSTM_GATES, PackedConv2d, PackedLinear, PackedLSTM, lstm_matrix_keys
+from lowbit.pack import (
+    LSTM_GATES,
+    PackedConv2d,
+    PackedLinear,
+    PackedLSTM,
+    file_tensors,
+    lstm_matrix_keys,
+)
 from lowbit.qtypes import ActSpec, Granularity, QuantizedWeight, code_range
 
 __all__ = ["FORMAT", "VERSION", "LowbitFileError", "StoredWeight", "load", "read_manifest", "save"]
@@ -134,8 +141,8 @@ class StoredWeight(WeightQuantizer):
             group_size=qw.group_size,
             group_axis=qw.group_axis,
         )
-        self.register_buffer("codes", qw.codes, persistent=False)
-        self.register_buffer("scales", qw.scales, persistent=False)
+        self.register_buffer("codes", qw.codes)
+        self.register_buffer("scales", qw.scales)
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.codes, self.scales
@@ -964,7 +971,7 @@ def save(
         where = lpath or "<root>"
         if isinstance(layer, (PackedLinear, PackedConv2d)):
             spec = {"type": type(layer).__name__, "config": layer.config()}
-            own = {k: v for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+            own = file_tensors(layer)
             gemm = layer if isinstance(layer, PackedLinear) else layer.gemm
             float_bytes += 4 * gemm.in_features * gemm.out_features + (
                 4 * gemm.out_features if gemm.has_bias else 0
@@ -1165,6 +1172,8 @@ def _read_header(path: Path, f: Any, size: int) -> tuple[dict[str, Any], dict[st
         raise _fail(path, "corrupt header (not a JSON object)")
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or not isinstance(meta.get(MANIFEST_KEY), str):
+        if isinstance(meta, dict) and MANIFEST_SHA_KEY in meta:  # written by lowbit, then damaged
+            raise _fail(path, "corrupt header: its lowbit manifest entry is damaged")
         raise _fail(path, "not a .lowbit file: a safetensors file without a lowbit manifest")
     text = meta[MANIFEST_KEY]
     if hashlib.sha256(text.encode()).hexdigest() != meta.get(MANIFEST_SHA_KEY):

@@ -230,7 +230,7 @@ def packed_layer_bytes(m: nn.Module) -> tuple[int, int, int, int] | None:
     float32 bytes of the weight matrix alone); ``None`` for any other module. A PackedConv2d
     counts its GEMM (the PackedLinear inside it is then not a layer of its own)."""
     from lowbit.binary import PackedBinaryConv2d, PackedBinaryLinear, PackedBitplaneLinear
-    from lowbit.pack import PackedConv2d, PackedLinear
+    from lowbit.pack import PackedConv2d, PackedLinear, file_tensors
     from lowbit.saveload import _binary_layer_spec
 
     if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d, PackedBitplaneLinear)):
@@ -245,10 +245,9 @@ def packed_layer_bytes(m: nn.Module) -> tuple[int, int, int, int] | None:
     if isinstance(m, (PackedLinear, PackedConv2d)):
         gemm = m if isinstance(m, PackedLinear) else m.gemm
         total = weights = 0
-        for name, t in m.state_dict().items():
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-                weights += 0 if name.endswith("bias") else t.numel() * t.element_size()
+        for name, t in file_tensors(m).items():
+            total += t.numel() * t.element_size()
+            weights += 0 if name.endswith("bias") else t.numel() * t.element_size()
         w_f32 = 4 * gemm.in_features * gemm.out_features
         return total, w_f32 + (4 * gemm.out_features if gemm.has_bias else 0), weights, w_f32
     return None

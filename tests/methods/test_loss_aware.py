@@ -539,6 +539,15 @@ def test_reload_copy_pickle_and_pack_keep_the_trained_forward_weight(
         fresh.load_state_dict(net.state_dict())
         assert torch.equal(fresh.eval()(x), ref)
         assert torch.equal(copy.deepcopy(net)(x), ref)
+        # a cast gives the weight new storage; the trained solution goes with it
+        assert torch.equal(copy.deepcopy(net).double().float()(x), ref)
+        cast = copy.deepcopy(net).double()
+        torch.testing.assert_close(cast(x.double()), ref.double(), rtol=1e-5, atol=1e-5)
+        for layer in ("conv1", "conv2", "fc1", "fc"):
+            assert torch.equal(
+                getattr(cast, layer).weight_quantizer.codes,
+                getattr(net, layer).weight_quantizer.codes,
+            )
         buf = io.BytesIO()
         torch.save(net, buf)
         buf.seek(0)
@@ -562,3 +571,31 @@ def test_reload_copy_pickle_and_pack_keep_the_trained_forward_weight(
     partial.load_state_dict(weights_only, strict=False)
     partial.eval()(x)
     assert int(partial.fc.weight_quantizer.solves) == 1
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+def test_quant_lstm_cast_keeps_the_trained_gate_solutions() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    net = lowbit.quantize(_LSTMNet(), "laq", keep=(), max_iter=1)
+    opt = lowbit.methods.get("laq").wrap_optimizer(net, torch.optim.Adam(net.parameters(), lr=1e-2))
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        ref = net(x)
+        # one alternation round from the warm start moves: only the kept solutions reproduce ref
+        assert torch.equal(copy.deepcopy(net).double().float()(x), ref)

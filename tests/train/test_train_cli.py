@@ -340,3 +340,15 @@ def test_the_data_dir_of_a_run_is_remembered(
     # resuming without --data-dir is the same run (the files' place is not part of what it trains on)
     res = _invoke("train", "--resume", "--run-dir", str(run), "--epochs", "2", "--no-progress")
     assert res.exit_code == 0, res.output
+
+
+def test_torchrun_needs_one_run_directory_for_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each rank would stamp its own default folder (they can straddle a second)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = _invoke("train", "--model", "mlp", "--dataset", "synthetic", *TINY)
+    assert res.exit_code == 2 and "pass --run-dir under torchrun" in res.output
+    assert not (tmp_path / "runs").exists()

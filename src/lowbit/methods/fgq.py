@@ -40,7 +40,7 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.methods import Method, register
-from lowbit.nn import ActQuantizer, WeightQuantizer
+from lowbit.nn import ActQuantizer, WeightQuantizer, check_kbit_bits
 from lowbit.qtypes import ActSpec, Granularity
 
 __all__ = [
@@ -362,6 +362,7 @@ class FGQKBitWeight(_FGQWeight):
         rule: str = "mse",
         scale_bits: int | None = None,
     ) -> None:
+        check_kbit_bits(bits, "FGQ's k-bit quantizer")
         super().__init__(
             bits=bits,
             group_size=group_size,

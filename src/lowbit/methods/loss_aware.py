@@ -907,7 +907,7 @@ class LossAwareWeight(WeightQuantizer):
             self.__dict__["_solved"] = True
 
     def adopt_copied(self, w: torch.Tensor) -> None:
-        """After a deepcopy / unpickling of the layer whose original weight this solution was for."""
+        """After a deepcopy, unpickling, cast or move of the layer whose weight this solution was for."""
         self.__dict__["_key"] = self._key_of(w)
 
     def describe(self) -> str:
