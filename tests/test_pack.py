@@ -565,3 +565,47 @@ def test_per_batch_dfp_exponents_refuse_trace_and_export_with_the_fix() -> None:
     big = 10 * torch.randn(3, 16)  # other scales, same (specialised) batch size
     with torch.no_grad():
         assert torch.equal(program.module()(big), packed(big))
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_a_nan_token_gives_a_nan_row_on_integer_input_paths(isa: str) -> None:
+    lowbit = pytest.importorskip("lowbit")
+    from lowbit import kernels, ptq
+
+    if isa not in kernels.available_isas():
+        pytest.skip(f"{isa} not on this CPU")
+    torch.manual_seed(0)
+    qnn = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(37, 4)), "qnn", keep=(),
+                          activations="int4").eval()  # fmt: skip
+    net = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Linear(24, 5))
+    fgq = ptq.fgq(net.eval(), torch.randn(64, 40), group_size=4, keep=())
+    for quant, k in ((qnn, 37), (fgq, 40)):
+        packed = pack_model(quant)
+        x = torch.randn(3, k)
+        x[0] = float("nan")
+        x[1, 3] = float("nan")
+        with torch.no_grad(), kernels.use_isa(isa):
+            y, clean = packed(x), packed(x[2:])
+        assert torch.isnan(y[:2]).all()  # every output of a token with a NaN, as torch.nn.Linear
+        assert torch.equal(y[2:], clean)  # other tokens untouched
+        with torch.no_grad():
+            torch.testing.assert_close(y[2:], quant(x[2:]), rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_inputs_take_the_smallest_dfp_exponent_in_both_paths() -> None:
+    lowbit = pytest.importorskip("lowbit")
+    from lowbit import functional as F
+
+    assert F.dfp_exponent(torch.tensor([1e-36]), 8, False) == -126
+    # smallest E with 2^(-k - E) <= 127, i.e. E >= -k - 6: -128 -> clamped, -116 kept
+    assert F.dfp_exponent(torch.tensor([2.0**-122]), 8, True) == -126
+    assert F.dfp_exponent(torch.tensor([2.0**-110]), 8, True) == -116
+    torch.manual_seed(0)
+    quant = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(16, 3)), "fgq", keep=(),
+                            act_signed=False)  # fmt: skip
+    quant.train()(torch.rand(4, 16))
+    quant.eval()
+    packed = pack_model(quant)
+    x = torch.rand(2, 16) * 1e-36  # normal fp32 values: the packed layer raised here
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), quant(x), rtol=1e-4, atol=1e-6)

@@ -614,6 +614,9 @@ def _dfp_range(bits: int, signed: bool) -> tuple[int, int]:
     return linear_qrange(bits, signed, narrow=False)
 
 
+DFP_MIN_EXPONENT = -126
+
+
 def dfp_exponent(x: torch.Tensor, bits: int = 8, signed: bool = True) -> int:
     """The smallest exponent E such that ``round(max|x| * 2^-E)`` fits the k-bit range (DFP §4.2).
 
@@ -643,7 +646,9 @@ def dfp_exponent(x: torch.Tensor, bits: int = 8, signed: bool = True) -> int:
         e += 1
     while round(math.ldexp(m, -(e - 1))) <= hi:
         e -= 1
-    return int(e)
+    # Not below fp32's smallest normal exponent (what the kernels take; maxima under ~2^-119
+    # then quantize with the step 2^-126, as the fused kernels' own exponent search does).
+    return max(int(e), DFP_MIN_EXPONENT)
 
 
 def dfp_quantize(

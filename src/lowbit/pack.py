@@ -912,9 +912,9 @@ class PackedLinear(Float32Buffers, nn.Module):
             raise ValueError(
                 f"PackedLinear expects inputs (..., {self.in_features}); got {tuple(x.shape)}"
             )
-        if not self._fused():
-            return self.gemm_codes(*self.input_codes(x))
         if _tracing(x):
+            if not self._fused():
+                return self.gemm_codes(*self.input_codes(x))
             # Traced (fake) tensors cannot reach NumPy: go through the custom op, which has a
             # fake implementation, and cache nothing built from traced buffers.
             return kernels.LinearKernel.call_op(
@@ -925,7 +925,14 @@ class PackedLinear(Float32Buffers, nn.Module):
                 self._kernel_bias(),
                 **self._kernel_options(),
             )
-        return self._get_kernel()(x)
+        y = self.gemm_codes(*self.input_codes(x)) if not self._fused() else self._get_kernel()(x)
+        if self.activations in ("dfp", "kbit"):
+            # Integer codes have no NaN (the quantizers give NaN some code, differently per ISA):
+            # a token with a NaN gets a NaN output row, as in PyTorch and the int8 kernels.
+            nan_rows = torch.isnan(x).any(-1, keepdim=True)
+            if bool(nan_rows.any()):
+                y = y.masked_fill(nan_rows, float("nan"))
+        return y
 
     def _kernel_relu(self) -> bool:
         return self.relu and (not self.has_shift or self._unsigned_fused())
