@@ -469,6 +469,14 @@ def _adopt_after_copy(module: Any, flags: list[bool] | None) -> None:
             q.adopt_copied(w)
 
 
+def _apply_keeping_solutions(module: Any, apply: Any, fn: Any, recurse: bool) -> Any:
+    """``Module._apply`` (a cast or move) that hands each cached solution to the new weight."""
+    flags = _solved_flags(module)
+    out = apply(fn, recurse)
+    _adopt_after_copy(module, flags)
+    return out
+
+
 _Q = TypeVar("_Q", bound=nn.Module)
 
 
@@ -517,10 +525,7 @@ class _OneWeightQuant(QuantModule):
         _adopt_after_copy(self, flags)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        flags = _solved_flags(self)
-        out = super()._apply(fn, recurse)  # type: ignore[misc]
-        _adopt_after_copy(self, flags)
-        return out
+        return _apply_keeping_solutions(self, super()._apply, fn, recurse)  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         return (
@@ -715,10 +720,7 @@ class QuantLSTM(nn.LSTM, QuantModule):
         _adopt_after_copy(self, flags)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        flags = _solved_flags(self)
-        out = super()._apply(fn, recurse)
-        _adopt_after_copy(self, flags)
-        return out
+        return _apply_keeping_solutions(self, super()._apply, fn, recurse)
 
     def matrix_keys(self) -> list[str]:
         keys = []
